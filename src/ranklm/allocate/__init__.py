@@ -1,0 +1,18 @@
+"""Rank allocators (DESIGN §5): one module per allocator."""
+
+from .base import Allocator
+from .energy import EnergyAllocator
+from .uniform import UniformAllocator
+
+ALLOCATORS: dict[str, type] = {"uniform": UniformAllocator, "energy": EnergyAllocator}
+
+
+def get_allocator(name: str, **options) -> Allocator:
+    from ..errors import RanklmError
+
+    if name not in ALLOCATORS:
+        raise RanklmError(f"unknown allocator {name!r}; valid allocators: {', '.join(sorted(ALLOCATORS))}")
+    return ALLOCATORS[name](**options)
+
+
+__all__ = ["ALLOCATORS", "Allocator", "get_allocator"]

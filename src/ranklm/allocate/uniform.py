@@ -1,0 +1,27 @@
+"""Uniform allocation: the same keep ratio for every target (SVD-LLM's default)."""
+
+from __future__ import annotations
+
+from ..budget import RankMap, fit_budget, max_factored_rank
+from ..decompose.base import Factorization
+from ..targets import Target
+
+
+class UniformAllocator:
+    name = "uniform"
+
+    def allocate(
+        self, targets: list[Target], factorizations: dict[str, Factorization], keep: float, min_rank: int = 1
+    ) -> RankMap:
+        start: RankMap = {}
+        for t in targets:
+            k = int(keep * t.dense_params // (t.out_features + t.in_features))
+            start[t.name] = max(min(k, max_factored_rank(t) + 1), min(min_rank, max_factored_rank(t)))
+
+        def priority(t: Target, k: int) -> float:
+            # Fill the rounding slack where the kept fraction is lowest, so ratios stay equal
+            # (fit_budget divides by the step cost m+n, which this multiplies back).
+            step = t.out_features + t.in_features
+            return -((k + 1) * step / t.dense_params) * step
+
+        return fit_budget(targets, start, keep, priority, min_rank)

@@ -1,0 +1,191 @@
+"""The one entry point: ``compress(model, tokenizer, config, data) -> model``.
+
+Data flows one way: model -> targets -> calibration statistics -> factorizations
+-> rank map -> installed LowRankLinear layers. The base and the allocator are
+looked up by name, so any base combines with any allocator. The result is the
+same model object, modified in place, with ``model.ranklm`` holding the
+``CompressionState`` that ``save`` writes into ``ranklm.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .allocate import get_allocator
+from .budget import (
+    DENSE,
+    TOLERANCE,
+    RankMap,
+    keep_ratio,
+    max_factored_rank,
+    model_keep_ratio,
+    model_params,
+    targets_cost,
+    targets_dense_params,
+)
+from .calibration import TextSource, collect_grams, default_corpus, read_text_source, token_windows
+from .config import CompressConfig
+from .decompose import Factorization, get_base
+from .errors import RanklmError
+from .layers import LowRankLinear, replace_module
+from .targets import Target, find_targets, weight_matrix
+
+Data = Union[None, str, os.PathLike, TextSource, list, torch.Tensor]
+
+
+@dataclass
+class CompressionState:
+    """What a compression did; serialised into ranklm.json by ``save``."""
+
+    config: dict[str, Any]
+    method: str
+    targets: list[Target]
+    rank_map: RankMap
+    keep_requested: float
+    keep_achieved: float
+    keep_achieved_model: float
+    params: dict[str, int]
+    calibration: dict[str, Any] | None
+    base_model: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+
+
+def calibration_windows(tokenizer, data: Data, config: CompressConfig) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Token windows for calibration from any supported data form, plus a description."""
+    if isinstance(data, torch.Tensor):
+        windows = data[: config.calib_windows]
+        return windows, {"source": "token ids given by the caller", "windows": len(windows), "seq_len": int(windows.shape[1])}
+    if tokenizer is None:
+        raise RanklmError("tokenizer missing: calibration text cannot be tokenized without one")
+    if data is None or (isinstance(data, str) and data == "default"):
+        source = default_corpus()[0]
+    elif isinstance(data, TextSource):
+        source = data
+    elif isinstance(data, list):
+        source = TextSource(f"{len(data)} in-memory documents", [str(d) for d in data])
+    else:
+        source = read_text_source(data)
+    windows = token_windows(tokenizer, source, config.seq_len, config.calib_windows, seed=config.seed)
+    info = {
+        "source": source.description,
+        "windows": int(len(windows)),
+        "seq_len": config.seq_len,
+        "tokens": int(windows.numel()),
+        "requested_windows": config.calib_windows,
+        "selection": f"seeded random choice (seed {config.seed}) of non-overlapping windows",
+    }
+    return windows, info
+
+
+def check_finite_weights(model: nn.Module, targets: list[Target]) -> None:
+    for t in targets:
+        if not torch.isfinite(weight_matrix(model.get_submodule(t.name))).all():
+            raise RanklmError(f"non-finite weights (NaN/Inf) in {t.name}")
+
+
+def decompose_targets(
+    model: nn.Module, targets: list[Target], base_name: str, stats: dict[str, dict], options: dict, progress: bool = True
+) -> dict[str, Factorization]:
+    base = get_base(base_name, **options)
+    out: dict[str, Factorization] = {}
+    for t in tqdm(targets, desc=f"decompose ({base_name})", disable=not progress, unit="matrix"):
+        w = weight_matrix(model.get_submodule(t.name))
+        out[t.name] = base.decompose(w, stats.pop(t.name, {"name": t.name}), max_factored_rank(t))
+    return out
+
+
+def install_rank_map(
+    model: nn.Module, targets: list[Target], factorizations: dict[str, Factorization], rank_map: RankMap
+) -> None:
+    """Swap every factored target for a LowRankLinear of its rank; dense ones stay as they are."""
+    for t in targets:
+        rank = rank_map[t.name]
+        if rank == DENSE:
+            continue
+        a, b = factorizations[t.name].factors(int(rank))
+        replace_module(model, t.name, LowRankLinear.from_factors(model.get_submodule(t.name), a, b))
+
+
+def compress(
+    model: nn.Module,
+    tokenizer=None,
+    config: CompressConfig | None = None,
+    data: Data = None,
+    progress: bool = True,
+    base_model: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Compress ``model`` in place to ``config.keep`` of its targets' parameters; returns it.
+
+    ``data`` (only read when the base needs statistics): None for the packaged
+    corpus's calibration part, a path, a list of strings, a ``TextSource`` or a
+    ``[N, seq_len]`` tensor of token ids.
+    """
+    config = config or CompressConfig()
+    if any(isinstance(m, LowRankLinear) for m in model.modules()):
+        raise RanklmError("this model is already compressed by ranklm (it has LowRankLinear layers)")
+    targets = find_targets(model, config.include, config.exclude)
+    if config.keep >= 1.0:
+        raise RanklmError("--keep 1.0 keeps every target dense: nothing to compress, no output written")
+    check_finite_weights(model, targets)
+    torch.manual_seed(config.seed)
+    dense_model = model_params(model)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    base_needs = get_base(config.base, **config.base_options).needs
+    stats: dict[str, dict] = {}
+    calib_info = None
+    if base_needs:
+        windows, calib_info = calibration_windows(tokenizer, data, config)
+        stats = collect_grams(model, targets, windows, config.batch_size, progress)
+    timings["calibration_s"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    factorizations = decompose_targets(model, targets, config.base, stats, config.base_options, progress)
+    timings["decompose_s"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    allocator = get_allocator(config.allocator, **config.allocator_options)
+    try:
+        rank_map = allocator.allocate(targets, factorizations, config.keep, config.min_rank)
+    except ValueError as e:
+        raise RanklmError(f"keep ratio {config.keep} cannot be met: {e}") from None
+    timings["allocate_s"] = time.perf_counter() - t2
+
+    install_rank_map(model, targets, factorizations, rank_map)
+    del factorizations
+    timings["total_s"] = time.perf_counter() - t0
+
+    achieved = keep_ratio(targets, rank_map)
+    if achieved > config.keep + 1e-12 or achieved < config.keep * (1 - TOLERANCE):
+        # Only possible when single rank steps are large relative to the whole budget (tiny models).
+        import warnings
+
+        warnings.warn(f"achieved keep ratio {achieved:.4f} is not within {TOLERANCE:.1%} below {config.keep}")
+    model.ranklm = CompressionState(  # type: ignore[assignment]
+        config=config.to_dict(),
+        method=config.method,
+        targets=targets,
+        rank_map=rank_map,
+        keep_requested=config.keep,
+        keep_achieved=achieved,
+        keep_achieved_model=model_keep_ratio(dense_model, targets, rank_map),
+        params={
+            "targets_dense": targets_dense_params(targets),
+            "targets_compressed": targets_cost(targets, rank_map),
+            "model_dense": dense_model,
+            "model_compressed": model_params(model),
+        },
+        calibration=calib_info,
+        base_model=base_model or {"name_or_path": getattr(model.config, "name_or_path", "") or type(model).__name__},
+        timings=timings,
+    )
+    return model

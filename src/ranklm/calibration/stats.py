@@ -1,0 +1,86 @@
+"""Streaming calibration statistics collected with forward hooks.
+
+For each target the Gram matrix ``G = sum_t x_t x_t^T`` of its inputs is
+accumulated in float64 batch by batch; no activation is kept after its batch.
+Targets that read the very same input tensor (q/k/v, gate/up) share one Gram:
+the first batch detects the sharing and later batches compute it once.
+Memory: one ``in x in`` float64 matrix per distinct input (about 1 GB for SmolLM2).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import RanklmError
+from ..targets import Target
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The model without its LM/classifier head, so calibration does not pay for vocab logits."""
+    prefix = getattr(model, "base_model_prefix", "")
+    inner = getattr(model, prefix, None) if prefix else None
+    return inner if isinstance(inner, nn.Module) else model
+
+
+@torch.no_grad()
+def run_batches(model: nn.Module, windows: torch.Tensor, batch_size: int, desc: str, progress: bool = True) -> None:
+    body = backbone(model)
+    device = next(model.parameters()).device
+    extra = {"use_cache": False} if hasattr(getattr(body, "config", None), "use_cache") else {}
+    for i in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, unit="batch"):
+        body(input_ids=windows[i : i + batch_size].to(device), **extra)
+
+
+@torch.no_grad()
+def collect_grams(
+    model: nn.Module, targets: list[Target], windows: torch.Tensor, batch_size: int = 4, progress: bool = True
+) -> dict[str, dict[str, Any]]:
+    """``{target: {"gram": float64 in x in, "tokens": int, "name": target}}`` over all windows."""
+    grams: dict[str, torch.Tensor] = {}
+    tokens: dict[str, int] = {}
+    alias: dict[str, str] = {}  # target -> target whose identical input it shares
+    fingerprints: dict[tuple, str] = {}
+    first_batch = [True]
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
+            if name in alias:
+                return
+            x = args[0] if args else next(iter(kwargs.values()))  # type: ignore[union-attr]
+            x = x.detach().reshape(-1, x.shape[-1])
+            if first_batch[0]:
+                key = (x.data_ptr(), tuple(x.shape), float(x.sum()), float((x * x).sum()))
+                if key in fingerprints:
+                    alias[name] = fingerprints[key]
+                    return
+                fingerprints[key] = name
+            x64 = x.to(torch.float64)
+            g = x64.T @ x64
+            if name in grams:
+                grams[name] += g
+            else:
+                grams[name] = g
+            tokens[name] = tokens.get(name, 0) + x.shape[0]
+
+        return hook
+
+    handles = [model.get_submodule(t.name).register_forward_pre_hook(make_hook(t.name)) for t in targets]
+    try:
+        for i in tqdm(range(0, len(windows), batch_size), desc="calibration", disable=not progress, unit="batch"):
+            run_batches(model, windows[i : i + batch_size], batch_size, "", progress=False)
+            first_batch[0] = False
+    finally:
+        for h in handles:
+            h.remove()
+    out: dict[str, dict[str, Any]] = {}
+    for t in targets:
+        src = alias.get(t.name, t.name)
+        g = grams[src]
+        if not torch.isfinite(g).all():
+            raise RanklmError(f"non-finite calibration statistics (NaN/Inf activations) at the input of {t.name}")
+        out[t.name] = {"gram": g, "tokens": tokens[src], "name": t.name}
+    return out

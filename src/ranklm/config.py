@@ -1,0 +1,96 @@
+"""CompressConfig and the named recipes.
+
+A method is ``base x allocator (x training)``; a recipe is just a name for a
+common pair. ``--base``/``--allocator`` given explicitly override the recipe.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import RanklmError
+
+# recipe name -> (base, allocator)
+RECIPES: dict[str, tuple[str, str]] = {
+    "svd": ("svd", "uniform"),
+    "svd-llm": ("whiten", "uniform"),
+    "svd-energy": ("svd", "energy"),
+    "svd-llm-energy": ("whiten", "energy"),
+}
+
+DEFAULT_RECIPE = "svd-llm"
+DEFAULT_KEEP = 0.8
+DEFAULT_CALIB_WINDOWS = 128
+DEFAULT_SEQ_LEN = 512
+
+
+def resolve_keep(keep: float | None, remove: float | None) -> float:
+    """Turn ``--keep``/``--remove`` into one keep ratio in (0, 1]."""
+    if keep is not None and remove is not None:
+        raise RanklmError("give either --keep or --remove, not both")
+    if keep is None and remove is None:
+        return DEFAULT_KEEP
+    if remove is not None:
+        if not (math.isfinite(remove) and 0.0 <= remove < 1.0):
+            raise RanklmError(f"bad ratio --remove {remove}: it must lie in [0, 1) (--remove 0.4 = --keep 0.6)")
+        return 1.0 - float(remove)
+    assert keep is not None
+    if not (math.isfinite(keep) and 0.0 < keep <= 1.0):
+        raise RanklmError(
+            f"bad ratio --keep {keep}: it must lie in (0, 1] "
+            "(--keep 0.6 keeps 60% of the parameters of the targeted layers)"
+        )
+    return float(keep)
+
+
+@dataclass
+class CompressConfig:
+    """Everything that decides a compression run (recorded in ranklm.json)."""
+
+    keep: float = DEFAULT_KEEP
+    recipe: str | None = DEFAULT_RECIPE
+    base: str | None = None
+    allocator: str | None = None
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    calib_windows: int = DEFAULT_CALIB_WINDOWS
+    seq_len: int = DEFAULT_SEQ_LEN
+    batch_size: int = 4
+    seed: int = 0
+    min_rank: int = 1
+    base_options: dict[str, Any] = field(default_factory=dict)
+    allocator_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.keep = resolve_keep(self.keep, None)
+        from .allocate import ALLOCATORS
+        from .decompose import BASES
+
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise RanklmError(
+                f"unknown recipe {self.recipe!r}; valid recipes: {', '.join(sorted(RECIPES))}"
+            )
+        rb, ra = RECIPES[self.recipe] if self.recipe else ("svd", "uniform")
+        self.base = self.base or rb
+        self.allocator = self.allocator or ra
+        if self.base not in BASES:
+            raise RanklmError(f"unknown base {self.base!r}; valid bases: {', '.join(sorted(BASES))}")
+        if self.allocator not in ALLOCATORS:
+            raise RanklmError(
+                f"unknown allocator {self.allocator!r}; valid allocators: {', '.join(sorted(ALLOCATORS))}"
+            )
+        if self.recipe and (self.base, self.allocator) != RECIPES[self.recipe]:
+            self.recipe = None  # explicit axes override the recipe's name
+        for name in ("calib_windows", "seq_len", "batch_size", "min_rank"):
+            if int(getattr(self, name)) < 1:
+                raise RanklmError(f"{name.replace('_', '-')} must be a positive integer")
+
+    @property
+    def method(self) -> str:
+        """Human-readable name: the recipe if it is one, else base+allocator."""
+        return self.recipe or f"{self.base}+{self.allocator}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

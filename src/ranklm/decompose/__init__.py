@@ -1,0 +1,18 @@
+"""Base decompositions (DESIGN §4): one module per base, one Factorization type."""
+
+from .base import Base, Factorization
+from .svd import SVDBase
+from .whiten import WhitenBase, whitening_factor
+
+BASES: dict[str, type] = {"svd": SVDBase, "whiten": WhitenBase}
+
+
+def get_base(name: str, **options) -> Base:
+    from ..errors import RanklmError
+
+    if name not in BASES:
+        raise RanklmError(f"unknown base {name!r}; valid bases: {', '.join(sorted(BASES))}")
+    return BASES[name](**options)
+
+
+__all__ = ["BASES", "Base", "Factorization", "get_base", "whitening_factor"]

@@ -1,0 +1,50 @@
+"""The common form of every base decomposition.
+
+A base finds a transform of W in which truncated SVD is optimal for the error
+it cares about, and returns the ordered rank-1 components with the transform
+already undone: keeping the first k columns of ``A`` and rows of ``B`` gives the
+base's best rank-k approximation ``W_k = A[:, :k] @ B[:k]``. ``s`` is the full
+spectrum in the transformed space, which allocators read to score components.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass
+class Factorization:
+    A: torch.Tensor  # out x r  (r = the largest rank worth factoring)
+    B: torch.Tensor  # r x in
+    s: torch.Tensor  # full spectrum (R = min(out, in)) in the base's space, descending
+
+    @property
+    def max_rank(self) -> int:
+        return int(self.A.shape[1])
+
+    def factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= k <= self.max_rank:
+            raise ValueError(f"rank {k} outside [0, {self.max_rank}]")
+        return self.A[:, :k], self.B[:k]
+
+    def approx(self, k: int) -> torch.Tensor:
+        a, b = self.factors(k)
+        return a @ b
+
+
+class Base(Protocol):
+    """A base decomposition: ``decompose(W, stats, max_rank) -> Factorization``."""
+
+    name: str
+    needs: frozenset[str]  # calibration statistics it reads: "gram", ...
+
+    def decompose(self, weight: torch.Tensor, stats: dict[str, Any], max_rank: int) -> Factorization: ...
+
+
+def split_sqrt(u: torch.Tensor, s: torch.Tensor, vt: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``U_r sqrt(S_r)`` and ``sqrt(S_r) Vt_r``: balanced factors, better conditioned for fine-tuning."""
+    root = s[:r].clamp_min(0).sqrt()
+    return u[:, :r] * root, root[:, None] * vt[:r]

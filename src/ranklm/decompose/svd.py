@@ -1,0 +1,20 @@
+"""Plain truncated SVD: minimises ||W - W_k||_F (Eckart-Young)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import Factorization, split_sqrt
+
+
+class SVDBase:
+    name = "svd"
+    needs: frozenset[str] = frozenset()
+
+    def decompose(self, weight: torch.Tensor, stats: dict[str, Any], max_rank: int) -> Factorization:
+        w = weight.detach().to(torch.float64)
+        u, s, vt = torch.linalg.svd(w, full_matrices=False)
+        a, b = split_sqrt(u, s, vt, max_rank)
+        return Factorization(a.float(), b.float(), s.float())

@@ -1,0 +1,67 @@
+"""Token perplexity exactly as DESIGN §2 defines it.
+
+The text is one token stream (BOS once at the start), cut into non-overlapping
+windows of ``seq_len`` (tail dropped); ``ppl = exp(mean next-token NLL)`` over
+every predicted token (``seq_len - 1`` per window). The result carries the
+numbers needed to reproduce it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import RanklmError
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    nll: float  # mean next-token negative log-likelihood (nats)
+    tokens: int  # predicted tokens
+    windows: int
+    seq_len: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"ppl {self.ppl:.3f} ({self.windows} windows x {self.seq_len} tokens, {self.tokens} predicted tokens)"
+
+
+def require_causal_lm(model: nn.Module) -> None:
+    if not callable(getattr(model, "get_output_embeddings", None)) or model.get_output_embeddings() is None:
+        raise RanklmError(
+            f"perplexity needs a causal language model; {type(model).__name__} has no LM head (an encoder?)"
+        )
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True, desc: str = "perplexity"
+) -> PerplexityResult:
+    """Perplexity of ``model`` on ``windows`` ([N, seq_len] token ids)."""
+    require_causal_lm(model)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total_nll = 0.0
+    count = 0
+    for i in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, unit="batch"):
+        ids = windows[i : i + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        total_nll += float(nll)
+        count += ids[:, 1:].numel()
+    model.train(was_training)
+    mean = total_nll / count
+    if not math.isfinite(mean):
+        ppl = float("inf")
+    else:
+        ppl = math.exp(mean) if mean < 700 else float("inf")
+    return PerplexityResult(ppl=ppl, nll=mean, tokens=count, windows=int(len(windows)), seq_len=int(windows.shape[1]))

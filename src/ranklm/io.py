@@ -1,0 +1,298 @@
+"""Checkpoints: safetensors + ranklm.json, written atomically, loaded strictly (DESIGN §3).
+
+A checkpoint directory holds the Hugging Face ``config.json`` (+ generation
+config and tokenizer files), ``model.safetensors`` with the factor weights under
+their module names (``...q_proj.A.weight``, ``...q_proj.B.weight``) and
+``ranklm.json`` (rank map, recipe, ratios, versions, calibration, sha256).
+It is written to ``DIR.tmp-XXXX`` next to its destination, fsynced, and renamed
+into place, so an interrupted save never leaves a half directory under the final
+name. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import safetensors
+import safetensors.torch
+import torch
+import transformers
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer
+
+from .budget import DENSE
+from .errors import RanklmError
+from .layers import LowRankLinear, merge_low_rank, replace_module
+from .targets import Target, is_linear_like, weight_matrix
+
+FORMAT_VERSION = 1
+META_FILE = "ranklm.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an existing destination unless ``overwrite``; call before any long work."""
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise RanklmError(f"output {out} already exists (pass --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise RanklmError(f"output {out} exists and is not a directory")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp dir beside ``path``; on success rename it to ``path``, on any failure remove it."""
+    out = check_output_dir(path, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with tied/shared tensors stored once (the loader re-ties them)."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in model.state_dict().items():
+        key = tensor.untyped_storage().data_ptr() if tensor.numel() else id(tensor)
+        if key in seen and tensor.numel():
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().contiguous()
+    return out
+
+
+def build_metadata(model: nn.Module) -> dict[str, Any]:
+    state = getattr(model, "ranklm", None)
+    if state is None:
+        raise RanklmError("this model was not compressed by ranklm (no compression state to save)")
+    return {
+        "format": "ranklm",
+        "format_version": FORMAT_VERSION,
+        "ranklm_version": _version(),
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "base_model": state.base_model,
+        "recipe": {
+            "name": state.method,
+            "base": state.config.get("base"),
+            "allocator": state.config.get("allocator"),
+            "training": state.config.get("training", "none"),
+            "seed": state.config.get("seed"),
+            "config": state.config,
+        },
+        "keep_requested": state.keep_requested,
+        "keep_achieved": state.keep_achieved,
+        "keep_achieved_model": state.keep_achieved_model,
+        "params": state.params,
+        "calibration": state.calibration,
+        "timings": state.timings,
+        "evaluation": state.evaluation,
+        "rank_map": state.rank_map,
+        "modules": {t.name: {"out": t.out_features, "in": t.in_features, "kind": t.kind, "block": t.block} for t in state.targets},
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    }
+
+
+def save(model: nn.Module, tokenizer, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a compressed model (and its tokenizer) as a ranklm checkpoint, atomically."""
+    meta = build_metadata(model)
+    model.config.architectures = [type(model).__name__]
+    with atomic_dir(path, overwrite) as tmp:
+        model.config.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and getattr(model, "can_generate", lambda: False)():
+            gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        safetensors.torch.save_file(_unique_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        meta["files"] = {WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE)}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    return Path(path)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_dir():
+        raise RanklmError(f"checkpoint {p} does not exist or is not a folder")
+    meta_path = p / META_FILE
+    if not meta_path.is_file():
+        raise RanklmError(f"{p} is not a ranklm checkpoint: {META_FILE} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RanklmError(f"{meta_path} is corrupt: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != "ranklm":
+        raise RanklmError(f"{meta_path} is not a ranklm metadata file")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise RanklmError(
+            f"{meta_path} has format version {meta.get('format_version')!r}; this ranklm reads version {FORMAT_VERSION}"
+        )
+    for key in ("rank_map", "modules", "files"):
+        if not isinstance(meta.get(key), dict):
+            raise RanklmError(f"{meta_path} is missing its {key!r} entry")
+    return meta
+
+
+def verify_files(path: Path, meta: dict[str, Any]) -> None:
+    for name, digest in meta["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise RanklmError(f"checkpoint file {f} is missing")
+        if sha256_file(f) != digest:
+            raise RanklmError(f"hash mismatch for {f}: the file was modified or truncated after it was saved")
+
+
+def _install_empty(model: nn.Module, meta: dict[str, Any]) -> list[Target]:
+    """Put meta-device LowRankLinear modules where the rank map says; check it fits the model."""
+    targets = []
+    for name, rank in meta["rank_map"].items():
+        info = meta["modules"].get(name)
+        if info is None:
+            raise RanklmError(f"rank map does not fit the model: {name} has no shape entry in {META_FILE}")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise RanklmError(f"rank map does not fit the model: it names {name}, which the model does not have") from None
+        if not is_linear_like(module):
+            raise RanklmError(f"rank map does not fit the model: {name} is a {type(module).__name__}, not a linear layer")
+        w = weight_matrix(module)
+        if (int(w.shape[0]), int(w.shape[1])) != (info["out"], info["in"]):
+            raise RanklmError(
+                f"rank map does not fit the model: {name} is {tuple(w.shape)} in the model but "
+                f"{(info['out'], info['in'])} in {META_FILE}"
+            )
+        targets.append(Target(name, info["out"], info["in"], info["kind"], info.get("block", -1)))
+        if rank == DENSE:
+            continue
+        if not isinstance(rank, int) or not 0 < rank < min(info["out"], info["in"]) + 1:
+            raise RanklmError(f"rank map does not fit the model: bad rank {rank!r} for {name}")
+        layer = LowRankLinear(
+            info["in"], info["out"], rank, getattr(module, "bias", None) is not None, info["kind"], device="meta", dtype=w.dtype
+        )
+        replace_module(model, name, layer)
+    return targets
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True) -> tuple[nn.Module, Any]:
+    """Rebuild a compressed model from a checkpoint: ``(model, tokenizer)``; logits match the saved model bit for bit."""
+    from .api import CompressionState
+    from .models import model_class_for
+
+    p = Path(path)
+    meta = read_metadata(p)
+    if verify:
+        verify_files(p, meta)
+    try:
+        config = AutoConfig.from_pretrained(p)
+    except Exception as e:  # noqa: BLE001
+        raise RanklmError(f"cannot read {p / 'config.json'}: {e}") from None
+    cls = model_class_for(config)
+    dtype = getattr(torch, meta.get("dtype", "float32"))
+    with init_empty_weights(include_buffers=False):
+        if hasattr(cls, "from_config"):  # Auto classes
+            model = cls.from_config(config, dtype=dtype)
+        else:
+            model = cls._from_config(config, dtype=dtype)
+    targets = _install_empty(model, meta)
+    try:
+        state = safetensors.torch.load_file(str(p / WEIGHTS_FILE), device=str(device))
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise RanklmError(f"{p / WEIGHTS_FILE} is corrupt or truncated: {e}") from None
+    expected = dict(model.state_dict())
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise RanklmError(f"checkpoint weights do not fit the model: unexpected tensors {unexpected[:3]}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise RanklmError(f"checkpoint weights do not fit the model: {k} is {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing:
+        raise RanklmError(f"checkpoint is incomplete: no weights for {missing[:3]}")
+    model.to(device).eval()
+    tokenizer = None
+    if (p / "tokenizer_config.json").exists() or (p / "tokenizer.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(p)
+    model.ranklm = CompressionState(  # type: ignore[assignment]
+        config=meta["recipe"].get("config", {}),
+        method=meta["recipe"].get("name", ""),
+        targets=targets,
+        rank_map=meta["rank_map"],
+        keep_requested=meta.get("keep_requested"),
+        keep_achieved=meta.get("keep_achieved"),
+        keep_achieved_model=meta.get("keep_achieved_model"),
+        params=meta.get("params", {}),
+        calibration=meta.get("calibration"),
+        base_model=meta.get("base_model", {}),
+        timings=meta.get("timings", {}),
+        evaluation=meta.get("evaluation", {}),
+    )
+    return model, tokenizer
+
+
+def export_dense(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Multiply the factors back and write a plain Hugging Face folder (no ranklm needed to load it)."""
+    check_output_dir(out, overwrite)
+    model, tokenizer = load(checkpoint)
+    merge_low_rank(model)
+    del model.ranklm
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out)
+
+
+def metadata_summary(meta: dict[str, Any]) -> dict[str, Any]:
+    """The parts of ranklm.json people look at first."""
+    return {k: meta.get(k) for k in ("recipe", "keep_requested", "keep_achieved", "keep_achieved_model", "params", "base_model")}
+
+
+__all__ = ["save", "load", "export_dense", "read_metadata", "atomic_dir", "check_output_dir"]

@@ -1,0 +1,94 @@
+"""LowRankLinear and installing / merging it (DESIGN §3).
+
+``LowRankLinear`` is two GEMMs, ``x -> B -> A``, so the speed-up is real. It
+replaces an ``nn.Linear`` or a GPT-2 ``Conv1D`` (same forward semantics:
+``y = x W^T + b`` with W as out x in) and keeps the original's dtype, device and
+``in_features``/``out_features``. ``source_kind`` remembers what it replaced so
+a dense export can restore the exact original module type.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .targets import Conv1D, weight_matrix
+
+
+class LowRankLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        source_kind: str = "linear",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.source_kind = source_kind
+        self.B = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.A = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.A(self.B(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, source={self.source_kind}"
+
+    @classmethod
+    def from_factors(cls, module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> "LowRankLinear":
+        """Build from ``A`` (out x k) and ``B`` (k x in), copying bias, dtype and device of ``module``."""
+        w = weight_matrix(module)
+        kind = "conv1d" if Conv1D and isinstance(module, Conv1D) else "linear"
+        bias = getattr(module, "bias", None)
+        layer = cls(
+            int(w.shape[1]), int(w.shape[0]), int(a.shape[1]), bias is not None, kind, device=w.device, dtype=w.dtype
+        )
+        with torch.no_grad():
+            layer.A.weight.copy_(a.to(w.dtype))
+            layer.B.weight.copy_(b.to(w.dtype))
+            if bias is not None:
+                layer.A.bias.copy_(bias)
+        return layer
+
+    def to_dense(self) -> nn.Module:
+        """The equivalent dense module of the original type (Linear or Conv1D)."""
+        with torch.no_grad():
+            w = self.A.weight @ self.B.weight  # out x in
+            has_bias = self.A.bias is not None
+            if self.source_kind == "conv1d":
+                dense = Conv1D(self.out_features, self.in_features).to(device=w.device, dtype=w.dtype)
+                dense.weight.copy_(w.t())
+                if has_bias:
+                    dense.bias.copy_(self.A.bias)
+                else:  # Conv1D always has a bias
+                    dense.bias.zero_()
+            else:
+                dense = nn.Linear(self.in_features, self.out_features, bias=has_bias, device=w.device, dtype=w.dtype)
+                dense.weight.copy_(w)
+                if has_bias:
+                    dense.bias.copy_(self.A.bias)
+        return dense
+
+
+def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, child = get_submodule_parent(model, name)
+    setattr(parent, child, new)
+
+
+def merge_low_rank(model: nn.Module) -> int:
+    """Replace every LowRankLinear by its dense equivalent in place; returns how many."""
+    names = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    for n in names:
+        replace_module(model, n, model.get_submodule(n).to_dense())
+    return len(names)
