@@ -1,0 +1,297 @@
+"""``ranklm`` command line (typer): compress, evaluate, info, export.
+
+Every user mistake surfaces as ``error: <one line>`` on stderr with exit code 2
+and nothing written; progress bars go to stderr, ``--json`` output to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .errors import RanklmError
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Low-rank compression of transformer language models with adaptive rank selection.",
+)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _echo_err(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def _eval_sources(data: Optional[str], eval_data: Optional[str]):
+    """(calibration source, evaluation source or None) following DESIGN §2/§9."""
+    from .calibration import default_corpus, read_text_source, split_source
+
+    if eval_data is not None and data is not None and Path(eval_data).resolve() == Path(data).resolve():
+        raise RanklmError(
+            f"--eval-data {eval_data} is the calibration file itself: evaluation text would overlap calibration "
+            "(omit --eval-data to split the file by document)"
+        )
+    if data is None or data == "default":
+        calib, evald = default_corpus()
+    else:
+        calib_all = read_text_source(data)
+        if eval_data is None:
+            calib, evald = split_source(calib_all)
+        else:
+            calib, evald = calib_all, None
+    if eval_data is not None:
+        evald = default_corpus()[1] if eval_data == "default" else read_text_source(eval_data)
+    return calib, evald
+
+
+def _fmt_ppl(x: float) -> str:
+    return f"{x:,.2f}" if x < 1e6 else f"{x:.3e}"
+
+
+@app.command()
+def compress(
+    keep: Optional[float] = typer.Option(None, "--keep", help="Fraction of the targets' parameters to keep, in (0, 1] [default 0.8]."),
+    remove: Optional[float] = typer.Option(None, "--remove", help="Fraction to remove (= 1 - keep)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Named method: svd, svd-llm, ... [default svd-llm]."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base decomposition (svd, whiten); overrides the recipe."),
+    allocator: Optional[str] = typer.Option(None, "--allocator", help="Rank allocator (uniform, energy); overrides the recipe."),
+    model: Optional[str] = typer.Option(None, "--model", help="HF model folder, hub id or ranklm checkpoint [default: packaged SmolLM2-135M-Instruct]."),
+    data: Optional[str] = typer.Option(None, "--data", help="Calibration text: file, folder or .jsonl [default: packaged convention speeches]."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Evaluation text [default: held-out part of --data]."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Checkpoint directory to write (atomically)."),
+    include: list[str] = typer.Option([], "--include", help="Glob (or re:REGEX) on module names to compress; repeatable."),
+    exclude: list[str] = typer.Option([], "--exclude", help="Glob (or re:REGEX) on module names to leave dense; repeatable."),
+    calib_windows: int = typer.Option(128, "--calib-windows", help="Calibration windows."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration/evaluation window."),
+    eval_windows: int = typer.Option(40, "--eval-windows", help="Evaluation windows for the dense/compressed perplexity."),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Skip the perplexity evaluation."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
+    seed: int = typer.Option(0, "--seed", help="Seed for window selection and anything random."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """Compress a model to a keep ratio and save it as a ranklm checkpoint."""
+    from .api import compress as run_compress
+    from .calibration import token_windows
+    from .config import DEFAULT_RECIPE, CompressConfig, resolve_keep
+    from .eval import perplexity, require_causal_lm
+    from .io import check_output_dir, save
+    from .models import load_model, require_tokenizer
+
+    ratio = resolve_keep(keep, remove)
+    config = CompressConfig(
+        keep=ratio,
+        recipe=recipe if recipe is not None else (None if (base or allocator) else DEFAULT_RECIPE),
+        base=base,
+        allocator=allocator,
+        include=list(include),
+        exclude=list(exclude),
+        calib_windows=calib_windows,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    if config.keep >= 1.0:
+        raise RanklmError("--keep 1.0 keeps every target dense: nothing to compress, no output written")
+    if output is not None:
+        check_output_dir(output, overwrite)
+    calib_src, eval_src = _eval_sources(data, eval_data)
+
+    t0 = time.perf_counter()
+    m, tok, info = load_model(model)
+    _echo_err(f"loaded {info['name_or_path']} ({sum(p.numel() for p in m.parameters()):,} params) in {time.perf_counter() - t0:.1f}s")
+    tok = require_tokenizer(tok, info.get("path", str(model)))
+    from .targets import find_targets
+
+    find_targets(m, config.include, config.exclude)  # fail on bad patterns before any long work
+    calib = token_windows(tok, calib_src, config.seq_len, config.calib_windows, seed=config.seed)
+    evaluation: dict[str, Any] = {}
+    eval_windows_t = None
+    if not no_eval and eval_src is not None:
+        require_causal_lm(m)
+        eval_windows_t = token_windows(tok, eval_src, seq_len, eval_windows, purpose="evaluation")
+        dense = perplexity(m, eval_windows_t, batch_size, desc="perplexity (dense)")
+        evaluation["dense"] = dense.to_dict()
+        evaluation["data"] = eval_src.description
+        _echo_err(f"dense perplexity: {dense}")
+
+    t1 = time.perf_counter()
+    run_compress(m, tok, config, data=calib, base_model=info)
+    m.ranklm.calibration = {  # record the text, not just the windows
+        "source": calib_src.description,
+        "windows": int(len(calib)),
+        "seq_len": config.seq_len,
+        "tokens": int(calib.numel()),
+        "requested_windows": config.calib_windows,
+        "selection": f"seeded random choice (seed {config.seed}) of non-overlapping windows",
+        "used": m.ranklm.calibration is not None,
+    }
+    elapsed = time.perf_counter() - t1
+    st = m.ranklm
+    if eval_windows_t is not None:
+        comp = perplexity(m, eval_windows_t, batch_size, desc="perplexity (compressed)")
+        evaluation["compressed"] = comp.to_dict()
+        st.evaluation = evaluation
+    if output is not None:
+        save(m, tok, output, overwrite=overwrite)
+    summary = {
+        "method": st.method,
+        "base": config.base,
+        "allocator": config.allocator,
+        "keep_requested": st.keep_requested,
+        "keep_achieved": st.keep_achieved,
+        "keep_achieved_model": st.keep_achieved_model,
+        "compress_seconds": round(elapsed, 2),
+        "output": str(output) if output else None,
+        **{f"ppl_{k}": v["ppl"] for k, v in evaluation.items() if isinstance(v, dict)},
+        "eval_windows": evaluation.get("dense", {}).get("windows"),
+        "eval_tokens": evaluation.get("dense", {}).get("tokens"),
+        "seq_len": seq_len,
+    }
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    typer.echo(f"method            {st.method} (base {config.base}, allocator {config.allocator})")
+    typer.echo(f"keep (targets)    requested {st.keep_requested:.4f}, achieved {st.keep_achieved:.4f}")
+    typer.echo(f"keep (whole model) {st.keep_achieved_model:.4f}  ({st.params['model_compressed']:,} / {st.params['model_dense']:,} params)")
+    typer.echo(f"compression time  {elapsed:.1f}s")
+    if "dense" in evaluation:
+        d, c = evaluation["dense"], evaluation["compressed"]
+        typer.echo(
+            f"perplexity        dense {_fmt_ppl(d['ppl'])}  ->  compressed {_fmt_ppl(c['ppl'])}  "
+            f"({d['windows']} windows x {d['seq_len']} tokens, {d['tokens']} predicted tokens; {eval_src.description})"
+        )
+    typer.echo(f"saved             {output}" if output else "saved             (no --output given: nothing written)")
+
+
+@app.command()
+def evaluate(
+    model: Optional[str] = typer.Argument(None, help="Checkpoint or HF model folder [default: packaged SmolLM2]."),
+    data: Optional[str] = typer.Option(None, "--data", help="Text file/folder/.jsonl [default: evaluation part of the packaged corpus]."),
+    windows: Optional[int] = typer.Option(None, "--windows", help="At most this many windows [default: all]."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per window."),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Token perplexity of a model or checkpoint (DESIGN §2)."""
+    from .calibration import default_corpus, read_text_source, token_windows
+    from .eval import perplexity
+    from .models import load_model, require_tokenizer
+
+    if windows is not None and windows < 1:
+        raise RanklmError("--windows must be a positive integer")
+    src = default_corpus()[1] if data is None or data == "default" else read_text_source(data)
+    m, tok, info = load_model(model)
+    tok = require_tokenizer(tok, str(model or "the default model"))
+    ids = token_windows(tok, src, seq_len, windows, purpose="evaluation")
+    res = perplexity(m, ids, batch_size)
+    out = {
+        **res.to_dict(),
+        "params": sum(p.numel() for p in m.parameters()),
+        "model": info["name_or_path"],
+        "data": src.description,
+    }
+    state = getattr(m, "ranklm", None)
+    if state is not None:
+        out.update(method=state.method, keep_achieved=state.keep_achieved, keep_achieved_model=state.keep_achieved_model)
+    if as_json:
+        typer.echo(json.dumps(out))
+    else:
+        typer.echo(f"{info['name_or_path']}: {res}  params {out['params']:,}  data: {src.description}")
+
+
+@app.command()
+def info(
+    checkpoint: Path = typer.Argument(..., help="A ranklm checkpoint directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print ranklm.json's summary and rank map as JSON."),
+) -> None:
+    """Recipe, keep ratios and the rank map of a checkpoint."""
+    from .budget import DENSE
+    from .io import read_metadata
+
+    meta = read_metadata(checkpoint)
+    if as_json:
+        typer.echo(json.dumps(meta, indent=2))
+        return
+    r = meta["recipe"]
+    typer.echo(f"checkpoint   {checkpoint}")
+    typer.echo(f"base model   {meta['base_model'].get('name_or_path')}")
+    typer.echo(f"method       {r['name']} (base {r['base']}, allocator {r['allocator']}, seed {r['seed']})")
+    typer.echo(
+        f"keep         targets: requested {meta['keep_requested']:.4f}, achieved {meta['keep_achieved']:.4f}; "
+        f"whole model: {meta['keep_achieved_model']:.4f}"
+    )
+    cal = meta.get("calibration") or {}
+    if cal:
+        typer.echo(f"calibration  {cal.get('windows')} x {cal.get('seq_len')} tokens from {cal.get('source')}")
+    ev = meta.get("evaluation") or {}
+    if "dense" in ev:
+        typer.echo(f"perplexity   dense {_fmt_ppl(ev['dense']['ppl'])} -> compressed {_fmt_ppl(ev['compressed']['ppl'])}")
+    typer.echo("")
+    typer.echo(f"{'module':<48} {'shape':>12} {'rank':>6} {'kept':>7}")
+    for name, rank in meta["rank_map"].items():
+        mod = meta["modules"][name]
+        m, n = mod["out"], mod["in"]
+        kept = 1.0 if rank == DENSE else rank * (m + n) / (m * n)
+        typer.echo(f"{name:<48} {f'{m}x{n}':>12} {str(rank):>6} {kept:>7.3f}")
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="A ranklm checkpoint directory."),
+    dense: Path = typer.Option(..., "--dense", help="Write a plain Hugging Face folder here (factors multiplied back)."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Export a checkpoint as a dense Hugging Face model that loads without ranklm."""
+    from .io import export_dense
+
+    export_dense(checkpoint, dense, overwrite)
+    typer.echo(f"wrote dense Hugging Face model to {dense}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: user errors become one line and exit code 2."""
+    import click
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    _quiet_libraries()
+    try:
+        rv = app(args=argv, standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except RanklmError as e:
+        _echo_err(f"error: {e}")
+        return 2
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        _echo_err("interrupted: no output was written under the final name")
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,190 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+import ranklm
+from conftest import FAMILIES, make_model, outputs, random_ids
+from ranklm import CompressConfig, LowRankLinear, RanklmError
+from ranklm.budget import DENSE
+
+
+def test_low_rank_linear_forward_and_dense_roundtrip():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 6)
+    a, b = torch.randn(6, 3), torch.randn(3, 8)
+    layer = LowRankLinear.from_factors(lin, a, b)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(layer(x), x @ (a @ b).T + lin.bias)
+    assert (layer.in_features, layer.out_features, layer.rank) == (8, 6, 3)
+    dense = layer.to_dense()
+    assert isinstance(dense, torch.nn.Linear)
+    torch.testing.assert_close(dense(x), layer(x))
+
+
+def test_low_rank_replaces_conv1d_with_same_semantics():
+    torch.manual_seed(0)
+    conv = Conv1D(6, 8)  # nf=out 6, nx=in 8; weight stored 8 x 6
+    torch.nn.init.normal_(conv.weight)
+    torch.nn.init.normal_(conv.bias)
+    w = conv.weight.T  # out x in
+    u, s, vt = torch.linalg.svd(w, full_matrices=False)
+    layer = LowRankLinear.from_factors(conv, u * s, vt)  # full rank: exact
+    x = torch.randn(2, 4, 8)
+    torch.testing.assert_close(layer(x), conv(x), atol=1e-5, rtol=1e-5)
+    back = layer.to_dense()
+    assert isinstance(back, Conv1D)
+    torch.testing.assert_close(back(x), conv(x), atol=1e-5, rtol=1e-5)
+
+
+def test_dtype_is_kept():
+    lin = torch.nn.Linear(8, 6).to(torch.bfloat16)
+    layer = LowRankLinear.from_factors(lin, torch.randn(6, 2), torch.randn(2, 8))
+    assert layer.A.weight.dtype == torch.bfloat16 and layer.B.weight.dtype == torch.bfloat16
+
+
+def _compress(family, base="whiten", allocator="uniform", keep=0.5):
+    model = make_model(family)
+    ids = random_ids(8, 32)
+    cfg = CompressConfig(keep=keep, base=base, allocator=allocator, seq_len=32, calib_windows=8)
+    return ranklm.compress(model, None, cfg, data=ids, progress=False), ids
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_bit_identical(family, tmp_path):
+    model, ids = _compress(family)
+    assert any(isinstance(m, LowRankLinear) for m in model.modules())
+    ckpt = ranklm.save(model, None, tmp_path / "ckpt")
+    assert {"config.json", "model.safetensors", "ranklm.json"} <= {p.name for p in ckpt.iterdir()}
+    assert not list(tmp_path.glob("*.tmp-*"))
+    loaded, _ = ranklm.load(ckpt)
+    assert torch.equal(outputs(model, ids), outputs(loaded, ids))
+    meta = json.loads((ckpt / "ranklm.json").read_text())
+    for key in ("keep_requested", "keep_achieved", "keep_achieved_model", "rank_map", "files", "recipe",
+                "torch_version", "transformers_version", "ranklm_version", "calibration"):
+        assert key in meta
+    assert meta["keep_requested"] == 0.5 and meta["keep_achieved"] <= 0.5
+    assert meta["recipe"]["base"] == "whiten"
+    names = set(__import__("safetensors.torch").torch.load_file(ckpt / "model.safetensors"))
+    assert any(n.endswith(".A.weight") for n in names) and any(n.endswith(".B.weight") for n in names)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_export_loads_with_plain_transformers(family, tmp_path):
+    model, ids = _compress(family, base="svd", allocator="energy")
+    ranklm.save(model, None, tmp_path / "ckpt")
+    ranklm.export_dense(tmp_path / "ckpt", tmp_path / "dense")
+    cls = AutoModel if family == "bert" else AutoModelForCausalLM
+    plain = cls.from_pretrained(tmp_path / "dense").eval()
+    assert not any(isinstance(m, LowRankLinear) for m in plain.modules())
+    torch.testing.assert_close(outputs(plain, ids), outputs(model, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_compressed_output_is_close_at_high_keep_and_rank_map_records_dense():
+    model = make_model("llama")
+    ids = random_ids(8, 32)
+    ref = outputs(model, ids)
+    model = ranklm.compress(model, None, CompressConfig(keep=0.99, recipe="svd-llm", seq_len=32, calib_windows=8), data=ids, progress=False)
+    assert DENSE in model.ranklm.rank_map.values()
+    rel = (outputs(model, ids) - ref).norm() / ref.norm()
+    assert float(rel) < 0.2
+
+
+def test_compressing_twice_is_refused():
+    model, _ = _compress("llama")
+    with pytest.raises(RanklmError, match="already compressed"):
+        ranklm.compress(model, None, CompressConfig(keep=0.5, seq_len=32), data=random_ids())
+
+
+def test_keep_one_is_refused():
+    with pytest.raises(RanklmError, match="nothing to compress"):
+        ranklm.compress(make_model("llama"), None, CompressConfig(keep=1.0, seq_len=32), data=random_ids())
+
+
+def test_nan_weight_is_named():
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(RanklmError, match="non-finite weights.*layers.1.mlp.up_proj"):
+        ranklm.compress(model, None, CompressConfig(keep=0.5, seq_len=32), data=random_ids())
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    model, ids = _compress("llama")
+    return ranklm.save(model, None, tmp_path / "ckpt")
+
+
+def test_save_refuses_existing_output_and_overwrite_replaces(saved):
+    model, _ = _compress("llama", keep=0.4)
+    with pytest.raises(RanklmError, match="already exists"):
+        ranklm.save(model, None, saved)
+    ranklm.save(model, None, saved, overwrite=True)
+    assert json.loads((saved / "ranklm.json").read_text())["keep_requested"] == 0.4
+    assert not list(saved.parent.glob("*.tmp-*")) and not list(saved.parent.glob("*.old-*"))
+
+
+def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
+    model, _ = _compress("llama")
+    import safetensors.torch as st
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(st, "save_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        ranklm.save(model, None, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_weights_are_detected(saved):
+    f = saved / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(RanklmError, match="hash mismatch"):
+        ranklm.load(saved)
+    with pytest.raises(RanklmError, match="corrupt or truncated"):
+        ranklm.load(saved, verify=False)
+
+
+def _edit_meta(ckpt: Path, fn):
+    meta = json.loads((ckpt / "ranklm.json").read_text())
+    fn(meta)
+    (ckpt / "ranklm.json").write_text(json.dumps(meta))
+
+
+def test_rank_map_naming_a_missing_module(saved):
+    def add(meta):
+        meta["rank_map"]["model.layers.9.mlp.up_proj"] = 3
+        meta["modules"]["model.layers.9.mlp.up_proj"] = {"out": 160, "in": 64, "kind": "linear"}
+
+    _edit_meta(saved, add)
+    with pytest.raises(RanklmError, match="rank map does not fit.*layers.9"):
+        ranklm.load(saved)
+
+
+def test_rank_map_with_wrong_shape(saved):
+    _edit_meta(saved, lambda m: m["modules"]["model.layers.0.mlp.up_proj"].update({"out": 99}))
+    with pytest.raises(RanklmError, match="does not fit.*up_proj"):
+        ranklm.load(saved)
+
+
+def test_rank_map_with_wrong_rank(saved):
+    def bump(meta):
+        name = next(n for n, r in meta["rank_map"].items() if r != "dense")
+        meta["rank_map"][name] += 1
+
+    _edit_meta(saved, bump)
+    with pytest.raises(RanklmError, match="do not fit"):
+        ranklm.load(saved)
+
+
+def test_missing_or_unknown_metadata(saved):
+    _edit_meta(saved, lambda m: m.update({"format_version": 99}))
+    with pytest.raises(RanklmError, match="format version 99"):
+        ranklm.load(saved)
+    (saved / "ranklm.json").unlink()
+    with pytest.raises(RanklmError, match="ranklm.json is missing"):
+        ranklm.load(saved)

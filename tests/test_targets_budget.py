@@ -1,0 +1,104 @@
+import pytest
+import torch
+from torch import nn
+
+from conftest import FAMILIES, make_model
+from ranklm import RanklmError
+from ranklm.allocate import ALLOCATORS, get_allocator
+from ranklm.budget import DENSE, TOLERANCE, keep_ratio, max_factored_rank, target_cost
+from ranklm.decompose import get_base
+from ranklm.targets import Target, find_targets, weight_matrix
+
+EXPECTED = {
+    "llama": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+    "gpt2": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+    "opt": ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "self_attn.out_proj", "fc1", "fc2"],
+    "bert": ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense", "intermediate.dense", "output.dense"],
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_targets_found_per_architecture(family):
+    model = make_model(family)
+    targets = find_targets(model)
+    assert len(targets) == 2 * len(EXPECTED[family])
+    suffixes = [t.name.split(f".{t.block}.", 1)[1] for t in targets]
+    assert suffixes == EXPECTED[family] * 2
+    names = " ".join(t.name for t in targets)
+    assert "embed" not in names and "lm_head" not in names and "pooler" not in names
+    for t in targets:
+        assert tuple(weight_matrix(model.get_submodule(t.name)).shape) == (t.out_features, t.in_features)
+
+
+def test_gqa_and_conv1d_shapes():
+    llama = {t.name.split(".")[-1]: t for t in find_targets(make_model("llama")) if t.block == 0}
+    assert (llama["k_proj"].out_features, llama["k_proj"].in_features) == (32, 64)  # 2 KV heads x 16
+    assert (llama["q_proj"].out_features, llama["q_proj"].in_features) == (64, 64)
+    gpt2 = [t for t in find_targets(make_model("gpt2")) if t.block == 0]
+    assert gpt2[0].kind == "conv1d" and (gpt2[0].out_features, gpt2[0].in_features) == (192, 64)
+
+
+def test_include_exclude_patterns():
+    model = make_model("llama")
+    only_mlp = find_targets(model, include=["*mlp*"])
+    assert len(only_mlp) == 6 and all(".mlp." in t.name for t in only_mlp)
+    no_down = find_targets(model, exclude=["down_proj"])
+    assert len(no_down) == 12
+    regex = find_targets(model, include=[r"re:layers\.1\..*proj$"])
+    assert len(regex) == 7 and all(t.block == 1 for t in regex)
+    with pytest.raises(RanklmError, match="match no target"):
+        find_targets(model, include=["*nothing*"])
+    with pytest.raises(RanklmError, match="leave no module"):
+        find_targets(model, exclude=["*proj"])
+
+
+def test_model_without_blocks_is_refused():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4))
+    with pytest.raises(RanklmError, match="no compressible layers.*Embedding"):
+        find_targets(model)
+
+
+def test_cost_and_break_even():
+    t = Target("x", 64, 160, "linear", 0)
+    k = max_factored_rank(t)
+    assert k * (64 + 160) < 64 * 160 <= (k + 1) * (64 + 160)
+    assert target_cost(t, k) == k * 224
+    assert target_cost(t, k + 1) == target_cost(t, DENSE) == 64 * 160
+
+
+@pytest.mark.parametrize("allocator", sorted(ALLOCATORS))
+@pytest.mark.parametrize("keep", [0.2, 0.5, 0.8, 0.97])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_budget_is_met_exactly(family, allocator, keep):
+    model = make_model(family)
+    targets = find_targets(model)
+    base = get_base("svd")
+    facs = {t.name: base.decompose(weight_matrix(model.get_submodule(t.name)), {}, max_factored_rank(t)) for t in targets}
+    rank_map = get_allocator(allocator).allocate(targets, facs, keep)
+    achieved = keep_ratio(targets, rank_map)
+    assert achieved <= keep + 1e-12
+    assert achieved >= keep * (1 - TOLERANCE), (achieved, keep)
+    for t in targets:
+        r = rank_map[t.name]
+        assert r == DENSE or 1 <= r <= max_factored_rank(t)
+
+
+def test_energy_gives_more_rank_to_a_matrix_that_needs_it():
+    """A full-spectrum matrix among near-rank-2 ones must get the bulk of the rank."""
+    torch.manual_seed(0)
+    model = make_model("llama")
+    targets = find_targets(model, include=["*mlp.up_proj", "*mlp.gate_proj"])
+    with torch.no_grad():
+        for t in targets:
+            w = model.get_submodule(t.name).weight
+            if t.name.endswith("layers.0.mlp.up_proj"):
+                w.copy_(torch.randn_like(w))  # flat spectrum: needs many components
+            else:
+                w.copy_(torch.randn(w.shape[0], 2) @ torch.randn(2, w.shape[1]) + 1e-3 * torch.randn_like(w))
+    base = get_base("svd")
+    facs = {t.name: base.decompose(weight_matrix(model.get_submodule(t.name)), {}, max_factored_rank(t)) for t in targets}
+    energy = get_allocator("energy").allocate(targets, facs, 0.5)
+    uniform = get_allocator("uniform").allocate(targets, facs, 0.5)
+    hot = "model.layers.0.mlp.up_proj"
+    assert energy[hot] == DENSE or energy[hot] > uniform[hot]
+    assert all(energy[t.name] != DENSE and energy[t.name] < uniform[t.name] for t in targets if t.name != hot)
