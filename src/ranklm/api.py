@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocate import get_allocator
+from .allocate import AllocationContext, get_allocator
 from .budget import (
     DENSE,
     TOLERANCE,
@@ -30,9 +30,9 @@ from .budget import (
     targets_cost,
     targets_dense_params,
 )
-from .calibration import TextSource, collect_grams, default_corpus, read_text_source, token_windows
+from .calibration import TextSource, collect_stats, default_corpus, read_text_source, token_windows
 from .config import CompressConfig
-from .decompose import Factorization, get_base
+from .decompose import Base, Factorization, get_base
 from .errors import RanklmError
 from .layers import LowRankLinear, replace_module
 from .targets import Target, find_targets, weight_matrix
@@ -56,6 +56,7 @@ class CompressionState:
     base_model: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, Any] = field(default_factory=dict)  # allocator outputs (tensors -> allocator.safetensors)
 
 
 def calibration_windows(tokenizer, data: Data, config: CompressConfig) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -92,14 +93,33 @@ def check_finite_weights(model: nn.Module, targets: list[Target]) -> None:
 
 
 def decompose_targets(
-    model: nn.Module, targets: list[Target], base_name: str, stats: dict[str, dict], options: dict, progress: bool = True
+    model: nn.Module, targets: list[Target], base: Base, stats: dict[str, dict], progress: bool = True
 ) -> dict[str, Factorization]:
-    base = get_base(base_name, **options)
+    """Factorize every target; each target's statistics are released as soon as it is done."""
     out: dict[str, Factorization] = {}
-    for t in tqdm(targets, desc=f"decompose ({base_name})", disable=not progress, unit="matrix"):
+    for t in tqdm(targets, desc=f"decompose ({base.name})", disable=not progress, unit="matrix"):
         w = weight_matrix(model.get_submodule(t.name))
         out[t.name] = base.decompose(w, stats.pop(t.name, {"name": t.name}), max_factored_rank(t))
     return out
+
+
+def refine_factors(
+    model: nn.Module,
+    targets: list[Target],
+    base: Base,
+    factorizations: dict[str, Factorization],
+    stats: dict[str, dict],
+    rank_map: RankMap,
+    progress: bool = True,
+) -> dict[str, Factorization]:
+    """Let a base re-solve each factored target at exactly its allocated rank."""
+    todo = [t for t in targets if rank_map[t.name] != DENSE]
+    for t in tqdm(todo, desc=f"refine ({base.name})", disable=not progress, unit="matrix"):
+        w = weight_matrix(model.get_submodule(t.name))
+        k = int(rank_map[t.name])
+        a, b = base.refine(w, stats.get(t.name, {}), factorizations[t.name], k)  # type: ignore[attr-defined]
+        factorizations[t.name] = Factorization(a, b, factorizations[t.name].s)
+    return factorizations
 
 
 def install_rank_map(
@@ -140,26 +160,37 @@ def compress(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    base_needs = get_base(config.base, **config.base_options).needs
+    base = get_base(config.base, **config.base_options)
+    allocator = get_allocator(config.allocator, **config.allocator_options)
     stats: dict[str, dict] = {}
     calib_info = None
-    if base_needs:
+    windows = None
+    if base.needs or getattr(allocator, "needs_context", False):
         windows, calib_info = calibration_windows(tokenizer, data, config)
-        stats = collect_grams(model, targets, windows, config.batch_size, progress)
+    if base.needs:
+        stats = collect_stats(model, targets, windows, base.needs, config.batch_size, progress)
     timings["calibration_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    factorizations = decompose_targets(model, targets, config.base, stats, config.base_options, progress)
+    refine_stats = {n: st for n, st in stats.items()} if hasattr(base, "refine") else {}
+    factorizations = decompose_targets(model, targets, base, stats, progress)
     timings["decompose_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    allocator = get_allocator(config.allocator, **config.allocator_options)
+    context = AllocationContext(
+        model=model, windows=windows, batch_size=config.batch_size, seed=config.seed, progress=progress
+    )
     try:
-        rank_map = allocator.allocate(targets, factorizations, config.keep, config.min_rank)
+        rank_map = allocator.allocate(targets, factorizations, config.keep, config.min_rank, context)
     except ValueError as e:
         raise RanklmError(f"keep ratio {config.keep} cannot be met: {e}") from None
     timings["allocate_s"] = time.perf_counter() - t2
 
+    t3 = time.perf_counter()
+    if hasattr(base, "refine"):  # bases whose best rank-k solution is not nested (TFWSVD)
+        factorizations = refine_factors(model, targets, base, factorizations, refine_stats, rank_map, progress)
+        timings["refine_s"] = time.perf_counter() - t3
+    del refine_stats
     install_rank_map(model, targets, factorizations, rank_map)
     del factorizations
     timings["total_s"] = time.perf_counter() - t0
@@ -187,5 +218,6 @@ def compress(
         calibration=calib_info,
         base_model=base_model or {"name_or_path": getattr(model.config, "name_or_path", "") or type(model).__name__},
         timings=timings,
+        artifacts=context.artifacts,
     )
     return model

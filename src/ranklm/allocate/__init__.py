@@ -1,6 +1,6 @@
 """Rank allocators (DESIGN §5): one module per allocator."""
 
-from .base import Allocator
+from .base import AllocationContext, Allocator
 from .energy import EnergyAllocator
 from .uniform import UniformAllocator
 
@@ -15,4 +15,4 @@ def get_allocator(name: str, **options) -> Allocator:
     return ALLOCATORS[name](**options)
 
 
-__all__ = ["ALLOCATORS", "Allocator", "get_allocator"]
+__all__ = ["ALLOCATORS", "AllocationContext", "Allocator", "get_allocator"]

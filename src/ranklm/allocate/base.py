@@ -1,17 +1,45 @@
-"""Allocator interface: factorizations + keep ratio -> rank map meeting the budget exactly."""
+"""Allocator interface: factorizations + keep ratio -> rank map meeting the budget exactly.
+
+Simple allocators read only the spectra (``Factorization.s``). Allocators that
+measure or learn (sensitivity, ARS, SoftLMs, RankDyna) also get an
+``AllocationContext`` with the model (dense targets still in place), the
+calibration windows and a place to cache expensive results.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
 
 from ..budget import RankMap
 from ..decompose.base import Factorization
 from ..targets import Target
 
 
+@dataclass
+class AllocationContext:
+    model: nn.Module | None = None  # the dense model (targets not yet replaced)
+    windows: torch.Tensor | None = None  # calibration token ids [N, seq_len]
+    batch_size: int = 4
+    seed: int = 0
+    progress: bool = True
+    cache_dir: Path | None = None  # where an allocator may keep reusable results
+    artifacts: dict[str, Any] = field(default_factory=dict)  # what the allocator wants saved in the checkpoint
+
+
 class Allocator(Protocol):
     name: str
+    needs_context: bool  # True: needs model + calibration windows
 
     def allocate(
-        self, targets: list[Target], factorizations: dict[str, Factorization], keep: float, min_rank: int = 1
+        self,
+        targets: list[Target],
+        factorizations: dict[str, Factorization],
+        keep: float,
+        min_rank: int = 1,
+        context: AllocationContext | None = None,
     ) -> RankMap: ...

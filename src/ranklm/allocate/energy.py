@@ -8,6 +8,7 @@ still missing.
 
 from __future__ import annotations
 
+from .base import AllocationContext
 from ..budget import RankMap, fit_budget, max_factored_rank
 from ..decompose.base import Factorization
 from ..targets import Target
@@ -15,9 +16,15 @@ from ..targets import Target
 
 class EnergyAllocator:
     name = "energy"
+    needs_context = False
 
     def allocate(
-        self, targets: list[Target], factorizations: dict[str, Factorization], keep: float, min_rank: int = 1
+        self,
+        targets: list[Target],
+        factorizations: dict[str, Factorization],
+        keep: float,
+        min_rank: int = 1,
+        context: AllocationContext | None = None,
     ) -> RankMap:
         shares = {}
         for t in targets:

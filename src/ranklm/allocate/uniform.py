@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .base import AllocationContext
 from ..budget import RankMap, fit_budget, max_factored_rank
 from ..decompose.base import Factorization
 from ..targets import Target
@@ -9,9 +10,15 @@ from ..targets import Target
 
 class UniformAllocator:
     name = "uniform"
+    needs_context = False
 
     def allocate(
-        self, targets: list[Target], factorizations: dict[str, Factorization], keep: float, min_rank: int = 1
+        self,
+        targets: list[Target],
+        factorizations: dict[str, Factorization],
+        keep: float,
+        min_rank: int = 1,
+        context: AllocationContext | None = None,
     ) -> RankMap:
         start: RankMap = {}
         for t in targets:

@@ -10,13 +10,14 @@ from .data import (
     token_stream,
     token_windows,
 )
-from .stats import backbone, collect_grams
+from .stats import backbone, collect_grams, collect_stats
 
 __all__ = [
     "DEFAULT_CORPUS",
     "TextSource",
     "backbone",
     "collect_grams",
+    "collect_stats",
     "default_corpus",
     "package_dir",
     "read_text_source",

@@ -1,7 +1,8 @@
 """Streaming calibration statistics collected with forward hooks.
 
-For each target the Gram matrix ``G = sum_t x_t x_t^T`` of its inputs is
-accumulated in float64 batch by batch; no activation is kept after its batch.
+For each target the Gram matrix ``G = sum_t x_t x_t^T`` of its inputs (``"gram"``)
+and/or the per-channel sum of ``|x|`` (``"abs_mean"``, ASVD) is accumulated in
+float64 batch by batch; no activation is kept after its batch.
 Targets that read the very same input tensor (q/k/v, gate/up) share one Gram:
 the first batch detects the sharing and later batches compute it once.
 Memory: one ``in x in`` float64 matrix per distinct input (about 1 GB for SmolLM2).
@@ -35,12 +36,51 @@ def run_batches(model: nn.Module, windows: torch.Tensor, batch_size: int, desc: 
         body(input_ids=windows[i : i + batch_size].to(device), **extra)
 
 
-@torch.no_grad()
+def collect_stats(
+    model: nn.Module,
+    targets: list[Target],
+    windows: torch.Tensor,
+    needs: frozenset[str] | set[str],
+    batch_size: int = 4,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """All statistics a base needs: ``{target: {"gram"?, "abs_mean"?, "fisher"?, "tokens", "name"}}``."""
+    unknown = set(needs) - {"gram", "abs_mean", "fisher"}
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}")
+    out: dict[str, dict[str, Any]] = {t.name: {"name": t.name} for t in targets}
+    if needs & {"gram", "abs_mean"}:
+        acts = collect_activation_stats(model, targets, windows, batch_size, progress, gram="gram" in needs, abs_mean="abs_mean" in needs)
+        for name, st in acts.items():
+            out[name].update(st)
+    if "fisher" in needs:
+        from .fisher import collect_fisher
+
+        for name, f in collect_fisher(model, targets, windows, progress=progress).items():
+            out[name]["fisher"] = f
+    return out
+
+
 def collect_grams(
     model: nn.Module, targets: list[Target], windows: torch.Tensor, batch_size: int = 4, progress: bool = True
 ) -> dict[str, dict[str, Any]]:
     """``{target: {"gram": float64 in x in, "tokens": int, "name": target}}`` over all windows."""
+    return collect_activation_stats(model, targets, windows, batch_size, progress, gram=True)
+
+
+@torch.no_grad()
+def collect_activation_stats(
+    model: nn.Module,
+    targets: list[Target],
+    windows: torch.Tensor,
+    batch_size: int = 4,
+    progress: bool = True,
+    gram: bool = True,
+    abs_mean: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Input statistics of every target over all windows, streamed (see module docstring)."""
     grams: dict[str, torch.Tensor] = {}
+    abs_sums: dict[str, torch.Tensor] = {}
     tokens: dict[str, int] = {}
     alias: dict[str, str] = {}  # target -> target whose identical input it shares
     fingerprints: dict[tuple, str] = {}
@@ -59,11 +99,14 @@ def collect_grams(
                     return
                 fingerprints[key] = name
             x64 = x.to(torch.float64)
-            g = x64.T @ x64
-            if name in grams:
-                grams[name] += g
-            else:
-                grams[name] = g
+            if gram:
+                if name in grams:
+                    grams[name].addmm_(x64.T, x64)
+                else:
+                    grams[name] = x64.T @ x64
+            if abs_mean:
+                a = x64.abs().sum(0)
+                abs_sums[name] = abs_sums[name] + a if name in abs_sums else a
             tokens[name] = tokens.get(name, 0) + x.shape[0]
 
         return hook
@@ -79,8 +122,13 @@ def collect_grams(
     out: dict[str, dict[str, Any]] = {}
     for t in targets:
         src = alias.get(t.name, t.name)
-        g = grams[src]
-        if not torch.isfinite(g).all():
-            raise RanklmError(f"non-finite calibration statistics (NaN/Inf activations) at the input of {t.name}")
-        out[t.name] = {"gram": g, "tokens": tokens[src], "name": t.name}
+        entry: dict[str, Any] = {"tokens": tokens[src], "name": t.name}
+        if gram:
+            entry["gram"] = grams[src]
+        if abs_mean:
+            entry["abs_mean"] = abs_sums[src] / tokens[src]
+        for key in ("gram", "abs_mean"):
+            if key in entry and not torch.isfinite(entry[key]).all():
+                raise RanklmError(f"non-finite calibration statistics (NaN/Inf activations) at the input of {t.name}")
+        out[t.name] = entry
     return out
