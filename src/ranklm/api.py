@@ -168,7 +168,9 @@ def compress(
     if base.needs or getattr(allocator, "needs_context", False):
         windows, calib_info = calibration_windows(tokenizer, data, config)
     if base.needs:
-        stats = collect_stats(model, targets, windows, base.needs, config.batch_size, progress)
+        stats = collect_stats(
+            model, targets, windows, base.needs, config.batch_size, progress, fisher_windows=config.fisher_windows
+        )
     timings["calibration_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -190,6 +192,8 @@ def compress(
     if hasattr(base, "refine"):  # bases whose best rank-k solution is not nested (TFWSVD)
         factorizations = refine_factors(model, targets, base, factorizations, refine_stats, rank_map, progress)
         timings["refine_s"] = time.perf_counter() - t3
+        if getattr(base, "report", None):
+            context.artifacts["base_report"] = base.report
     del refine_stats
     install_rank_map(model, targets, factorizations, rank_map)
     del factorizations

@@ -16,6 +16,10 @@ from .errors import RanklmError
 RECIPES: dict[str, tuple[str, str]] = {
     "svd": ("svd", "uniform"),
     "svd-llm": ("whiten", "uniform"),
+    "svd-llm-v2": ("whiten", "loss"),
+    "fwsvd": ("fwsvd", "uniform"),
+    "tfwsvd": ("tfwsvd", "uniform"),
+    "asvd": ("asvd", "sensitivity"),
     "svd-energy": ("svd", "energy"),
     "svd-llm-energy": ("whiten", "energy"),
 }
@@ -60,6 +64,7 @@ class CompressConfig:
     batch_size: int = 4
     seed: int = 0
     min_rank: int = 1
+    fisher_windows: int = 32  # windows (one per backward pass) for Fisher statistics
     base_options: dict[str, Any] = field(default_factory=dict)
     allocator_options: dict[str, Any] = field(default_factory=dict)
 
@@ -83,7 +88,7 @@ class CompressConfig:
             )
         if self.recipe and (self.base, self.allocator) != RECIPES[self.recipe]:
             self.recipe = None  # explicit axes override the recipe's name
-        for name in ("calib_windows", "seq_len", "batch_size", "min_rank"):
+        for name in ("calib_windows", "seq_len", "batch_size", "min_rank", "fisher_windows"):
             if int(getattr(self, name)) < 1:
                 raise RanklmError(f"{name.replace('_', '-')} must be a positive integer")
 

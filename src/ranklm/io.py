@@ -107,6 +107,11 @@ def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _json_artifacts(artifacts: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-able part of an allocator's/base's artifacts (tensors are stored separately)."""
+    return {k: v for k, v in artifacts.items() if not isinstance(v, torch.Tensor)}
+
+
 def build_metadata(model: nn.Module) -> dict[str, Any]:
     state = getattr(model, "ranklm", None)
     if state is None:
@@ -133,6 +138,7 @@ def build_metadata(model: nn.Module) -> dict[str, Any]:
         "calibration": state.calibration,
         "timings": state.timings,
         "evaluation": state.evaluation,
+        "artifacts": _json_artifacts(getattr(state, "artifacts", {}) or {}),
         "rank_map": state.rank_map,
         "modules": {t.name: {"out": t.out_features, "in": t.in_features, "kind": t.kind, "block": t.block} for t in state.targets},
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
@@ -273,6 +279,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bo
         base_model=meta.get("base_model", {}),
         timings=meta.get("timings", {}),
         evaluation=meta.get("evaluation", {}),
+        artifacts=meta.get("artifacts", {}),
     )
     return model, tokenizer
 

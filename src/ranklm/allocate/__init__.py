@@ -2,9 +2,16 @@
 
 from .base import AllocationContext, Allocator
 from .energy import EnergyAllocator
+from .loss import LossAllocator
+from .sensitivity import SensitivityAllocator
 from .uniform import UniformAllocator
 
-ALLOCATORS: dict[str, type] = {"uniform": UniformAllocator, "energy": EnergyAllocator}
+ALLOCATORS: dict[str, type] = {
+    "uniform": UniformAllocator,
+    "energy": EnergyAllocator,
+    "sensitivity": SensitivityAllocator,
+    "loss": LossAllocator,
+}
 
 
 def get_allocator(name: str, **options) -> Allocator:

@@ -43,6 +43,8 @@ def collect_stats(
     needs: frozenset[str] | set[str],
     batch_size: int = 4,
     progress: bool = True,
+    fisher_windows: int | None = None,
+    loss_fn=None,
 ) -> dict[str, dict[str, Any]]:
     """All statistics a base needs: ``{target: {"gram"?, "abs_mean"?, "fisher"?, "tokens", "name"}}``."""
     unknown = set(needs) - {"gram", "abs_mean", "fisher"}
@@ -56,7 +58,8 @@ def collect_stats(
     if "fisher" in needs:
         from .fisher import collect_fisher
 
-        for name, f in collect_fisher(model, targets, windows, progress=progress).items():
+        fw = windows if fisher_windows is None else windows[:fisher_windows]
+        for name, f in collect_fisher(model, targets, fw, loss_fn=loss_fn, progress=progress).items():
             out[name]["fisher"] = f
     return out
 

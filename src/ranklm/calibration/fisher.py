@@ -1,0 +1,77 @@
+"""Per-element Fisher information of the target weights (FWSVD, TFWSVD, SVD-drop predictor).
+
+``F_ij = sum over calibration windows of (dL/dW_ij)^2``, with L the LM loss of one
+window (decoders) or a caller-given task loss (encoders). The model is frozen
+except the target weights; gradients are squared into one float32 accumulator
+per target right after each backward and then dropped, so no per-batch gradient
+is kept. Memory: the model, one backward pass, and one accumulator the size of
+every target weight (about 0.43 GB for SmolLM2-135M).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import RanklmError
+from ..targets import Conv1D, Target
+
+LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL of a causal LM on ``ids``."""
+    if getattr(model, "get_output_embeddings", lambda: None)() is None:
+        raise RanklmError(
+            f"Fisher statistics need a loss; {type(model).__name__} has no LM head (an encoder?): give a task loss"
+        )
+    return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+
+def collect_fisher(
+    model: nn.Module,
+    targets: list[Target],
+    windows: torch.Tensor,
+    loss_fn: LossFn | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """``{target: F}`` with F float32 ``out x in`` (torch layout, Conv1D transposed)."""
+    loss_fn = loss_fn or lm_loss
+    weights = {t.name: model.get_submodule(t.name).weight for t in targets}
+    transposed = {t.name: bool(Conv1D) and isinstance(model.get_submodule(t.name), Conv1D) for t in targets}
+    saved_flags = {id(p): p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for w in weights.values():
+        w.requires_grad_(True)
+        w.grad = None
+    fisher = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
+    device = next(model.parameters()).device
+    try:
+        for i in tqdm(range(0, len(windows), batch_size), desc="fisher", disable=not progress, unit="batch"):
+            loss = loss_fn(model, windows[i : i + batch_size].to(device))
+            if not torch.isfinite(loss):
+                raise RanklmError("non-finite loss while collecting Fisher statistics (NaN/Inf in the model?)")
+            loss.backward()
+            for name, w in weights.items():
+                if w.grad is not None:
+                    fisher[name].add_(w.grad.float().square())
+                    w.grad = None
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(saved_flags.get(id(p), True))
+            p.grad = None
+        model.train(was_training)
+    out = {}
+    for name, f in fisher.items():
+        f = f.t().contiguous() if transposed[name] else f
+        if not torch.isfinite(f).all():
+            raise RanklmError(f"non-finite Fisher statistics for {name}")
+        out[name] = f
+    return out

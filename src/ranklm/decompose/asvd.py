@@ -1,0 +1,34 @@
+"""Activation-aware SVD (ASVD, Yuan et al. 2023).
+
+Input channels that carry large activations matter more: scale the columns of W by
+``S = diag(mean_t |x_{t,i}|^alpha)`` (alpha = 0.5 by default), truncate the SVD of
+``W S`` and undo the scaling on B: ``A = U_k sqrt(S_k)``, ``B = sqrt(S_k) V_k^T S^{-1}``.
+Dead channels get a floor of 1e-6 of the mean scale so S stays invertible.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import Factorization, split_sqrt
+
+
+class ASVDBase:
+    name = "asvd"
+    needs: frozenset[str] = frozenset({"abs_mean"})
+
+    def __init__(self, alpha: float = 0.5, **_: Any) -> None:
+        self.alpha = float(alpha)
+
+    def scales(self, abs_mean: torch.Tensor) -> torch.Tensor:
+        s = abs_mean.to(torch.float64).clamp_min(0) ** self.alpha
+        return s.clamp_min(float(s.mean()) * 1e-6 or 1e-12)
+
+    def decompose(self, weight: torch.Tensor, stats: dict[str, Any], max_rank: int) -> Factorization:
+        w = weight.detach().to(torch.float64)
+        scale = self.scales(stats["abs_mean"])
+        u, s, vt = torch.linalg.svd(w * scale[None, :], full_matrices=False)
+        a, b = split_sqrt(u, s, vt, max_rank)
+        return Factorization(a.float(), (b / scale[None, :]).float(), s.float())
