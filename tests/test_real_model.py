@@ -44,3 +44,32 @@ def test_whiten_beats_svd_and_both_lose_to_dense(smol, tmp_path):
     assert 10 < dense < 60, dense
     assert dense < ppl["svd-llm"] < ppl["svd"], (dense, ppl)
     assert ppl["svd-llm"] < 5 * dense  # whitening keeps the model usable at keep 0.8
+
+
+@pytest.mark.parametrize(
+    "recipe, base_options, allocator_options, include",
+    [
+        ("fwsvd", {}, {}, []),
+        ("svd-llm-v2", {}, {}, []),
+        # the two costly ones on the first 6 blocks only, to keep the suite short
+        ("tfwsvd", {"adam_steps": 5, "sgd_steps": 3}, {}, [r"re:layers\.[0-5]\."]),
+        ("asvd", {}, {"grid": [0.5], "windows": 1, "cache": False}, [r"re:layers\.[0-5]\."]),
+    ],
+)
+def test_every_recipe_end_to_end_on_the_real_model(smol, tmp_path, recipe, base_options, allocator_options, include):
+    tok, info, calib, evalw = smol
+    model, _, _ = load_model(None)
+    cfg = CompressConfig(keep=0.7, recipe=recipe, seq_len=128, calib_windows=8, fisher_windows=4, batch_size=4,
+                         include=include, base_options=base_options, allocator_options=allocator_options)
+    ranklm.compress(model, tok, cfg, data=calib[:8, :128], progress=False, base_model=info)
+    assert 0.7 * 0.995 <= model.ranklm.keep_achieved <= 0.7
+    ckpt = ranklm.save(model, tok, tmp_path / "ckpt")
+    loaded, _ = ranklm.load(ckpt)
+    ids = evalw[:1, :64]
+    with torch.no_grad():
+        logits = model(ids).logits
+        assert torch.equal(logits, loaded(ids).logits)
+    assert torch.isfinite(logits).all()
+    if recipe == "tfwsvd":
+        rep = model.ranklm.artifacts["base_report"]
+        assert all(r["weighted_error_tfwsvd"] <= r["weighted_error_fwsvd"] * (1 + 1e-5) for r in rep.values())

@@ -62,6 +62,20 @@ def _eval_sources(data: Optional[str], eval_data: Optional[str]):
     return calib, evald
 
 
+def parse_options(items: list[str], flag: str) -> dict[str, Any]:
+    """``["k=v", ...]`` -> dict, values parsed as JSON when they are JSON (numbers, true/false, lists)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RanklmError(f"{flag} expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def _fmt_ppl(x: float) -> str:
     return f"{x:,.2f}" if x < 1e6 else f"{x:.3e}"
 
@@ -85,6 +99,9 @@ def compress(
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the perplexity evaluation."),
     batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
     seed: int = typer.Option(0, "--seed", help="Seed for window selection and anything random."),
+    base_opt: list[str] = typer.Option([], "--base-opt", help="Base option KEY=VALUE, e.g. side=in, alpha=0.5, adam_steps=200; repeatable."),
+    alloc_opt: list[str] = typer.Option([], "--alloc-opt", help="Allocator option KEY=VALUE, e.g. group_by_type=false, windows=8; repeatable."),
+    fisher_windows: int = typer.Option(32, "--fisher-windows", help="Calibration windows used for Fisher statistics (fwsvd/tfwsvd)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
@@ -108,6 +125,9 @@ def compress(
         seq_len=seq_len,
         batch_size=batch_size,
         seed=seed,
+        fisher_windows=fisher_windows,
+        base_options=parse_options(base_opt, "--base-opt"),
+        allocator_options=parse_options(alloc_opt, "--alloc-opt"),
     )
     if config.keep >= 1.0:
         raise RanklmError("--keep 1.0 keeps every target dense: nothing to compress, no output written")
@@ -220,13 +240,23 @@ def evaluate(
 
 @app.command()
 def info(
-    checkpoint: Path = typer.Argument(..., help="A ranklm checkpoint directory."),
+    checkpoint: Optional[str] = typer.Argument(None, help="A ranklm checkpoint (or, with --diagnose, a model) [default model with --diagnose]."),
     as_json: bool = typer.Option(False, "--json", help="Print ranklm.json's summary and rank map as JSON."),
+    diagnose_: bool = typer.Option(False, "--diagnose", help="Predict per layer whether plain SVD will hurt badly (Fisher-based)."),
+    data: Optional[str] = typer.Option(None, "--data", help="With --diagnose: calibration text [default: packaged corpus]."),
+    keep: float = typer.Option(0.6, "--keep", help="With --diagnose: keep ratio at which to compare SVD and FWSVD."),
+    windows: int = typer.Option(8, "--windows", help="With --diagnose: Fisher windows."),
+    seq_len: int = typer.Option(256, "--seq-len", help="With --diagnose: tokens per window."),
 ) -> None:
-    """Recipe, keep ratios and the rank map of a checkpoint."""
+    """Recipe, keep ratios and the rank map of a checkpoint; or --diagnose a model."""
     from .budget import DENSE
     from .io import read_metadata
 
+    if diagnose_:
+        _diagnose(checkpoint, data, keep, windows, seq_len, as_json)
+        return
+    if checkpoint is None:
+        raise RanklmError("give a checkpoint directory (or --diagnose MODEL)")
     meta = read_metadata(checkpoint)
     if as_json:
         typer.echo(json.dumps(meta, indent=2))
@@ -252,6 +282,33 @@ def info(
         m, n = mod["out"], mod["in"]
         kept = 1.0 if rank == DENSE else rank * (m + n) / (m * n)
         typer.echo(f"{name:<48} {f'{m}x{n}':>12} {str(rank):>6} {kept:>7.3f}")
+
+
+def _diagnose(model: Optional[str], data: Optional[str], keep: float, windows: int, seq_len: int, as_json: bool) -> None:
+    from .calibration import default_corpus, read_text_source, token_windows
+    from .calibration.fisher import collect_fisher
+    from .config import resolve_keep
+    from .diagnose import diagnose
+    from .models import load_model, require_tokenizer
+    from .targets import find_targets
+
+    keep = resolve_keep(keep, None)
+    m, tok, info_ = load_model(model)
+    tok = require_tokenizer(tok, str(model or "the default model"))
+    src = default_corpus()[0] if data is None else read_text_source(data)
+    ids = token_windows(tok, src, seq_len, windows, seed=0)
+    targets = find_targets(m)
+    report = diagnose(m, targets, collect_fisher(m, targets, ids), keep)
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    typer.echo(f"SVD-drop diagnosis of {info_['name_or_path']} at keep {keep} ({len(ids)} x {seq_len} Fisher tokens)")
+    typer.echo(f"{'module':<48} {'cv_rows':>8} {'cv_cols':>8} {'svd/fwsvd':>10}")
+    for name, sc in report["targets"].items():
+        typer.echo(f"{name:<48} {sc['cv_rows']:>8.2f} {sc['cv_cols']:>8.2f} {sc['fisher_error_ratio']:>10.2f}")
+    o = report["overall"]
+    typer.echo(f"{'overall (parameter-weighted)':<48} {o['cv_rows']:>8.2f} {o['cv_cols']:>8.2f} {o['fisher_error_ratio']:>10.2f}")
+    typer.echo(f"recommendation: {report['recommendation']}")
 
 
 @app.command()

@@ -78,8 +78,9 @@ class TFWSVDBase(FWSVDBase):
             for step in range(steps + 1):
                 opt.zero_grad(set_to_none=True)
                 loss = objective()
-                if float(loss) < best_loss:
-                    best_loss, best = float(loss), (a.detach().clone(), b.detach().clone())
+                value = loss.item()
+                if value < best_loss:
+                    best_loss, best = value, (a.detach().clone(), b.detach().clone())
                 if step == steps:
                     break
                 loss.backward()
