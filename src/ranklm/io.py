@@ -36,6 +36,7 @@ from .targets import Target, is_linear_like, weight_matrix
 FORMAT_VERSION = 1
 META_FILE = "ranklm.json"
 WEIGHTS_FILE = "model.safetensors"
+ARTIFACTS_FILE = "allocator.safetensors"  # tensors an allocator left in CompressionState.artifacts
 
 
 def _version() -> str:
@@ -112,6 +113,20 @@ def _json_artifacts(artifacts: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in artifacts.items() if not isinstance(v, torch.Tensor)}
 
 
+def _json_default(obj: Any) -> Any:
+    """Options that are not JSON (a loss_fn callable, a tensor) are recorded by description."""
+    if isinstance(obj, torch.Tensor):
+        return f"<tensor {tuple(obj.shape)} {str(obj.dtype).replace('torch.', '')}>"
+    if isinstance(obj, Path):
+        return str(obj)
+    return getattr(obj, "__qualname__", None) or type(obj).__name__
+
+
+def _tensor_artifacts(artifacts: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensor part of the artifacts, written to ``allocator.safetensors``."""
+    return {k: v.detach().cpu().contiguous() for k, v in artifacts.items() if isinstance(v, torch.Tensor)}
+
+
 def build_metadata(model: nn.Module) -> dict[str, Any]:
     state = getattr(model, "ranklm", None)
     if state is None:
@@ -158,7 +173,11 @@ def save(model: nn.Module, tokenizer, path: str | os.PathLike, overwrite: bool =
             tokenizer.save_pretrained(tmp)
         safetensors.torch.save_file(_unique_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         meta["files"] = {WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE)}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        tensors = _tensor_artifacts(getattr(model.ranklm, "artifacts", {}) or {})
+        if tensors:  # allocator/base tensors (e.g. ARS hypernetwork state and masks)
+            safetensors.torch.save_file(tensors, str(tmp / ARTIFACTS_FILE), metadata={"format": "pt"})
+            meta["files"][ARTIFACTS_FILE] = sha256_file(tmp / ARTIFACTS_FILE)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
     return Path(path)
 
 
@@ -279,8 +298,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bo
         base_model=meta.get("base_model", {}),
         timings=meta.get("timings", {}),
         evaluation=meta.get("evaluation", {}),
-        artifacts=meta.get("artifacts", {}),
+        artifacts=dict(meta.get("artifacts", {})),
     )
+    if (p / ARTIFACTS_FILE).is_file():
+        model.ranklm.artifacts.update(safetensors.torch.load_file(str(p / ARTIFACTS_FILE)))
     return model, tokenizer
 
 

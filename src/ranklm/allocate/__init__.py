@@ -1,5 +1,6 @@
 """Rank allocators (DESIGN §5): one module per allocator."""
 
+from .ars import ARSAllocator
 from .base import AllocationContext, Allocator
 from .energy import EnergyAllocator
 from .loss import LossAllocator
@@ -11,6 +12,7 @@ ALLOCATORS: dict[str, type] = {
     "energy": EnergyAllocator,
     "sensitivity": SensitivityAllocator,
     "loss": LossAllocator,
+    "ars": ARSAllocator,
 }
 
 

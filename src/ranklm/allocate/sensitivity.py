@@ -65,22 +65,26 @@ class SensitivityAllocator:
     needs_context = True
 
     def __init__(
-        self, grid: tuple[float, ...] = DEFAULT_GRID, windows: int = 4, table: str | None = None,
-        cache: bool = True, **_: Any
+        self, grid: tuple[float, ...] = DEFAULT_GRID, windows: int = 4, seq_len: int | None = None,
+        table: str | None = None, cache: bool = True, **_: Any
     ) -> None:
         self.grid = tuple(sorted(float(g) for g in grid))
         if not self.grid or not all(0 < g < 1 for g in self.grid):
             raise RanklmError("sensitivity grid ratios must lie in (0, 1)")
         self.windows = int(windows)
+        self.seq_len = int(seq_len) if seq_len else None  # measure on the first seq_len tokens of each window
         self.table_path = table
         self.cache = cache
+
+    def _windows(self, context: AllocationContext) -> torch.Tensor:
+        return context.windows[: self.windows, : self.seq_len].contiguous()
 
     # -- measuring ---------------------------------------------------------------
     @torch.no_grad()
     def measure(
         self, targets: list[Target], factorizations: dict[str, Factorization], context: AllocationContext
     ) -> dict[str, Any]:
-        model, windows = context.model, context.windows[: self.windows]
+        model, windows = context.model, self._windows(context)
         base = perplexity(model, windows, context.batch_size, progress=False)
         table: dict[str, list[float]] = {}
         bar = tqdm(total=len(targets) * len(self.grid), desc="sensitivity", disable=not context.progress, unit="ppl")
@@ -115,7 +119,7 @@ class SensitivityAllocator:
         if self.table_path:
             data = self.load_table(self.table_path)
         else:
-            key = _table_key(context, factorizations, context.windows[: self.windows], self.grid)
+            key = _table_key(context, factorizations, self._windows(context), self.grid)
             cache_file = (context.cache_dir or _default_cache()) / f"{key}.json"
             if self.cache and cache_file.is_file():
                 data = self.load_table(cache_file)
