@@ -188,3 +188,46 @@ def test_missing_or_unknown_metadata(saved):
     (saved / "ranklm.json").unlink()
     with pytest.raises(RanklmError, match="ranklm.json is missing"):
         ranklm.load(saved)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sequential_with_dense_propagation_equals_whole_model(family):
+    ids = random_ids(8, 32)
+    outs = {}
+    for sequential in (False, True):
+        model = make_model(family)
+        cfg = CompressConfig(keep=0.5, recipe="svd-llm", seq_len=32, calib_windows=8, sequential=sequential, propagate="dense")
+        ranklm.compress(model, None, cfg, data=ids, progress=False)
+        outs[sequential] = (outputs(model, ids), model.ranklm.rank_map)
+    assert outs[True][1] == outs[False][1]
+    torch.testing.assert_close(outs[True][0], outs[False][0], atol=1e-5, rtol=1e-5)
+
+
+def test_sequential_compressed_propagation_meets_budget_and_differs():
+    ids = random_ids(8, 32)
+    model = make_model("llama")
+    ref = make_model("llama")
+    ranklm.compress(ref, None, CompressConfig(keep=0.5, recipe="svd-llm", seq_len=32, calib_windows=8), data=ids, progress=False)
+    cfg = CompressConfig(keep=0.5, recipe="svd-llm", seq_len=32, calib_windows=8, sequential=True, propagate="compressed")
+    ranklm.compress(model, None, cfg, data=ids, progress=False)
+    assert 0.5 * 0.995 <= model.ranklm.keep_achieved <= 0.5
+    assert not torch.allclose(outputs(model, ids), outputs(ref, ids))  # block 2 saw block 1's compressed outputs
+
+
+def test_sequential_refuses_gradient_bases():
+    with pytest.raises(RanklmError, match="drop --sequential"):
+        ranklm.compress(make_model("llama"), None, CompressConfig(keep=0.5, recipe="fwsvd", seq_len=32, sequential=True), data=random_ids())
+
+
+def test_same_seed_same_result_bit_identical():
+    from ranklm.calibration import TextSource
+
+    results = []
+    for _ in range(2):
+        model = make_model("llama")
+        ids = random_ids(16, 32, seed=4)
+        cfg = CompressConfig(keep=0.6, recipe="svd-llm-v2", seq_len=32, calib_windows=6, seed=7)
+        ranklm.compress(model, None, cfg, data=ids, progress=False)
+        results.append((model.ranklm.rank_map, {k: v.clone() for k, v in model.state_dict().items()}))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(results[0][1][k], results[1][1][k]) for k in results[0][1])

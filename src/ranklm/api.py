@@ -134,6 +134,46 @@ def install_rank_map(
         replace_module(model, t.name, LowRankLinear.from_factors(model.get_submodule(t.name), a, b))
 
 
+def _allocate(allocator, targets, factorizations, config: CompressConfig, context: AllocationContext) -> RankMap:
+    try:
+        return allocator.allocate(targets, factorizations, config.keep, config.min_rank, context)
+    except ValueError as e:
+        raise RanklmError(f"keep ratio {config.keep} cannot be met: {e}") from None
+
+
+def _compress_sequential(
+    model: nn.Module, targets: list[Target], base: Base, allocator, windows: torch.Tensor,
+    config: CompressConfig, context: AllocationContext, progress: bool,
+) -> tuple[RankMap, dict[str, Factorization]]:
+    """Layer-by-layer: with ``propagate="compressed"`` each block is allocated (meeting the keep ratio
+    within the block) and installed before the next block's statistics are taken, so later blocks
+    calibrate on the compressed model's activations (SVD-LLM's update); with ``"dense"`` the
+    factorizations are kept and the allocation is global at the end."""
+    from .calibration.sequential import run_sequential
+
+    if "fisher" in base.needs or getattr(allocator, "needs_context", False):
+        raise RanklmError(
+            f"--sequential works with activation-statistics bases (whiten, asvd) and spectrum allocators; "
+            f"{base.name}+{allocator.name} needs end-to-end gradients or measurements: drop --sequential"
+        )
+    rank_map: RankMap = {}
+    factorizations: dict[str, Factorization] = {}
+
+    def on_block(b: int, block_targets: list[Target], stats: dict[str, dict]) -> None:
+        facs = decompose_targets(model, block_targets, base, stats, progress=False)
+        if config.propagate == "compressed":
+            block_map = _allocate(allocator, block_targets, facs, config, context)
+            install_rank_map(model, block_targets, facs, block_map)
+            rank_map.update(block_map)
+        else:
+            factorizations.update(facs)
+
+    run_sequential(model, targets, windows, base.needs, on_block, config.batch_size, progress)
+    if config.propagate == "dense":
+        rank_map = _allocate(allocator, targets, factorizations, config, context)
+    return rank_map, factorizations
+
+
 def compress(
     model: nn.Module,
     tokenizer=None,
@@ -167,35 +207,37 @@ def compress(
     windows = None
     if base.needs or getattr(allocator, "needs_context", False):
         windows, calib_info = calibration_windows(tokenizer, data, config)
-    if base.needs:
-        stats = collect_stats(
-            model, targets, windows, base.needs, config.batch_size, progress, fisher_windows=config.fisher_windows
-        )
-    timings["calibration_s"] = time.perf_counter() - t0
-
-    t1 = time.perf_counter()
-    refine_stats = {n: st for n, st in stats.items()} if hasattr(base, "refine") else {}
-    factorizations = decompose_targets(model, targets, base, stats, progress)
-    timings["decompose_s"] = time.perf_counter() - t1
-
-    t2 = time.perf_counter()
     context = AllocationContext(
         model=model, windows=windows, batch_size=config.batch_size, seed=config.seed, progress=progress
     )
-    try:
-        rank_map = allocator.allocate(targets, factorizations, config.keep, config.min_rank, context)
-    except ValueError as e:
-        raise RanklmError(f"keep ratio {config.keep} cannot be met: {e}") from None
-    timings["allocate_s"] = time.perf_counter() - t2
+    if config.sequential and base.needs:
+        rank_map, factorizations = _compress_sequential(model, targets, base, allocator, windows, config, context, progress)
+        timings["calibration_s"] = time.perf_counter() - t0
+    else:
+        if base.needs:
+            stats = collect_stats(
+                model, targets, windows, base.needs, config.batch_size, progress, fisher_windows=config.fisher_windows
+            )
+        timings["calibration_s"] = time.perf_counter() - t0
 
-    t3 = time.perf_counter()
-    if hasattr(base, "refine"):  # bases whose best rank-k solution is not nested (TFWSVD)
-        factorizations = refine_factors(model, targets, base, factorizations, refine_stats, rank_map, progress)
-        timings["refine_s"] = time.perf_counter() - t3
-        if getattr(base, "report", None):
-            context.artifacts["base_report"] = base.report
-    del refine_stats
-    install_rank_map(model, targets, factorizations, rank_map)
+        t1 = time.perf_counter()
+        refine_stats = {n: st for n, st in stats.items()} if hasattr(base, "refine") else {}
+        factorizations = decompose_targets(model, targets, base, stats, progress)
+        timings["decompose_s"] = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        rank_map = _allocate(allocator, targets, factorizations, config, context)
+        timings["allocate_s"] = time.perf_counter() - t2
+
+        t3 = time.perf_counter()
+        if hasattr(base, "refine"):  # bases whose best rank-k solution is not nested (TFWSVD)
+            factorizations = refine_factors(model, targets, base, factorizations, refine_stats, rank_map, progress)
+            timings["refine_s"] = time.perf_counter() - t3
+            if getattr(base, "report", None):
+                context.artifacts["base_report"] = base.report
+        del refine_stats
+    if not (config.sequential and base.needs and config.propagate == "compressed"):
+        install_rank_map(model, targets, factorizations, rank_map)
     del factorizations
     timings["total_s"] = time.perf_counter() - t0
 

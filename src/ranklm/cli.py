@@ -102,8 +102,19 @@ def compress(
     base_opt: list[str] = typer.Option([], "--base-opt", help="Base option KEY=VALUE, e.g. side=in, alpha=0.5, adam_steps=200; repeatable."),
     alloc_opt: list[str] = typer.Option([], "--alloc-opt", help="Allocator option KEY=VALUE, e.g. group_by_type=false, windows=8; repeatable."),
     fisher_windows: int = typer.Option(32, "--fisher-windows", help="Calibration windows used for Fisher statistics (fwsvd/tfwsvd)."),
+    sequential: bool = typer.Option(False, "--sequential/--whole-model", help="Layer-by-layer calibration: memory ~ model + one block's statistics."),
+    propagate: str = typer.Option("compressed", "--propagate", help="With --sequential: later blocks see the 'compressed' or 'dense' outputs."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    ars_steps: Optional[int] = typer.Option(None, "--ars-steps", help="ARS: mask-learning steps [200]."),
+    ars_lr: Optional[float] = typer.Option(None, "--ars-lr", help="ARS: hypernetwork learning rate [1e-3]."),
+    ars_batch: Optional[int] = typer.Option(None, "--ars-batch", help="ARS: windows per step [--batch-size]."),
+    ars_lambda: Optional[float] = typer.Option(None, "--ars-lambda", help="ARS: budget-term weight [16]."),
+    ars_gamma: Optional[float] = typer.Option(None, "--ars-gamma", help="ARS: alignment-term weight [10]."),
+    ars_save_state: Optional[Path] = typer.Option(None, "--ars-save-state", help="ARS: write the hypernetwork state here every 50 steps."),
+    ars_resume: Optional[Path] = typer.Option(None, "--ars-resume", help="ARS: resume from a state file or an ARS checkpoint."),
+    finetune_steps: int = typer.Option(0, "--finetune-steps", help="Fine-tune the installed factors for N steps on the calibration text [0]."),
+    finetune_lr: float = typer.Option(1e-4, "--finetune-lr", help="Learning rate for --finetune-steps."),
 ) -> None:
     """Compress a model to a keep ratio and save it as a ranklm checkpoint."""
     from .api import compress as run_compress
@@ -126,11 +137,25 @@ def compress(
         batch_size=batch_size,
         seed=seed,
         fisher_windows=fisher_windows,
+        sequential=sequential,
+        propagate=propagate,
         base_options=parse_options(base_opt, "--base-opt"),
         allocator_options=parse_options(alloc_opt, "--alloc-opt"),
     )
     if config.keep >= 1.0:
         raise RanklmError("--keep 1.0 keeps every target dense: nothing to compress, no output written")
+    ars_given = {
+        k: v for k, v in dict(
+            steps=ars_steps, lr=ars_lr, batch_size=ars_batch, lam=ars_lambda, gamma=ars_gamma,
+            save_state=None if ars_save_state is None else str(ars_save_state),
+            resume=None if ars_resume is None else str(ars_resume),
+        ).items() if v is not None
+    }
+    if ars_given and config.allocator != "ars":
+        raise RanklmError(f"--ars-* options need --allocator ars (the allocator is {config.allocator})")
+    config.allocator_options = {**ars_given, **config.allocator_options}
+    if finetune_steps < 0:
+        raise RanklmError("--finetune-steps must be >= 0")
     if output is not None:
         check_output_dir(output, overwrite)
     calib_src, eval_src = _eval_sources(data, eval_data)
@@ -164,6 +189,11 @@ def compress(
         "selection": f"seeded random choice (seed {config.seed}) of non-overlapping windows",
         "used": m.ranklm.calibration is not None,
     }
+    if finetune_steps > 0:
+        from .train import finetune_factors
+
+        hist = finetune_factors(m, calib, finetune_steps, lr=finetune_lr, batch_size=batch_size, seed=seed)
+        m.ranklm.artifacts["finetune"] = {"steps": finetune_steps, "lr": finetune_lr, "loss": hist}
     elapsed = time.perf_counter() - t1
     st = m.ranklm
     if eval_windows_t is not None:
@@ -309,6 +339,19 @@ def _diagnose(model: Optional[str], data: Optional[str], keep: float, windows: i
     o = report["overall"]
     typer.echo(f"{'overall (parameter-weighted)':<48} {o['cv_rows']:>8.2f} {o['cv_cols']:>8.2f} {o['fisher_error_ratio']:>10.2f}")
     typer.echo(f"recommendation: {report['recommendation']}")
+
+
+@app.command()
+def plot(
+    checkpoint: Path = typer.Argument(..., help="A ranklm checkpoint directory."),
+    output: Path = typer.Option(..., "--output", "-o", help="PNG file to write."),
+) -> None:
+    """Draw rank per layer (and fraction kept) of a checkpoint's rank map as a PNG."""
+    from .io import read_metadata
+    from .report import plot_rank_map
+
+    path = plot_rank_map(read_metadata(checkpoint), output)
+    typer.echo(f"wrote {path}")
 
 
 @app.command()

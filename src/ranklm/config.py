@@ -65,6 +65,8 @@ class CompressConfig:
     seed: int = 0
     min_rank: int = 1
     fisher_windows: int = 32  # windows (one per backward pass) for Fisher statistics
+    sequential: bool = False  # layer-by-layer calibration (DESIGN §6)
+    propagate: str = "compressed"  # sequential: feed later blocks the compressed ("compressed") or dense outputs
     base_options: dict[str, Any] = field(default_factory=dict)
     allocator_options: dict[str, Any] = field(default_factory=dict)
 
@@ -88,6 +90,8 @@ class CompressConfig:
             )
         if self.recipe and (self.base, self.allocator) != RECIPES[self.recipe]:
             self.recipe = None  # explicit axes override the recipe's name
+        if self.propagate not in ("compressed", "dense"):
+            raise RanklmError(f"unknown propagate mode {self.propagate!r}; valid: compressed, dense")
         for name in ("calib_windows", "seq_len", "batch_size", "min_rank", "fisher_windows"):
             if int(getattr(self, name)) < 1:
                 raise RanklmError(f"{name.replace('_', '-')} must be a positive integer")

@@ -74,6 +74,19 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False where unsupported."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    return renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp dir beside ``path``; on success rename it to ``path``, on any failure remove it."""
@@ -84,10 +97,13 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         yield tmp
         _fsync_tree(tmp)
         if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
+            if _exchange(tmp, out):  # atomic swap: the old checkpoint now sits in tmp
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:  # no renameat2: two renames (a crash between them leaves the old one in *.old-*)
+                trash = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+                os.replace(out, trash / out.name)
+                os.replace(tmp, out)
+                shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out)
     finally:

@@ -319,7 +319,7 @@ class ARSAllocator:
                     det = [(o.detach() + self.bias > 0).float() for o in logits]
                 record(det, k.detach().double().cpu(), float(lm.detach()), float(align.detach()))
                 bar.set_postfix(
-                    loss=f"{float(loss):.3f}", keep=f"{history['keep'][-1]:.3f}/{keep:.3f}", align=f"{float(align):.2f}"
+                    loss=f"{float(loss.detach()):.3f}", keep=f"{history['keep'][-1]:.3f}/{keep:.3f}", align=f"{float(align.detach()):.3f}"
                 )
                 if self.save_state is not None and ((step + 1) % self.save_every == 0 or step + 1 == self.steps):
                     self._write_state_file(*self._state(hyper, opt, step + 1, history, targets, ranks, seed, keep))

@@ -81,7 +81,7 @@ def finetune_factors(
                 raise RanklmError(f"fine-tuning diverged at step {step} (non-finite loss); lower the learning rate")
             loss.backward()
             opt.step()
-            history.append(float(loss))
+            history.append(float(loss.detach()))
             bar.set_postfix(loss=f"{history[-1]:.4f}")
     finally:
         for n, p in model.named_parameters():
