@@ -84,9 +84,9 @@ def _fmt_ppl(x: float) -> str:
 def compress(
     keep: Optional[float] = typer.Option(None, "--keep", help="Fraction of the targets' parameters to keep, in (0, 1] [default 0.8]."),
     remove: Optional[float] = typer.Option(None, "--remove", help="Fraction to remove (= 1 - keep)."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="Named method: svd, svd-llm, ... [default svd-llm]."),
-    base: Optional[str] = typer.Option(None, "--base", help="Base decomposition (svd, whiten); overrides the recipe."),
-    allocator: Optional[str] = typer.Option(None, "--allocator", help="Rank allocator (uniform, energy); overrides the recipe."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Named method: svd, svd-llm, svd-llm-v2, fwsvd, tfwsvd, asvd, svd-energy, svd-llm-energy [default svd-llm]."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base decomposition: svd, whiten, fwsvd, tfwsvd, asvd; overrides the recipe."),
+    allocator: Optional[str] = typer.Option(None, "--allocator", help="Rank allocator: uniform, energy, loss, sensitivity, ars; overrides the recipe."),
     model: Optional[str] = typer.Option(None, "--model", help="HF model folder, hub id or ranklm checkpoint [default: packaged SmolLM2-135M-Instruct]."),
     data: Optional[str] = typer.Option(None, "--data", help="Calibration text: file, folder or .jsonl [default: packaged convention speeches]."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Evaluation text [default: held-out part of --data]."),
