@@ -160,3 +160,21 @@ def test_rank_map_that_does_not_fit(capsys, ckpt, tmp_path):
 
 def test_info_on_a_non_checkpoint(capsys, tiny_llama_dir, tmp_path):
     _bad(capsys, tmp_path, "info", tiny_llama_dir, match="not a ranklm checkpoint")
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "opt"])
+def test_compress_any_local_folder(capsys, family, tiny_tokenizer, text_file, tmp_path):
+    """Encoders and other decoder families work from a plain HF folder (encoders skip perplexity)."""
+    from conftest import make_model
+
+    folder = tmp_path / family
+    make_model(family).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    code, out, err = run(capsys, "compress", "--model", folder, "--data", text_file, "--keep", "0.5",
+                         "--output", tmp_path / "ck", *FAST, "--json")
+    assert code == 0, err
+    s = json.loads(out)
+    assert 0.5 * 0.995 <= s["keep_achieved"] <= 0.5
+    assert ("ppl_compressed" in s) == (family != "bert")
+    code, out, err = run(capsys, "info", tmp_path / "ck", "--json")
+    assert code == 0 and json.loads(out)["rank_map"]

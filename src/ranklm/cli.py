@@ -120,7 +120,7 @@ def compress(
     from .api import compress as run_compress
     from .calibration import token_windows
     from .config import DEFAULT_RECIPE, CompressConfig, resolve_keep
-    from .eval import perplexity, require_causal_lm
+    from .eval import perplexity
     from .io import check_output_dir, save
     from .models import load_model, require_tokenizer
 
@@ -170,8 +170,10 @@ def compress(
     calib = token_windows(tok, calib_src, config.seq_len, config.calib_windows, seed=config.seed)
     evaluation: dict[str, Any] = {}
     eval_windows_t = None
-    if not no_eval and eval_src is not None:
-        require_causal_lm(m)
+    is_lm = getattr(m, "get_output_embeddings", lambda: None)() is not None
+    if not no_eval and eval_src is not None and not is_lm:
+        _echo_err(f"{type(m).__name__} has no LM head: skipping perplexity (encoders are evaluated by task accuracy)")
+    if not no_eval and eval_src is not None and is_lm:
         eval_windows_t = token_windows(tok, eval_src, seq_len, eval_windows, purpose="evaluation")
         dense = perplexity(m, eval_windows_t, batch_size, desc="perplexity (dense)")
         evaluation["dense"] = dense.to_dict()
