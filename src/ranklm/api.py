@@ -75,15 +75,19 @@ def calibration_windows(tokenizer, data: Data, config: CompressConfig) -> tuple[
     else:
         source = read_text_source(data)
     windows = token_windows(tokenizer, source, config.seq_len, config.calib_windows, seed=config.seed)
-    info = {
-        "source": source.description,
+    return windows, calibration_info(source.description, windows, config)
+
+
+def calibration_info(description: str, windows: torch.Tensor, config: CompressConfig) -> dict[str, Any]:
+    """What ranklm.json records about the calibration data."""
+    return {
+        "source": description,
         "windows": int(len(windows)),
-        "seq_len": config.seq_len,
+        "seq_len": int(windows.shape[1]),
         "tokens": int(windows.numel()),
         "requested_windows": config.calib_windows,
         "selection": f"seeded random choice (seed {config.seed}) of non-overlapping windows",
     }
-    return windows, info
 
 
 def check_finite_weights(model: nn.Module, targets: list[Target]) -> None:

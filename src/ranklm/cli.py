@@ -117,6 +117,7 @@ def compress(
     finetune_lr: float = typer.Option(1e-4, "--finetune-lr", help="Learning rate for --finetune-steps."),
 ) -> None:
     """Compress a model to a keep ratio and save it as a ranklm checkpoint."""
+    from .api import calibration_info
     from .api import compress as run_compress
     from .calibration import token_windows
     from .config import DEFAULT_RECIPE, CompressConfig, resolve_keep
@@ -182,15 +183,8 @@ def compress(
 
     t1 = time.perf_counter()
     run_compress(m, tok, config, data=calib, base_model=info)
-    m.ranklm.calibration = {  # record the text, not just the windows
-        "source": calib_src.description,
-        "windows": int(len(calib)),
-        "seq_len": config.seq_len,
-        "tokens": int(calib.numel()),
-        "requested_windows": config.calib_windows,
-        "selection": f"seeded random choice (seed {config.seed}) of non-overlapping windows",
-        "used": m.ranklm.calibration is not None,
-    }
+    if m.ranklm.calibration is not None:  # record the text the windows came from
+        m.ranklm.calibration = calibration_info(calib_src.description, calib, config)
     if finetune_steps > 0:
         from .train import finetune_factors
 

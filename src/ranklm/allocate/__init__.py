@@ -1,5 +1,6 @@
 """Rank allocators (DESIGN §5): one module per allocator."""
 
+from ..registry import build
 from .ars import ARSAllocator
 from .base import AllocationContext, Allocator
 from .energy import EnergyAllocator
@@ -17,11 +18,7 @@ ALLOCATORS: dict[str, type] = {
 
 
 def get_allocator(name: str, **options) -> Allocator:
-    from ..errors import RanklmError
-
-    if name not in ALLOCATORS:
-        raise RanklmError(f"unknown allocator {name!r}; valid allocators: {', '.join(sorted(ALLOCATORS))}")
-    return ALLOCATORS[name](**options)
+    return build("allocator", ALLOCATORS, name, options)
 
 
 __all__ = ["ALLOCATORS", "AllocationContext", "Allocator", "get_allocator"]

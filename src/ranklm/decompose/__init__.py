@@ -1,5 +1,6 @@
 """Base decompositions (DESIGN §4): one module per base, one Factorization type."""
 
+from ..registry import build
 from .base import Base, Factorization
 from .asvd import ASVDBase
 from .fwsvd import FWSVDBase
@@ -17,11 +18,7 @@ BASES: dict[str, type] = {
 
 
 def get_base(name: str, **options) -> Base:
-    from ..errors import RanklmError
-
-    if name not in BASES:
-        raise RanklmError(f"unknown base {name!r}; valid bases: {', '.join(sorted(BASES))}")
-    return BASES[name](**options)
+    return build("base", BASES, name, options)
 
 
 __all__ = ["BASES", "Base", "Factorization", "get_base", "whitening_factor"]
