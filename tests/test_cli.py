@@ -178,3 +178,10 @@ def test_compress_any_local_folder(capsys, family, tiny_tokenizer, text_file, tm
     assert ("ppl_compressed" in s) == (family != "bert")
     code, out, err = run(capsys, "info", tmp_path / "ck", "--json")
     assert code == 0 and json.loads(out)["rank_map"]
+
+
+def test_device_map_auto_on_cpu(capsys, tiny_llama_dir, text_file, tmp_path):
+    code, out, err = run(capsys, "compress", "--model", tiny_llama_dir, "--data", text_file, "--device-map", "auto",
+                         "--keep", "0.5", *FAST, "--json")
+    assert code == 0, err
+    assert 0.5 * 0.995 <= json.loads(out)["keep_achieved"] <= 0.5

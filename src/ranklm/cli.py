@@ -104,6 +104,7 @@ def compress(
     fisher_windows: int = typer.Option(32, "--fisher-windows", help="Calibration windows used for Fisher statistics (fwsvd/tfwsvd)."),
     sequential: bool = typer.Option(False, "--sequential/--whole-model", help="Layer-by-layer calibration: memory ~ model + one block's statistics."),
     propagate: str = typer.Option("compressed", "--propagate", help="With --sequential: later blocks see the 'compressed' or 'dense' outputs."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="accelerate device map for big models, e.g. auto (no disk offload)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     ars_steps: Optional[int] = typer.Option(None, "--ars-steps", help="ARS: mask-learning steps [200]."),
@@ -162,7 +163,7 @@ def compress(
     calib_src, eval_src = _eval_sources(data, eval_data)
 
     t0 = time.perf_counter()
-    m, tok, info = load_model(model)
+    m, tok, info = load_model(model, device_map=device_map)
     _echo_err(f"loaded {info['name_or_path']} ({sum(p.numel() for p in m.parameters()):,} params) in {time.perf_counter() - t0:.1f}s")
     tok = require_tokenizer(tok, info.get("path", str(model)))
     from .targets import find_targets

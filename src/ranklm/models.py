@@ -112,9 +112,17 @@ def resolve_model_path(model: str | None) -> tuple[str, bool]:
 
 
 def load_model(
-    model: str | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    model: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    device_map: str | dict | None = None,
 ) -> tuple[nn.Module, object, dict]:
-    """(model, tokenizer or None, source info) for a folder, hub id, ranklm checkpoint or the default."""
+    """(model, tokenizer or None, source info) for a folder, hub id, ranklm checkpoint or the default.
+
+    ``device_map`` (e.g. ``"auto"``) spreads a model that does not fit one device over the
+    available devices through accelerate; statistics then accumulate on each layer's device
+    in float64. Offloaded (meta) weights cannot be decomposed and are refused.
+    """
     if model is not None and is_checkpoint(model):
         from .io import load
 
@@ -127,10 +135,18 @@ def load_model(
         raise RanklmError(f"cannot read the model config at {path}: {e}") from None
     cls = model_class_for(config)
     try:
-        m = cls.from_pretrained(path, dtype=dtype)
+        kwargs = {"device_map": device_map} if device_map is not None else {}
+        m = cls.from_pretrained(path, dtype=dtype, **kwargs)
     except Exception as e:  # noqa: BLE001
         raise RanklmError(f"cannot load the model weights from {path}: {str(e).splitlines()[0]}") from None
-    m.to(device).eval()
+    if device_map is None:
+        m.to(device)
+    elif any(p.is_meta for p in m.parameters()):
+        raise RanklmError(
+            f"device_map={device_map!r} offloaded some weights to disk/meta; ranklm needs every target weight "
+            "in memory to decompose it: use a device_map without disk offload"
+        )
+    m.eval()
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception:  # noqa: BLE001 - a tokenizer is only needed for text data
