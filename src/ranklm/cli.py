@@ -237,8 +237,15 @@ def evaluate(
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per window."),
     batch_size: int = typer.Option(4, "--batch-size"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    latency: bool = typer.Option(False, "--latency", help="Checkpoint: median forward speed-up vs its dense counterpart (factors merged), next to the FLOP-ratio limit."),
+    latency_shapes: str = typer.Option("1x128,1x512,8x128,8x512", "--latency-shapes", help="With --latency: BATCHxSEQ list."),
+    latency_reps: int = typer.Option(10, "--latency-reps", help="With --latency: timed repetitions per model and shape (interleaved)."),
+    latency_warmup: int = typer.Option(2, "--latency-warmup", help="With --latency: untimed warm-up passes per model and shape."),
+    lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="Comma-separated lm-evaluation-harness tasks (needs pip install 'ranklm[eval]')."),
+    lm_eval_include: Optional[Path] = typer.Option(None, "--lm-eval-include", help="With --lm-eval: folder of custom task YAMLs."),
+    lm_eval_limit: Optional[float] = typer.Option(None, "--lm-eval-limit", help="With --lm-eval: at most this many documents per task."),
 ) -> None:
-    """Token perplexity of a model or checkpoint (DESIGN §2)."""
+    """Token perplexity of a model or checkpoint (DESIGN §2); optionally speed-up and lm-eval tasks."""
     from .calibration import default_corpus, read_text_source, token_windows
     from .eval import perplexity
     from .models import load_model, require_tokenizer
@@ -246,6 +253,17 @@ def evaluate(
     if windows is not None and windows < 1:
         raise RanklmError("--windows must be a positive integer")
     src = default_corpus()[1] if data is None or data == "default" else read_text_source(data)
+    shapes = None
+    if latency:
+        from .eval.latency import parse_shapes
+
+        shapes = parse_shapes(latency_shapes)
+        if latency_reps < 1 or latency_warmup < 0:
+            raise RanklmError("--latency-reps must be >= 1 and --latency-warmup >= 0")
+    if lm_eval is not None:
+        from .eval.lm_eval_bridge import _require_lm_eval
+
+        _require_lm_eval()
     m, tok, info = load_model(model)
     tok = require_tokenizer(tok, str(model or "the default model"))
     ids = token_windows(tok, src, seq_len, windows, purpose="evaluation")
@@ -259,10 +277,31 @@ def evaluate(
     state = getattr(m, "ranklm", None)
     if state is not None:
         out.update(method=state.method, keep_achieved=state.keep_achieved, keep_achieved_model=state.keep_achieved_model)
+    lat = None
+    if shapes is not None:
+        from .eval.latency import dense_counterpart, measure_latency
+        from .layers import LowRankLinear
+
+        if not any(isinstance(x, LowRankLinear) for x in m.modules()):
+            raise RanklmError(f"--latency compares a ranklm checkpoint with its dense counterpart; {info['name_or_path']} is not compressed")
+        lat = measure_latency(dense_counterpart(m), m, shapes, latency_reps, latency_warmup)
+        out.update(speedup=lat.speedup, flop_ratio_limit=lat.flop_ratio_limit, latency=lat.to_dict())
+    if lm_eval is not None:
+        from .eval.lm_eval_bridge import lm_eval_tasks
+
+        limit = None if lm_eval_limit is None else (int(lm_eval_limit) if lm_eval_limit >= 1 else lm_eval_limit)
+        out["lm_eval"] = lm_eval_tasks(m, tok, lm_eval.split(","), include_path=lm_eval_include, limit=limit,
+                                       batch_size=batch_size)
     if as_json:
         typer.echo(json.dumps(out))
     else:
         typer.echo(f"{info['name_or_path']}: {res}  params {out['params']:,}  data: {src.description}")
+        if lat is not None:
+            typer.echo(lat.table())
+            h = lat.headline
+            typer.echo(f"speed-up {h.speedup:.2f}x (batch {h.batch}, seq {h.seq_len}) vs FLOP-ratio limit {lat.flop_ratio_limit:.2f}x")
+        for task, metrics in out.get("lm_eval", {}).items():
+            typer.echo(f"lm-eval {task}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
 
 
 @app.command()
@@ -362,6 +401,131 @@ def export(
 
     export_dense(checkpoint, dense, overwrite)
     typer.echo(f"wrote dense Hugging Face model to {dense}")
+
+
+@app.command()
+def bench(
+    ctx: typer.Context,
+    recipes: str = typer.Option("svd,svd-llm,svd-llm-v2", "--recipes", help="Comma-separated recipes or base+allocator pairs (e.g. svd,svd-llm,whiten+energy)."),
+    keep: str = typer.Option("0.8,0.6", "--keep", help="Comma-separated keep ratios of the targets' parameters."),
+    model: Optional[str] = typer.Option(None, "--model", help="HF model folder or hub id [default: packaged SmolLM2-135M-Instruct]."),
+    data: Optional[str] = typer.Option(None, "--data", help="Calibration text [default: packaged convention speeches]."),
+    eval_data: list[str] = typer.Option([], "--eval-data", help="Evaluation text(s); repeatable, the first is the main one [default: held-out part of --data]."),
+    output: Path = typer.Option(..., "--output", "--out", "-o", help="Directory for results.csv/.md/.json and the PNG plots (written atomically)."),
+    calib_windows: int = typer.Option(128, "--calib-windows", help="Calibration windows (shared by every cell)."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration/evaluation window."),
+    eval_windows: int = typer.Option(40, "--eval-windows", help="Evaluation windows per evaluation text."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
+    seed: int = typer.Option(0, "--seed", help="Seed for window selection and anything random."),
+    fisher_windows: int = typer.Option(32, "--fisher-windows", help="Windows for Fisher statistics (fwsvd/tfwsvd)."),
+    include: list[str] = typer.Option([], "--include", help="Glob (or re:REGEX) on module names to compress; repeatable."),
+    exclude: list[str] = typer.Option([], "--exclude", help="Glob (or re:REGEX) on module names to leave dense; repeatable."),
+    base_opt: list[str] = typer.Option([], "--base-opt", help="[BASE:]KEY=VALUE, e.g. tfwsvd:adam_steps=40; repeatable."),
+    alloc_opt: list[str] = typer.Option([], "--alloc-opt", help="[ALLOCATOR:]KEY=VALUE, e.g. sensitivity:windows=1; repeatable."),
+    gen_prompts: int = typer.Option(20, "--gen-prompts", help="Prompts for the generation-quality columns (0 = skip)."),
+    gen_tokens: int = typer.Option(64, "--gen-tokens", help="Greedy new tokens per prompt."),
+    gen_prompt_len: int = typer.Option(32, "--gen-prompt-len", help="Tokens per prompt."),
+    latency: bool = typer.Option(False, "--latency", help="Measure each cell's forward speed-up vs dense (interleaved medians)."),
+    latency_shapes: str = typer.Option("1x128,1x512,8x128,8x512", "--latency-shapes", help="With --latency: BATCHxSEQ list."),
+    latency_reps: int = typer.Option(5, "--latency-reps", help="With --latency: timed repetitions per model and shape."),
+    latency_warmup: int = typer.Option(1, "--latency-warmup", help="With --latency: warm-up passes per model and shape."),
+    auto: bool = typer.Option(False, "--auto", help="Pick the method with the best held-out calibration perplexity (one --keep)."),
+    save_best: Optional[Path] = typer.Option(None, "--save-best", help="With --auto: save the chosen model here as a ranklm checkpoint."),
+    auto_windows: int = typer.Option(8, "--auto-windows", help="With --auto: held-out calibration windows."),
+    rank_plot_keep: Optional[float] = typer.Option(None, "--rank-plot-keep", help="Keep ratio drawn in ranks.png [default: the smallest]."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output (and --save-best) if they exist."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result rows as JSON on stdout."),
+) -> None:
+    """Every method side by side: methods x keep ratios in one process, same data; table, plots, reproducing commands."""
+    from .bench import (BenchOptions, command_line, parse_keeps, parse_methods, parse_scoped_options, results_markdown,
+                        run_bench, write_outputs)
+    from .calibration import read_text_source
+    from .eval.latency import parse_shapes
+    from .io import check_output_dir
+    from .models import load_model, require_tokenizer
+
+    methods = parse_methods(recipes)
+    keeps = parse_keeps(keep)
+    for name, v in (("calib-windows", calib_windows), ("seq-len", seq_len), ("eval-windows", eval_windows),
+                    ("batch-size", batch_size), ("fisher-windows", fisher_windows), ("latency-reps", latency_reps),
+                    ("auto-windows", auto_windows)):
+        if v < 1:
+            raise RanklmError(f"--{name} must be a positive integer")
+    if gen_prompts < 0 or gen_tokens < 1 or gen_prompt_len < 1:
+        raise RanklmError("--gen-prompts must be >= 0, --gen-tokens and --gen-prompt-len positive")
+    if auto and len(keeps) != 1:
+        raise RanklmError(f"--auto picks the best method at one budget: give one --keep ratio (got {len(keeps)})")
+    if save_best is not None and not auto:
+        raise RanklmError("--save-best needs --auto")
+    if rank_plot_keep is not None and rank_plot_keep not in keeps:
+        raise RanklmError(f"--rank-plot-keep {rank_plot_keep} is not one of the --keep ratios {keeps}")
+    shapes = parse_shapes(latency_shapes)
+    check_output_dir(output, overwrite)
+    if save_best is not None:
+        check_output_dir(save_best, overwrite)
+    if threads is not None:
+        if threads < 1:
+            raise RanklmError("--threads must be a positive integer")
+        import torch
+
+        torch.set_num_threads(threads)
+    calib_src, main_eval = _eval_sources(data, eval_data[0] if eval_data else None)
+    evals = [("eval" if not eval_data else Path(eval_data[0]).stem if eval_data[0] != "default" else "default-eval", main_eval)]
+    for e in eval_data[1:]:
+        src = read_text_source(e)
+        label = Path(e).stem
+        if label in {lab for lab, _ in evals}:
+            label = f"{label}{len(evals)}"
+        evals.append((label, src))
+    opts = BenchOptions(
+        calib_windows=calib_windows, seq_len=seq_len, eval_windows=eval_windows, batch_size=batch_size, seed=seed,
+        fisher_windows=fisher_windows, include=list(include), exclude=list(exclude),
+        base_options=parse_scoped_options(base_opt, "--base-opt"), allocator_options=parse_scoped_options(alloc_opt, "--alloc-opt"),
+        gen_prompts=gen_prompts, gen_prompt_len=gen_prompt_len, gen_new_tokens=gen_tokens, latency=latency,
+        latency_shapes=shapes, latency_reps=latency_reps, latency_warmup=latency_warmup, auto=auto,
+        auto_windows=auto_windows, save_best=str(save_best) if save_best else None, rank_plot_keep=rank_plot_keep,
+    )
+    t0 = time.perf_counter()
+    m, tok, info_ = load_model(model)
+    if getattr(m, "ranklm", None) is not None:
+        raise RanklmError(f"{model} is already a ranklm checkpoint: bench starts from a dense model")
+    tok = require_tokenizer(tok, info_.get("path", str(model)))
+    _echo_err(f"loaded {info_['name_or_path']} ({sum(p.numel() for p in m.parameters()):,} params) in {time.perf_counter() - t0:.1f}s")
+    command = command_line(ctx)
+    result = run_bench(
+        m, tok, methods, keeps, calib_src, evals, opts, model_info=info_,
+        command_args={"model": model, "data": data, "eval_data": eval_data[0] if eval_data else None},
+        log=_echo_err,
+    )
+    write_outputs(result, output, command=command, overwrite=overwrite)
+    if as_json:
+        typer.echo(json.dumps({"rows": [{k: v for k, v in r.items() if k != "traceback"} for r in result.rows],
+                               "best": result.best, "output": str(output)}, default=str))
+        return
+    typer.echo(results_markdown(result, command))
+    typer.echo(f"wrote {output}/results.csv, results.md, results.json, ppl_vs_keep.png, ranks.png")
+
+
+@app.command()
+def generate(
+    model: Optional[str] = typer.Argument(None, help="Checkpoint or HF model folder [default: packaged SmolLM2]."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate."),
+    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(1.0, "--temperature", help="With --sample: softmax temperature."),
+    top_p: float = typer.Option(1.0, "--top-p", help="With --sample: nucleus probability mass."),
+    seed: int = typer.Option(0, "--seed", help="With --sample: random seed."),
+) -> None:
+    """Continue a prompt with a model or checkpoint, streaming the text to stdout."""
+    from .eval.generate import stream_generate
+    from .models import load_model, require_tokenizer
+
+    if max_new_tokens < 1:
+        raise RanklmError("--max-new-tokens must be a positive integer")
+    m, tok, info_ = load_model(model)
+    tok = require_tokenizer(tok, str(model or "the default model"))
+    stream_generate(m, tok, prompt, max_new_tokens, sample, temperature, top_p, seed)
 
 
 def main(argv: list[str] | None = None) -> int:

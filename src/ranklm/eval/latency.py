@@ -1,0 +1,205 @@
+"""Forward latency, dense vs compressed, measured as DESIGN §2 defines the speed-up.
+
+Both models run in the same process on the same random token ids, under
+``torch.inference_mode`` with ``use_cache=False``, after ``warmup`` untimed passes
+of each; then the timed repetitions alternate dense / compressed (so drifts in
+clock speed or background load hit both alike) and the speed-up per
+``(batch, seq_len)`` is ``median(dense) / median(compressed)``.
+
+The limit to compare against is the FLOP ratio of the targets: per token a dense
+``m x n`` target costs ``m*n`` multiply-adds, a rank-k one ``k*(m+n)`` (a target
+kept dense costs ``m*n``). The rest of the model (attention scores, norms,
+embeddings, LM head) is not compressed, so the whole-model speed-up stays below
+that limit, and more so the larger the LM head is relative to the blocks.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from ..budget import DENSE, RankMap
+from ..targets import Target
+
+DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((1, 128), (1, 512), (8, 128), (8, 512))
+
+
+def target_macs(targets: list[Target], rank_map: RankMap | None = None) -> int:
+    """Multiply-adds per token of the targets (dense when ``rank_map`` is None)."""
+    total = 0
+    for t in targets:
+        r = DENSE if rank_map is None else rank_map.get(t.name, DENSE)
+        total += t.dense_params if r == DENSE else min(int(r) * (t.out_features + t.in_features), t.dense_params)
+    return total
+
+
+def flop_ratio_limit(targets: list[Target], rank_map: RankMap) -> float:
+    """Dense target FLOPs / compressed target FLOPs."""
+    return target_macs(targets) / max(target_macs(targets, rank_map), 1)
+
+
+def flop_ratio_of_model(model: nn.Module) -> float:
+    """FLOP ratio of a compressed model: from its ``model.ranklm`` state, else from its LowRankLinear layers."""
+    state = getattr(model, "ranklm", None)
+    if state is not None and getattr(state, "targets", None):
+        return flop_ratio_limit(state.targets, state.rank_map)
+    from ..layers import LowRankLinear
+
+    dense = comp = 0
+    for m in model.modules():
+        if isinstance(m, LowRankLinear):
+            dense += m.in_features * m.out_features
+            comp += m.rank * (m.in_features + m.out_features)
+    return dense / comp if comp else 1.0
+
+
+def linear_macs(model: nn.Module) -> int:
+    """Multiply-adds per token of every linear layer of a model (LM head included; attention scores not)."""
+    from ..targets import is_linear_like, weight_matrix
+
+    return sum(int(weight_matrix(m).numel()) for m in model.modules() if is_linear_like(m))
+
+
+@dataclass
+class LatencyPoint:
+    batch: int
+    seq_len: int
+    dense_ms: float
+    compressed_ms: float
+    speedup: float
+    reps: int
+
+
+@dataclass
+class LatencyResult:
+    points: list[LatencyPoint]
+    flop_ratio_limit: float
+    threads: int
+    device: str
+    extra: dict = field(default_factory=dict)
+
+    def point(self, batch: int, seq_len: int) -> LatencyPoint | None:
+        return next((p for p in self.points if p.batch == batch and p.seq_len == seq_len), None)
+
+    @property
+    def headline(self) -> LatencyPoint:
+        """Batch 8, seq 512 if measured, else the largest shape measured."""
+        return self.point(8, 512) or max(self.points, key=lambda q: q.batch * q.seq_len)
+
+    @property
+    def speedup(self) -> float:
+        return self.headline.speedup
+
+    def to_dict(self) -> dict:
+        return {
+            "speedup": self.speedup,
+            "flop_ratio_limit": self.flop_ratio_limit,
+            "headline": [self.headline.batch, self.headline.seq_len],
+            "points": [asdict(p) for p in self.points],
+            "threads": self.threads,
+            "device": self.device,
+            **self.extra,
+        }
+
+    def table(self) -> str:
+        lines = [f"{'batch':>5} {'seq':>5} {'dense ms':>10} {'compressed ms':>14} {'speed-up':>9}"]
+        for p in self.points:
+            lines.append(f"{p.batch:>5} {p.seq_len:>5} {p.dense_ms:>10.2f} {p.compressed_ms:>14.2f} {p.speedup:>8.2f}x")
+        if "flop_ratio_linear_layers" in self.extra:
+            lines.append(f"FLOP ratio of all linear layers (LM head included): {self.extra['flop_ratio_linear_layers']:.2f}x")
+        lines.append(f"FLOP-ratio limit of the targets: {self.flop_ratio_limit:.2f}x  "
+                     f"({self.threads} threads, {self.device}, medians of {self.points[0].reps} interleaved runs)")
+        return "\n".join(lines)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_latency(
+    dense: nn.Module,
+    compressed: nn.Module,
+    shapes: tuple[tuple[int, int], ...] | list[tuple[int, int]] = DEFAULT_SHAPES,
+    reps: int = 10,
+    warmup: int = 2,
+    seed: int = 0,
+    flop_limit: float | None = None,
+) -> LatencyResult:
+    """Median forward latency of ``dense`` vs ``compressed`` per ``(batch, seq_len)``, interleaved runs."""
+    if reps < 1 or warmup < 0:
+        raise ValueError("reps must be >= 1 and warmup >= 0")
+    device = next(compressed.parameters()).device
+    vocab = int(getattr(getattr(compressed, "config", None), "vocab_size", 0) or 100)
+    g = torch.Generator().manual_seed(seed)
+    modes = [(dense, dense.training), (compressed, compressed.training)]
+    for m, _ in modes:
+        m.eval()
+    kw = {"use_cache": False} if hasattr(getattr(compressed, "config", None), "use_cache") else {}
+    points = []
+    try:
+        with torch.inference_mode():
+            for batch, seq in shapes:
+                ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+                for _ in range(warmup):
+                    dense(input_ids=ids, **kw)
+                    compressed(input_ids=ids, **kw)
+                times: dict[int, list[float]] = {0: [], 1: []}
+                for r in range(reps):
+                    order = (0, 1) if r % 2 == 0 else (1, 0)  # alternate who goes first too
+                    for which in order:
+                        m = dense if which == 0 else compressed
+                        _sync(device)
+                        t0 = time.perf_counter()
+                        m(input_ids=ids, **kw)
+                        _sync(device)
+                        times[which].append(time.perf_counter() - t0)
+                d, c = statistics.median(times[0]), statistics.median(times[1])
+                points.append(LatencyPoint(batch, seq, d * 1e3, c * 1e3, d / c if c > 0 else float("inf"), reps))
+    finally:
+        for m, was in modes:
+            m.train(was)
+    limit = flop_ratio_of_model(compressed) if flop_limit is None else flop_limit
+    # All linear layers, LM head included: a tighter limit for the whole forward (attention scores still excluded).
+    model_ratio = linear_macs(dense) / max(linear_macs(compressed), 1)
+    return LatencyResult(points, limit, torch.get_num_threads(), str(device), extra={"flop_ratio_linear_layers": model_ratio})
+
+
+def dense_counterpart(compressed: nn.Module) -> nn.Module:
+    """A dense copy of a compressed model (factors multiplied back into plain linears)."""
+    import copy
+
+    from ..layers import merge_low_rank
+
+    state = getattr(compressed, "ranklm", None)
+    if state is not None:
+        del compressed.ranklm  # keep the (possibly large) state out of the deep copy
+    try:
+        dense = copy.deepcopy(compressed)
+    finally:
+        if state is not None:
+            compressed.ranklm = state
+    merge_low_rank(dense)
+    return dense
+
+
+def parse_shapes(spec: str) -> list[tuple[int, int]]:
+    """``"1x128,8x512"`` -> ``[(1, 128), (8, 512)]``."""
+    from ..errors import RanklmError
+
+    out = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        b, sep, s = item.lower().partition("x")
+        if not sep or not b.isdigit() or not s.isdigit() or int(b) < 1 or int(s) < 1:
+            raise RanklmError(f"bad latency shape {item!r}: expected BATCHxSEQ, e.g. 8x512")
+        out.append((int(b), int(s)))
+    if not out:
+        raise RanklmError("no latency shapes given")
+    return out

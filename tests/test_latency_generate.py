@@ -1,0 +1,218 @@
+"""Latency (speed-up vs FLOP limit), generation metrics, `ranklm generate`, `evaluate --latency` and the lm-eval bridge."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+import ranklm
+from ranklm.cli import main
+from ranklm.eval.generate import (
+    distinct_n,
+    generation_quality,
+    greedy_continuations,
+    prompts_from_stream,
+    quality_of,
+    repeat_ngram_rate,
+)
+from ranklm.eval.latency import dense_counterpart, flop_ratio_limit, measure_latency, parse_shapes, target_macs
+from ranklm.targets import Target
+
+from conftest import make_model, random_ids
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---------------------------------------------------------------- generation metrics on hand-made lists
+
+
+def test_distinct2_by_hand():
+    assert distinct_n([1, 2, 3, 4], 2) == 1.0  # (1,2) (2,3) (3,4)
+    assert distinct_n([1, 2, 1, 2, 1], 2) == pytest.approx(2 / 4)  # (1,2) (2,1) (1,2) (2,1)
+    assert distinct_n([7, 7, 7, 7, 7], 2) == pytest.approx(1 / 4)
+    assert distinct_n([5, 6, 5, 7], 2) == 1.0
+    assert math.isnan(distinct_n([3], 2)) and math.isnan(distinct_n([], 2))
+
+
+def test_repeat4_by_hand():
+    assert repeat_ngram_rate([1, 2, 3, 4, 5, 6], 4) == 0.0
+    # 4-grams: 1234 2341 3412 4123 1234* 2341* -> 2 of 6 already seen
+    assert repeat_ngram_rate([1, 2, 3, 4, 1, 2, 3, 4, 1], 4) == pytest.approx(2 / 6)
+    assert repeat_ngram_rate([9] * 7, 4) == pytest.approx(3 / 4)  # first 9999 new, the next 3 repeats
+    assert math.isnan(repeat_ngram_rate([1, 2, 3], 4))
+
+
+def test_quality_means_over_prompts_and_skips_short():
+    q = quality_of([[1, 2, 3, 4], [7, 7, 7, 7, 7], [4]], prompt_len=8, new_tokens=5)
+    assert q.distinct2 == pytest.approx((1.0 + 0.25) / 2)
+    assert q.repeat4 == pytest.approx((0.0 + 0.5) / 2)  # [4] has no bigram/4-gram and is left out
+    assert q.prompts == 3
+
+
+def test_prompts_evenly_spaced():
+    stream = torch.arange(1000)
+    p = prompts_from_stream(stream, n_prompts=5, prompt_len=10, span=20)
+    assert p.shape == (5, 10)
+    starts = p[:, 0].tolist()
+    assert starts[0] == 0 and starts[-1] == 1000 - 10 - 20
+    assert all(b > a for a, b in zip(starts, starts[1:]))
+    assert torch.equal(p[2], torch.arange(starts[2], starts[2] + 10))
+
+
+def test_generation_quality_on_tiny_model_is_deterministic():
+    model = make_model("llama")
+    prompts = random_ids(4, 6)
+    conts = greedy_continuations(model, prompts, max_new_tokens=12)
+    assert len(conts) == 4 and all(1 <= len(c) <= 12 for c in conts)
+    # greedy continuation equals step-by-step argmax
+    ids = prompts[:1]
+    with torch.no_grad():
+        for _ in range(len(conts[0])):
+            nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], 1)
+    assert ids[0, 6:].tolist() == conts[0]
+    q = generation_quality(model, prompts, 12)
+    assert q == generation_quality(model, prompts, 12)
+    assert 0 < q.distinct2 <= 1 and 0 <= q.repeat4 <= 1
+
+
+# ---------------------------------------------------------------- latency
+
+
+def _compressed(keep=0.4, recipe="svd"):
+    model = make_model("llama")
+    dense = copy.deepcopy(model)
+    ranklm.compress(model, None, ranklm.CompressConfig(keep=keep, recipe=recipe), progress=False)
+    return dense, model
+
+
+def test_flop_ratio_by_hand():
+    ts = [Target("a", 64, 64, "linear", 0), Target("b", 160, 64, "linear", 0)]
+    assert target_macs(ts) == 64 * 64 + 160 * 64
+    rm = {"a": 8, "b": "dense"}
+    assert target_macs(ts, rm) == 8 * 128 + 160 * 64
+    assert flop_ratio_limit(ts, rm) == pytest.approx((64 * 64 + 160 * 64) / (8 * 128 + 160 * 64))
+
+
+def test_latency_speedups_finite_positive_and_flop_limit_above_one():
+    dense, comp = _compressed(0.4)
+    res = measure_latency(dense, comp, [(1, 16), (2, 32)], reps=3, warmup=1)
+    assert [(p.batch, p.seq_len) for p in res.points] == [(1, 16), (2, 32)]
+    for p in res.points:
+        assert math.isfinite(p.speedup) and p.speedup > 0 and p.dense_ms > 0 and p.compressed_ms > 0
+        assert p.speedup == pytest.approx(p.dense_ms / p.compressed_ms)
+    assert res.flop_ratio_limit == pytest.approx(1 / comp.ranklm.keep_achieved)
+    assert res.flop_ratio_limit > 2
+    assert res.speedup == res.point(2, 32).speedup  # no 8x512: the largest shape is the headline
+    d = res.to_dict()
+    assert set(d) >= {"speedup", "flop_ratio_limit", "points"}
+    # LM head and embeddings stay dense: the whole-forward linear FLOP ratio lies between 1 and the targets' limit
+    assert 1 < d["flop_ratio_linear_layers"] < res.flop_ratio_limit
+
+
+def test_dense_counterpart_matches_compressed_outputs():
+    _, comp = _compressed(0.5)
+    dense = dense_counterpart(comp)
+    assert hasattr(comp, "ranklm") and not any(type(m).__name__ == "LowRankLinear" for m in dense.modules())
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(input_ids=ids).logits, comp(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_parse_shapes():
+    assert parse_shapes("1x128, 8X512") == [(1, 128), (8, 512)]
+    with pytest.raises(ranklm.RanklmError):
+        parse_shapes("8*512")
+
+
+# ---------------------------------------------------------------- CLI: evaluate --latency, generate
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, tiny_llama_dir):
+    from ranklm.models import load_model
+
+    model, tok, info = load_model(str(tiny_llama_dir))
+    ranklm.compress(model, tok, ranklm.CompressConfig(keep=0.5, recipe="svd"), progress=False)
+    out = tmp_path_factory.mktemp("ckpt") / "svd-0.5"
+    ranklm.save(model, tok, out)
+    return out
+
+
+def test_evaluate_latency_json(capsys, tiny_ckpt, text_file):
+    code, out, err = run(capsys, "evaluate", tiny_ckpt, "--data", text_file, "--seq-len", "32", "--windows", "2",
+                         "--latency", "--latency-shapes", "1x16,8x64", "--latency-reps", "2", "--latency-warmup", "1", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert math.isfinite(res["speedup"]) and res["speedup"] > 0
+    assert res["flop_ratio_limit"] == pytest.approx(1 / res["keep_achieved"]) and res["flop_ratio_limit"] > 1.9
+    assert [tuple(p[k] for k in ("batch", "seq_len")) for p in res["latency"]["points"]] == [(1, 16), (8, 64)]
+    assert res["speedup"] == res["latency"]["points"][1]["speedup"]
+
+
+def test_evaluate_latency_text_and_dense_model_refused(capsys, tiny_ckpt, tiny_llama_dir, text_file):
+    code, out, err = run(capsys, "evaluate", tiny_ckpt, "--data", text_file, "--seq-len", "32", "--windows", "1",
+                         "--latency", "--latency-shapes", "1x8", "--latency-reps", "1")
+    assert code == 0, err
+    assert "FLOP-ratio limit" in out and "speed-up" in out
+    code, out, err = run(capsys, "evaluate", tiny_llama_dir, "--data", text_file, "--seq-len", "32", "--windows", "1",
+                         "--latency", "--latency-shapes", "1x8", "--latency-reps", "1")
+    assert code == 2 and "is not compressed" in err
+
+
+def test_generate_cli_prints_text(capsys, tiny_ckpt, tiny_llama_dir):
+    code, out, err = run(capsys, "generate", tiny_ckpt, "--prompt", "The committee met", "--max-new-tokens", "12")
+    assert code == 0, err
+    assert out.startswith("The committee met") and len(out.strip()) > len("The committee met")
+    code, out2, err = run(capsys, "generate", tiny_ckpt, "--prompt", "The committee met", "--max-new-tokens", "12")
+    assert out2 == out  # greedy is deterministic
+    code, out3, err = run(capsys, "generate", tiny_llama_dir, "--prompt", "The committee met", "--max-new-tokens", "12",
+                          "--sample", "--temperature", "1.5", "--top-p", "0.9", "--seed", "1")
+    assert code == 0, err and out3.startswith("The committee met")
+    code, _, err = run(capsys, "generate", tiny_ckpt, "--prompt", "x", "--sample", "--top-p", "0")
+    assert code == 2 and "--top-p" in err
+
+
+# ---------------------------------------------------------------- lm-eval bridge
+
+HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
+
+
+@pytest.mark.skipif(HAS_LM_EVAL, reason="lm_eval is installed")
+def test_lm_eval_missing_is_a_clear_error(capsys, tiny_ckpt, text_file):
+    code, out, err = run(capsys, "evaluate", tiny_ckpt, "--data", text_file, "--seq-len", "32", "--windows", "1",
+                         "--lm-eval", "hellaswag")
+    assert code == 2 and "pip install" in err and "lm-eval" in err
+
+
+@pytest.mark.skipif(not HAS_LM_EVAL, reason="lm_eval not installed (pip install 'ranklm[eval]')")
+def test_lm_eval_local_task_offline(capsys, tiny_ckpt, tiny_llama_dir, text_file, tmp_path, monkeypatch):
+    from conftest import TEXT
+    from ranklm.eval.lm_eval_bridge import write_local_task
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    docs = [TEXT * 2, TEXT[100:] + TEXT, TEXT[::-1][:200] + TEXT]
+    task_dir = write_local_task(docs, tmp_path / "tasks", name="ranklm_tiny_ppl")
+    results = {}
+    for name, model in (("compressed", tiny_ckpt), ("dense", tiny_llama_dir)):
+        code, out, err = run(capsys, "evaluate", model, "--data", text_file, "--seq-len", "32", "--windows", "1",
+                             "--lm-eval", "ranklm_tiny_ppl", "--lm-eval-include", task_dir, "--json")
+        assert code == 0, err
+        m = json.loads(out)["lm_eval"]["ranklm_tiny_ppl"]
+        assert math.isfinite(m["bits_per_byte"]) and m["bits_per_byte"] > 0 and m["word_perplexity"] > 1
+        results[name] = m
+    assert results["compressed"]["bits_per_byte"] != pytest.approx(results["dense"]["bits_per_byte"], rel=1e-6)
+    code, out, err = run(capsys, "evaluate", tiny_ckpt, "--data", text_file, "--seq-len", "32", "--windows", "1",
+                         "--lm-eval", "no_such_task_xyz", "--lm-eval-include", task_dir)
+    assert code == 2 and "unknown lm-eval task" in err
