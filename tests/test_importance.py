@@ -132,15 +132,16 @@ def _make_one_matrix_important(model, hot):
                 w.copy_((torch.randn(w.shape[0], 2) @ torch.randn(2, w.shape[1])) * 0.05 + 1e-4 * torch.randn_like(w))
 
 
+@pytest.mark.parametrize("mode", ["v2", "greedy"])
 @pytest.mark.parametrize("group_by_type", [True, False])
 @pytest.mark.parametrize("keep", [0.3, 0.6])
-def test_loss_allocator_budget_and_need(group_by_type, keep):
+def test_loss_allocator_budget_and_need(group_by_type, keep, mode):
     model = make_model("llama")
     hot = "model.layers.1.mlp.up_proj"
     _make_one_matrix_important(model, hot)
     targets = find_targets(model)
     facs = _facs(model, targets)
-    rm = get_allocator("loss", group_by_type=group_by_type).allocate(targets, facs, keep)
+    rm = get_allocator("loss", group_by_type=group_by_type, mode=mode).allocate(targets, facs, keep)
     achieved = keep_ratio(targets, rm)
     assert keep * (1 - TOLERANCE) <= achieved <= keep
     uni = get_allocator("uniform").allocate(targets, facs, keep)
