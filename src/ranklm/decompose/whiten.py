@@ -19,16 +19,22 @@ from .base import Factorization, split_sqrt
 
 def whitening_factor(gram: torch.Tensor, name: str = "") -> tuple[torch.Tensor, str]:
     """``L`` with ``L L^T ~= G``; returns (L, "cholesky") or (Q sqrt(lam), "eigh")."""
-    g = gram.to(torch.float64)
+    # One working copy (the caller's Gram may be shared by q/k/v); jitter goes on its diagonal in
+    # place, so peak memory is two n x n matrices (copy + factor), not five.
+    g = gram.to(torch.float64, copy=True)
     if not torch.isfinite(g).all():
         raise RanklmError(f"non-finite calibration statistics (NaN/Inf in the Gram matrix) for {name or 'a target'}")
-    g = 0.5 * (g + g.T)
-    scale = float(g.diagonal().abs().mean()) or 1.0
-    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    diag = g.diagonal()
+    scale = float(diag.abs().mean()) or 1.0
+    added = 0.0
     for eps in [0.0] + [scale * 10.0**e for e in range(-10, 0)]:
-        chol, info = torch.linalg.cholesky_ex(g + eps * eye)
+        diag.add_(eps - added)
+        added = eps
+        chol, info = torch.linalg.cholesky_ex(g)  # reads the lower triangle only
         if int(info) == 0 and bool(torch.isfinite(chol).all()) and float(chol.diagonal().min()) > 0:
             return chol, "cholesky"
+        del chol
+    diag.sub_(added)
     lam, q = torch.linalg.eigh(g)
     lam = lam.clamp_min(scale * 1e-6)
     return q * lam.sqrt(), "eigh"
