@@ -164,11 +164,16 @@ def test_gpt2_conv1d_and_options():
         get_allocator("ars", tau=0.0)
 
 
-def test_encoder_needs_a_loss():
+def test_encoder_default_loss_is_hidden_state_distillation():
+    from ranklm.train.distill import hidden_state_distillation
+
     model = make_model("bert")
     ids = random_ids(8, 32)
-    with pytest.raises(RanklmError, match="loss_fn"):
-        _ars(model, 0.5, ids, steps=2)
+    loss = hidden_state_distillation(model, ids)
+    assert float(loss(model, ids[:2])) == 0.0  # the dense model matches itself
+    rank_map, art, targets = _ars(model, 0.5, ids, steps=3)
+    assert len(art["ars"]["history"]["lm_loss"]) == 3 and all(v > 0 for v in art["ars"]["history"]["lm_loss"])
+    assert 0.5 * (1 - TOLERANCE) <= keep_ratio(targets, rank_map) <= 0.5
 
     def loss_fn(m, batch):  # e.g. a probe/MLM loss supplied by the caller
         return m(input_ids=batch).last_hidden_state.pow(2).mean()

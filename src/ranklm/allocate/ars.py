@@ -14,7 +14,8 @@ trains:
   noise g while training, tau = 0.4, b = 3.0 (starts near "keep all"),
   straight-through gradient (forward hard, backward soft);
 * loss = LM loss of the masked model on calibration windows
-  (``model(input_ids=ids, labels=ids).loss``; encoders need ``loss_fn``)
+  (``model(input_ids=ids, labels=ids).loss``; for encoders without a given ``loss_fn``,
+  distillation of the dense model's last hidden states, ``train/distill.py``)
   + lambda * log(max(T(m), p*T_total) / (p*T_total)), T(m) = sum_l k_l (out_l + in_l),
   k_l = sum(m_l) (straight-through value, so it is differentiable)
   + gamma * sum_l ||(m_l - m'_l) * s_l / max(s_l)||^2, m'_l = first-k_l-ones mask.
@@ -228,16 +229,16 @@ class ARSAllocator:
             raise RanklmError("the ars allocator needs the model and calibration windows (an AllocationContext)")
         model = context.model
         loss_fn = self.loss_fn or getattr(context, "loss_fn", None)
-        if loss_fn is None:
-            if not is_causal_lm(model):
-                raise RanklmError(
-                    f"ARS needs a training loss: {type(model).__name__} has no causal LM head (an encoder?); "
-                    "pass allocator option loss_fn=callable(model, batch) -> loss"
-                )
-            loss_fn = lm_loss
         windows = context.windows
         if self.train_seq_len is not None:
             windows = windows[:, : self.train_seq_len]
+        if loss_fn is None:
+            if is_causal_lm(model):
+                loss_fn = lm_loss
+            else:  # encoders without a task: distil the dense model's last hidden states
+                from ..train.distill import hidden_state_distillation
+
+                loss_fn = hidden_state_distillation(model, windows, context.batch_size)
         batch_size = self.batch_size or context.batch_size
         seed = int(context.seed)
         device = next(model.parameters()).device
