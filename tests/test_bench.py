@@ -174,4 +174,5 @@ def test_parsers():
     cmd = reproduce_command(parse_method("asvd+energy"), 0.6, BenchOptions(calib_windows=7, seq_len=64, eval_windows=3,
                             base_options={"asvd": {"alpha": 0.25}}), {"model": "m", "data": "d.txt"}, "out")
     assert cmd == ("ranklm compress --model m --data d.txt --base asvd --allocator energy --keep 0.6 --calib-windows 7 "
-                   "--seq-len 64 --eval-windows 3 --batch-size 4 --seed 0 --base-opt alpha=0.25 --output out/asvd_energy-keep0.6")
+                   "--seq-len 64 --eval-windows 3 --batch-size 4 --seed 0 --whole-model --base-opt alpha=0.25 "
+                   "--output out/asvd_energy-keep0.6")

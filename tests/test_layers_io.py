@@ -207,7 +207,7 @@ def test_sequential_compressed_propagation_meets_budget_and_differs():
     ids = random_ids(8, 32)
     model = make_model("llama")
     ref = make_model("llama")
-    ranklm.compress(ref, None, CompressConfig(keep=0.5, recipe="svd-llm", seq_len=32, calib_windows=8), data=ids, progress=False)
+    ranklm.compress(ref, None, CompressConfig(keep=0.5, recipe="svd-llm", seq_len=32, calib_windows=8, sequential=False), data=ids, progress=False)
     cfg = CompressConfig(keep=0.5, recipe="svd-llm", seq_len=32, calib_windows=8, sequential=True, propagate="compressed")
     ranklm.compress(model, None, cfg, data=ids, progress=False)
     assert 0.5 * 0.995 <= model.ranklm.keep_achieved <= 0.5
@@ -231,3 +231,16 @@ def test_same_seed_same_result_bit_identical():
         results.append((model.ranklm.rank_map, {k: v.clone() for k, v in model.state_dict().items()}))
     assert results[0][0] == results[1][0]
     assert all(torch.equal(results[0][1][k], results[1][1][k]) for k in results[0][1])
+
+
+def test_sequential_is_automatic_for_activation_bases_with_uniform_ranks():
+    from ranklm.allocate import get_allocator
+    from ranklm.api import use_sequential
+    from ranklm.decompose import get_base
+
+    cfg = CompressConfig(keep=0.5, recipe="svd-llm")
+    assert use_sequential(cfg, get_base("whiten"), get_allocator("uniform"))
+    assert not use_sequential(cfg, get_base("whiten"), get_allocator("energy"))  # global allocation needs all spectra
+    assert not use_sequential(cfg, get_base("fwsvd"), get_allocator("uniform"))  # Fisher needs end-to-end gradients
+    assert not use_sequential(cfg, get_base("svd"), get_allocator("uniform"))  # no statistics at all
+    assert not use_sequential(CompressConfig(keep=0.5, sequential=False), get_base("whiten"), get_allocator("uniform"))

@@ -145,6 +145,15 @@ def _allocate(allocator, targets, factorizations, config: CompressConfig, contex
         raise RanklmError(f"keep ratio {config.keep} cannot be met: {e}") from None
 
 
+def use_sequential(config: CompressConfig, base: Base, allocator) -> bool:
+    """Explicit choice, or automatic: activation-statistics base with the uniform allocator."""
+    if not base.needs:
+        return False  # nothing to calibrate
+    if config.sequential is not None:
+        return bool(config.sequential)
+    return base.needs <= {"gram", "abs_mean"} and allocator.name == "uniform"
+
+
 def _compress_sequential(
     model: nn.Module, targets: list[Target], base: Base, allocator, windows: torch.Tensor,
     config: CompressConfig, context: AllocationContext, progress: bool,
@@ -214,7 +223,8 @@ def compress(
     context = AllocationContext(
         model=model, windows=windows, batch_size=config.batch_size, seed=config.seed, progress=progress
     )
-    if config.sequential and base.needs:
+    sequential = use_sequential(config, base, allocator)
+    if sequential:
         rank_map, factorizations = _compress_sequential(model, targets, base, allocator, windows, config, context, progress)
         timings["calibration_s"] = time.perf_counter() - t0
     else:
@@ -240,7 +250,7 @@ def compress(
             if getattr(base, "report", None):
                 context.artifacts["base_report"] = base.report
         del refine_stats
-    if not (config.sequential and base.needs and config.propagate == "compressed"):
+    if not (sequential and config.propagate == "compressed"):
         install_rank_map(model, targets, factorizations, rank_map)
     del factorizations
     timings["total_s"] = time.perf_counter() - t0

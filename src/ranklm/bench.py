@@ -294,6 +294,8 @@ def reproduce_command(method: Method, keep: float, opts: BenchOptions, args: dic
     parts += ["--batch-size", str(opts.batch_size), "--seed", str(opts.seed)]
     if "fisher" in get_base(method.base).needs:
         parts += ["--fisher-windows", str(opts.fisher_windows)]
+    if get_base(method.base).needs:  # the bench shares whole-model statistics across cells
+        parts += ["--whole-model"]
     for k, v in _scoped(opts.base_options, method.base).items():
         parts += ["--base-opt", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
     for k, v in _scoped(opts.allocator_options, method.allocator).items():
@@ -501,7 +503,8 @@ def run_bench(
                 keep=keep, recipe=method.recipe, base=method.base, allocator=method.allocator,
                 include=list(opts.include), exclude=list(opts.exclude), calib_windows=opts.calib_windows,
                 seq_len=opts.seq_len, batch_size=opts.batch_size, seed=opts.seed, min_rank=opts.min_rank,
-                fisher_windows=opts.fisher_windows, base_options=_scoped(opts.base_options, method.base),
+                fisher_windows=opts.fisher_windows, sequential=False,  # statistics are shared whole-model
+                base_options=_scoped(opts.base_options, method.base),
                 allocator_options=_scoped(opts.allocator_options, method.allocator),
             )
             bar.set_postfix_str(f"{method.name}@{keep:g}: allocate + install")

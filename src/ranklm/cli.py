@@ -102,7 +102,7 @@ def compress(
     base_opt: list[str] = typer.Option([], "--base-opt", help="Base option KEY=VALUE, e.g. side=in, alpha=0.5, adam_steps=200; repeatable."),
     alloc_opt: list[str] = typer.Option([], "--alloc-opt", help="Allocator option KEY=VALUE, e.g. group_by_type=false, windows=8; repeatable."),
     fisher_windows: int = typer.Option(32, "--fisher-windows", help="Calibration windows used for Fisher statistics (fwsvd/tfwsvd)."),
-    sequential: bool = typer.Option(False, "--sequential/--whole-model", help="Layer-by-layer calibration: memory ~ model + one block's statistics."),
+    sequential: Optional[bool] = typer.Option(None, "--sequential/--whole-model", help="Layer-by-layer calibration: memory ~ model + one block's statistics [default: on for whiten/asvd + uniform]."),
     propagate: str = typer.Option("compressed", "--propagate", help="With --sequential: later blocks see the 'compressed' or 'dense' outputs."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="accelerate device map for big models, e.g. auto (no disk offload)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),

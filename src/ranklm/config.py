@@ -65,7 +65,10 @@ class CompressConfig:
     seed: int = 0
     min_rank: int = 1
     fisher_windows: int = 32  # windows (one per backward pass) for Fisher statistics
-    sequential: bool = False  # layer-by-layer calibration (DESIGN §6)
+    # Layer-by-layer calibration (DESIGN §6). None = automatic: on for activation-statistics bases
+    # (whiten, asvd) with the uniform allocator, where per-block allocation equals the global one and
+    # propagating compressed outputs measured better (SmolLM2 keep 0.6: 117.8 vs 152.5 perplexity).
+    sequential: bool | None = None
     propagate: str = "compressed"  # sequential: feed later blocks the compressed ("compressed") or dense outputs
     base_options: dict[str, Any] = field(default_factory=dict)
     allocator_options: dict[str, Any] = field(default_factory=dict)
