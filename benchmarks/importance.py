@@ -17,15 +17,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 from ranklm.allocate import AllocationContext, get_allocator
+from ranklm.bench import PeakRSS
 from ranklm.api import decompose_targets, install_rank_map, refine_factors
 from ranklm.budget import keep_ratio, model_keep_ratio, model_params
 from ranklm.calibration import collect_stats, default_corpus, token_windows
@@ -36,39 +35,6 @@ from ranklm.models import load_model
 from ranklm.targets import find_targets
 
 METHODS = ["svd", "fwsvd", "tfwsvd", "asvd", "svd-llm", "svd-llm-v2"]
-
-
-class PeakRSS:
-    """Peak resident memory growth over a block, sampled from /proc every 50 ms."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self) -> "PeakRSS":
-        self.base = self.rss()
-        self.peak = self.base
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, self.rss())
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.rss())
-
-    @property
-    def growth_gib(self) -> float:
-        return (self.peak - self.base) / 2**30
 
 
 def main() -> None:
@@ -104,7 +70,7 @@ def main() -> None:
     t0 = time.perf_counter()
     with PeakRSS() as mem:
         stats = collect_stats(model, targets, calib, needs, 4, True, fisher_windows=args.fisher_windows)
-    stats_time, stats_mem = time.perf_counter() - t0, mem.growth_gib
+    stats_time, stats_mem = time.perf_counter() - t0, (mem.growth_mib / 1024)
     base_opts = {"tfwsvd": {"adam_steps": args.tfwsvd_adam, "sgd_steps": args.tfwsvd_sgd}}
     alloc_opts = {"sensitivity": {"windows": args.sens_windows, "seq_len": args.sens_seq_len}}
     facs, base_objs, base_time = {}, {}, {}
@@ -133,7 +99,7 @@ def main() -> None:
                 "keep_achieved": keep_ratio(targets, rank_map),
                 "keep_model": model_keep_ratio(dense_params, targets, rank_map),
                 "ppl": res.ppl, "compress_s": round(elapsed, 1),
-                "peak_rss_gib": round(max(mem.growth_gib, stats_mem if get_base(b).needs else 0.0), 2),
+                "peak_rss_gib": round(max((mem.growth_mib / 1024), stats_mem if get_base(b).needs else 0.0), 2),
             })
             print(json.dumps(rows[-1]), flush=True)
             del compressed
