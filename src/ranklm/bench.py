@@ -54,6 +54,7 @@ from .allocate import AllocationContext, get_allocator
 from .api import CompressionState, decompose_targets, install_rank_map, refine_factors
 from .budget import TOLERANCE, keep_ratio, model_keep_ratio, model_params, targets_cost, targets_dense_params
 from .calibration import TextSource, collect_stats, token_stream
+from .calibration.data import stream_windows
 from .config import RECIPES, CompressConfig, resolve_keep
 from .decompose import get_base
 from .errors import RanklmError
@@ -234,14 +235,8 @@ def calibration_split(
     The first are exactly ``token_windows(tokenizer, source, seq_len, n, seed=seed)`` (what
     ``ranklm compress`` uses); the held-out ones come next in the same seeded permutation, so
     they never overlap the calibration windows."""
-    stream = token_stream(tokenizer, source.documents)
-    total = stream.numel() // seq_len
-    if total == 0:
-        raise RanklmError(
-            f"calibration text too short: one window of --seq-len {seq_len} needs {seq_len} tokens, "
-            f"the text ({source.description}) has {stream.numel()}"
-        )
-    windows = stream[: total * seq_len].view(total, seq_len)
+    windows = stream_windows(token_stream(tokenizer, source.documents), seq_len, source.description)
+    total = len(windows)
     if n < total:
         perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
         calib = windows[perm[:n].sort().values].contiguous()
@@ -260,13 +255,7 @@ def calibration_split(
 def eval_windows_of(tokenizer, source: TextSource, seq_len: int, max_windows: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(evaluation windows as ``ranklm compress``/``evaluate`` cut them, the whole token stream)."""
     stream = token_stream(tokenizer, source.documents)
-    total = stream.numel() // seq_len
-    if total == 0:
-        raise RanklmError(
-            f"evaluation text too short: one window of --seq-len {seq_len} needs {seq_len} tokens, "
-            f"the text ({source.description}) has {stream.numel()}"
-        )
-    w = stream[: total * seq_len].view(total, seq_len)
+    w = stream_windows(stream, seq_len, source.description, purpose="evaluation")
     if max_windows is not None:
         w = w[:max_windows]
     return w.contiguous(), stream

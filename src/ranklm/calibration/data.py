@@ -133,6 +133,17 @@ def token_stream(tokenizer, documents: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def stream_windows(stream: torch.Tensor, seq_len: int, description: str, purpose: str = "calibration") -> torch.Tensor:
+    """All non-overlapping windows of ``seq_len`` tokens of a stream (tail dropped), ``[N, seq_len]``."""
+    n = stream.numel() // seq_len
+    if n == 0:
+        raise RanklmError(
+            f"{purpose} text too short: one window of --seq-len {seq_len} needs {seq_len} tokens, "
+            f"the text ({description}) has {stream.numel()}"
+        )
+    return stream[: n * seq_len].view(n, seq_len)
+
+
 def token_windows(
     tokenizer, source: TextSource, seq_len: int, max_windows: int | None = None, seed: int | None = None, purpose: str = "calibration"
 ) -> torch.Tensor:
@@ -141,14 +152,8 @@ def token_windows(
     ``seed`` given: a seeded random choice of ``max_windows`` windows (calibration);
     otherwise the first ``max_windows`` in order (evaluation).
     """
-    stream = token_stream(tokenizer, source.documents)
-    n = stream.numel() // seq_len
-    if n == 0:
-        raise RanklmError(
-            f"{purpose} text too short: one window of --seq-len {seq_len} needs {seq_len} tokens, "
-            f"the text ({source.description}) has {stream.numel()}"
-        )
-    windows = stream[: n * seq_len].view(n, seq_len)
+    windows = stream_windows(token_stream(tokenizer, source.documents), seq_len, source.description, purpose)
+    n = len(windows)
     if max_windows is not None and max_windows < n:
         if seed is None:
             windows = windows[:max_windows]
