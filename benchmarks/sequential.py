@@ -12,9 +12,11 @@ Parts:
            random token ids as calibration; "model" = building it and running one forward, the
            baseline the goal (sequential <= model + 1.5 GiB) refers to.
 
-Command (results in benchmarks/results/sequential-<part>.json and .md):
+Command (results in benchmarks/results/sequential-<part>.json and .md; ``--part all`` runs both
+parts in one invocation, each with its own calibration size):
     python benchmarks/sequential.py --part smollm2 --calib-windows 32 --eval-windows 40
     python benchmarks/sequential.py --part 1b --calib-windows 8 --seq-len 256
+    python benchmarks/sequential.py --part all --calib-windows 32 --eval-windows 16 --calib-windows-1b 8 --seq-len-1b 256
 """
 
 from __future__ import annotations
@@ -74,43 +76,57 @@ def child(args: argparse.Namespace) -> None:
 
 
 def parent(args: argparse.Namespace) -> None:
-    modes = ["model", "sequential", "whole"] if args.part == "1b" else ["whole", "seq-dense", "sequential"]
+    parts = ["smollm2", "1b"] if args.part == "all" else [args.part]
     rows = []
-    for mode in modes:
-        cmd = [sys.executable, __file__, "--child", "--mode", mode, "--part", args.part, "--keep", str(args.keep),
-               "--calib-windows", str(args.calib_windows), "--seq-len", str(args.seq_len), "--eval-windows", str(args.eval_windows)]
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        stdout = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        line = next((ln for ln in stdout.splitlines() if ln.startswith("RESULT ")), None)
-        row = json.loads(line[7:]) if line else {"mode": mode, "error": f"exit status {status}"}
-        row.update(peak_rss_gib=round(usage.ru_maxrss / 2**20, 2), wall_s=round(wall, 1))
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    for part in parts:
+        modes = ["model", "sequential", "whole"] if part == "1b" else ["model", "whole", "seq-dense", "sequential"]
+        calib_windows = args.calib_windows_1b if part == "1b" and args.part == "all" else args.calib_windows
+        seq_len = args.seq_len_1b if part == "1b" and args.part == "all" else args.seq_len
+        for mode in modes:
+            rows.append(run_child(part, mode, args.keep, calib_windows, seq_len, args.eval_windows))
     command = "python benchmarks/sequential.py " + " ".join(sys.argv[1:])
     out = Path(f"benchmarks/results/sequential-{args.part}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
-    lines = [f"`{command}`", "", "| mode | params | peak RSS GiB | wall s | compress s | keep achieved | perplexity |", "|---|---|---|---|---|---|---|"]
+    lines = [f"`{command}`", "", "| model | mode | params | calibration | peak RSS GiB | over model GiB | wall s | compress s | keep achieved | perplexity |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    base = {r["part"]: r["peak_rss_gib"] for r in rows if r["mode"] == "model"}
     for r in rows:
         ppl = f"{r['ppl']:.2f}" if "ppl" in r else "-"
-        lines.append(f"| {r['mode']} | {r.get('params', '-'):,} | {r['peak_rss_gib']} | {r['wall_s']} | {r.get('compress_s', '-')} | "
-                     f"{r.get('keep_achieved', '-')} | {ppl} |")
+        over = f"{r['peak_rss_gib'] - base[r['part']]:+.2f}" if r["part"] in base and r["mode"] != "model" else "-"
+        lines.append(f"| {r['part']} | {r['mode']} | {r.get('params', '-'):,} | {r['calibration']} | {r['peak_rss_gib']} | {over} | {r['wall_s']} | "
+                     f"{r.get('compress_s', '-')} | {r.get('keep_achieved', '-')} | {ppl} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
+def run_child(part: str, mode: str, keep: float, calib_windows: int, seq_len: int, eval_windows: int) -> dict:
+    """One cell in a fresh process; its peak RSS comes from the kernel (wait4), not from sampling."""
+    cmd = [sys.executable, __file__, "--child", "--mode", mode, "--part", part, "--keep", str(keep),
+           "--calib-windows", str(calib_windows), "--seq-len", str(seq_len), "--eval-windows", str(eval_windows)]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("RESULT ")), None)
+    row = json.loads(line[7:]) if line else {"mode": mode, "error": f"exit status {status}"}
+    row.update(part=part, calibration=f"{calib_windows}x{seq_len}", peak_rss_gib=round(usage.ru_maxrss / 2**20, 2), wall_s=round(wall, 1))
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["smollm2", "1b"], default="smollm2")
+    ap.add_argument("--part", choices=["smollm2", "1b", "all"], default="smollm2")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--mode", default="whole")
     ap.add_argument("--keep", type=float, default=0.6)
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=40)
+    ap.add_argument("--calib-windows-1b", type=int, default=8, help="with --part all: calibration windows of the 1b part")
+    ap.add_argument("--seq-len-1b", type=int, default=256, help="with --part all: window length of the 1b part")
     args = ap.parse_args()
     (child if args.child else parent)(args)
 

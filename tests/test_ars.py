@@ -237,3 +237,28 @@ def test_cli_ars_finetune_and_plot(capsys, tiny_llama_dir, text_file, tmp_path):
     code = main(["compress", "--model", str(tiny_llama_dir), "--data", str(text_file), "--ars-steps", "3", *fast])
     _, err = capsys.readouterr()
     assert code == 2 and "--allocator ars" in err
+
+
+def test_finetune_resume_reproduces_the_uninterrupted_run(tmp_path):
+    from ranklm.train import finetune_factors
+
+    ids = random_ids(8, 32)
+
+    def fresh(keep=0.5):
+        m = make_model("llama")
+        ranklm.compress(m, None, CompressConfig(keep=keep, recipe="svd"), progress=False)
+        return m
+
+    full = fresh()
+    hist_full = finetune_factors(full, ids, steps=6, lr=1e-2, batch_size=4, progress=False)
+    half, state = fresh(), tmp_path / "ft.safetensors"
+    finetune_factors(half, ids, steps=3, lr=1e-2, batch_size=4, progress=False, save_state=state)
+    resumed = fresh()  # a new process would start from the freshly compressed model
+    hist = finetune_factors(resumed, ids, steps=6, lr=1e-2, batch_size=4, progress=False, resume=state)
+    assert hist == hist_full
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n
+    with pytest.raises(RanklmError, match="other trainable tensors"):
+        finetune_factors(fresh(keep=0.3), ids, steps=6, lr=1e-2, batch_size=4, progress=False, resume=state)
+    with pytest.raises(RanklmError, match="lr"):
+        finetune_factors(fresh(), ids, steps=6, lr=1e-3, batch_size=4, progress=False, resume=state)

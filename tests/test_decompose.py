@@ -83,3 +83,17 @@ def test_non_finite_statistics_are_named():
     g[0, 0] = float("nan")
     with pytest.raises(RanklmError, match="non-finite.*layer.0.q"):
         whitening_factor(g, "layer.0.q")
+
+
+def test_thin_svd_matches_torch_on_wide_and_tall():
+    from ranklm.decompose.base import thin_svd
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(7, 19), (19, 7), (8, 8)]:
+        m = torch.randn(*shape, generator=g, dtype=torch.float64)
+        u, s, vt = thin_svd(m)
+        k = min(shape)
+        assert u.shape == (shape[0], k) and vt.shape == (k, shape[1])
+        torch.testing.assert_close(s, torch.linalg.svdvals(m))
+        torch.testing.assert_close(u @ torch.diag(s) @ vt, m)
+        torch.testing.assert_close(u.T @ u, torch.eye(k, dtype=m.dtype))

@@ -87,3 +87,70 @@ def test_no_pickle_in_the_package():
         if "allow_pickle=True" in text:
             offenders.append(f"{f}: numpy allow_pickle")
     assert not offenders, offenders
+
+
+class _CtrlCAt:
+    """A loss function that behaves like Ctrl-C arriving at its ``n``-th call."""
+
+    def __init__(self, real, n: int) -> None:
+        self.real, self.n, self.calls = real, n, 0
+
+    def __call__(self, model, ids):
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+        return self.real(model, ids)
+
+
+def test_ctrl_c_during_training_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_llama_dir, text_file, monkeypatch, capsys):
+    import json
+
+    import safetensors.torch as st
+
+    import ranklm.allocate.ars as ars_mod
+    import ranklm.train.finetune as ft_mod
+    from ranklm.cli import main
+
+    args = ["compress", "--model", tiny_llama_dir, "--data", text_file, "--keep", "0.6", "--base", "whiten", "--allocator", "ars",
+            "--ars-steps", "8", "--ars-lr", "0.01", "--finetune-steps", "8", "--finetune-lr", "1e-3", "--save-every", "2",
+            "--calib-windows", "4", "--seq-len", "32", "--batch-size", "2", "--no-eval"]
+    ref, out, state = tmp_path / "ref", tmp_path / "out", tmp_path / "state"
+    assert main([str(a) for a in [*args, "--output", ref]]) == 0
+
+    # Ctrl-C in ARS at step 6 of 8: exit 130, no output, the state of step 4 on disk
+    monkeypatch.setattr(ars_mod, "lm_loss", _CtrlCAt(ft_mod.lm_loss, 6))
+    assert main([str(a) for a in [*args, "--output", out, "--state-dir", state]]) == 130
+    assert not out.exists() and (state / "ars.safetensors").is_file() and not (state / "finetune.safetensors").exists()
+    monkeypatch.undo()
+    # resumed, then Ctrl-C again in fine-tuning at step 5 of 8
+    monkeypatch.setattr(ft_mod, "lm_loss", _CtrlCAt(ft_mod.lm_loss, 5))
+    assert main([str(a) for a in [*args, "--output", out, "--state-dir", state, "--resume"]]) == 130
+    assert not out.exists() and (state / "finetune.safetensors").is_file()
+    monkeypatch.undo()
+    capsys.readouterr()
+    # resumed to the end: the same weights, masks and loss history as the uninterrupted run
+    assert main([str(a) for a in [*args, "--output", out, "--state-dir", state, "--resume"]]) == 0
+    assert "resuming from" in capsys.readouterr().err
+    for f in ("model.safetensors", "allocator.safetensors"):
+        a, b = st.load_file(str(ref / f)), st.load_file(str(out / f))
+        assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a), f
+    ma, mb = (json.loads((d / "ranklm.json").read_text()) for d in (ref, out))
+    assert ma["rank_map"] == mb["rank_map"]
+    assert ma["artifacts"]["finetune"]["loss"] == mb["artifacts"]["finetune"]["loss"]
+    assert len(mb["artifacts"]["finetune"]["loss"]) == 8
+
+    # resuming a different run from that folder, or a fresh run into it, is refused
+    other = [a if a != "0.6" else "0.5" for a in args]
+    assert main([str(a) for a in [*other, "--state-dir", state, "--resume"]]) == 2
+    err = capsys.readouterr().err
+    assert "different run" in err and "config" in err
+    assert main([str(a) for a in [*args, "--state-dir", state]]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    assert main([str(a) for a in [*args, "--resume"]]) == 2
+    assert "--resume needs --state-dir" in capsys.readouterr().err
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))

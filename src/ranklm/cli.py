@@ -116,6 +116,9 @@ def compress(
     ars_resume: Optional[Path] = typer.Option(None, "--ars-resume", help="ARS: resume from a state file or an ARS checkpoint."),
     finetune_steps: int = typer.Option(0, "--finetune-steps", help="Fine-tune the installed factors for N steps on the calibration text [0]."),
     finetune_lr: float = typer.Option(1e-4, "--finetune-lr", help="Learning rate for --finetune-steps."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Save resumable training state (ARS masks, fine-tuning) here every --save-every steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run whose state is in --state-dir (same command otherwise)."),
+    save_every: int = typer.Option(50, "--save-every", help="Training steps between state saves with --state-dir."),
 ) -> None:
     """Compress a model to a keep ratio and save it as a ranklm checkpoint."""
     from .api import calibration_info
@@ -158,6 +161,12 @@ def compress(
     config.allocator_options = {**ars_given, **config.allocator_options}
     if finetune_steps < 0:
         raise RanklmError("--finetune-steps must be >= 0")
+    if resume and state_dir is None:
+        raise RanklmError("--resume needs --state-dir (the folder the interrupted run saved its state in)")
+    if state_dir is not None and (ars_save_state is not None or ars_resume is not None):
+        raise RanklmError("use either --state-dir/--resume or --ars-save-state/--ars-resume, not both")
+    if save_every < 1:
+        raise RanklmError("--save-every must be a positive integer")
     if output is not None:
         check_output_dir(output, overwrite)
     calib_src, eval_src = _eval_sources(data, eval_data)
@@ -182,6 +191,10 @@ def compress(
         evaluation["data"] = eval_src.description
         _echo_err(f"dense perplexity: {dense}")
 
+    finetune_state: dict[str, Any] = {}
+    if state_dir is not None:
+        finetune_state = _open_run_state(state_dir, resume, save_every, config, info, calib, finetune_steps, finetune_lr)
+
     t1 = time.perf_counter()
     run_compress(m, tok, config, data=calib, base_model=info)
     if m.ranklm.calibration is not None:  # record the text the windows came from
@@ -189,7 +202,7 @@ def compress(
     if finetune_steps > 0:
         from .train import finetune_factors
 
-        hist = finetune_factors(m, calib, finetune_steps, lr=finetune_lr, batch_size=batch_size, seed=seed)
+        hist = finetune_factors(m, calib, finetune_steps, lr=finetune_lr, batch_size=batch_size, seed=seed, **finetune_state)
         m.ranklm.artifacts["finetune"] = {"steps": finetune_steps, "lr": finetune_lr, "loss": hist}
     elapsed = time.perf_counter() - t1
     st = m.ranklm
@@ -227,6 +240,42 @@ def compress(
             f"({d['windows']} windows x {d['seq_len']} tokens, {d['tokens']} predicted tokens; {eval_src.description})"
         )
     typer.echo(f"saved             {output}" if output else "saved             (no --output given: nothing written)")
+
+
+def _open_run_state(
+    state_dir: Path, resume: bool, save_every: int, config: Any, info: dict, calib: Any, finetune_steps: int, finetune_lr: float
+) -> dict[str, Any]:
+    """Point the training loops at ``state_dir`` (and at its saved states with ``--resume``).
+
+    Sets the ARS allocator's save_state/resume options on ``config`` and returns the
+    fine-tuning keyword arguments. Everything before training (statistics, factorization)
+    is deterministic and simply recomputed on resume.
+    """
+    import hashlib
+
+    from .train.state import open_state_dir
+
+    run_config = {k: v for k, v in config.to_dict().items() if k != "allocator_options"}
+    run_config["allocator_options"] = {k: v for k, v in config.allocator_options.items() if k not in ("save_state", "resume", "steps")}
+    fingerprint = {
+        "model": str(info.get("path") or info.get("name_or_path")),
+        "config": run_config,
+        "calibration_sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest(),
+        "finetune_lr": finetune_lr if finetune_steps > 0 else None,
+    }
+    d = open_state_dir(state_dir, fingerprint, resume)
+    ars_file, ft_file = d / "ars.safetensors", d / "finetune.safetensors"
+    if config.allocator == "ars":
+        config.allocator_options = {**config.allocator_options, "save_state": str(ars_file), "save_every": save_every}
+        if resume and ars_file.is_file():
+            config.allocator_options["resume"] = str(ars_file)
+    finetune = {"save_state": ft_file, "save_every": save_every}
+    if resume and ft_file.is_file():
+        finetune["resume"] = ft_file
+    if resume:
+        found = [f.name for f in (ars_file, ft_file) if f.is_file()]
+        _echo_err(f"resuming from {d}: {', '.join(found) if found else 'no training state saved yet (starting training afresh)'}")
+    return finetune
 
 
 @app.command()

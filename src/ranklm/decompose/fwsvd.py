@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import RanklmError
-from .base import Factorization, split_sqrt
+from .base import Factorization, split_sqrt, thin_svd
 
 SIDES = ("out", "in")
 
@@ -39,11 +39,11 @@ class FWSVDBase:
         w = weight.detach().to(torch.float64)
         d = fisher_weights(stats["fisher"], self.side)
         if self.side == "out":
-            u, s, vt = torch.linalg.svd(d[:, None] * w, full_matrices=False)
+            u, s, vt = thin_svd(d[:, None] * w)
             a, b = split_sqrt(u, s, vt, max_rank)
             a = a / d[:, None]
         else:
-            u, s, vt = torch.linalg.svd(w * d[None, :], full_matrices=False)
+            u, s, vt = thin_svd(w * d[None, :])
             a, b = split_sqrt(u, s, vt, max_rank)
             b = b / d[None, :]
         return Factorization(a.float(), b.float(), s.float())

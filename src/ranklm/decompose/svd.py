@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .base import Factorization, split_sqrt
+from .base import Factorization, split_sqrt, thin_svd
 
 
 class SVDBase:
@@ -15,6 +15,6 @@ class SVDBase:
 
     def decompose(self, weight: torch.Tensor, stats: dict[str, Any], max_rank: int) -> Factorization:
         w = weight.detach().to(torch.float64)
-        u, s, vt = torch.linalg.svd(w, full_matrices=False)
+        u, s, vt = thin_svd(w)
         a, b = split_sqrt(u, s, vt, max_rank)
         return Factorization(a.float(), b.float(), s.float())

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .base import Factorization
+from .base import Factorization, thin_svd
 from .fwsvd import FWSVDBase
 
 
@@ -98,7 +98,7 @@ class TFWSVDBase(FWSVDBase):
         with torch.no_grad():
             a_best, b_best = best
             final = best_loss
-            svd_u, svd_s, svd_vt = torch.linalg.svd(w.double(), full_matrices=False)
+            svd_u, svd_s, svd_vt = thin_svd(w.double())
             svd_k = (svd_u[:, :k] * svd_s[:k]) @ svd_vt[:k]
             scale = float(f.mean())
             self.report[stats.get("name", f"#{len(self.report)}")] = {

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import RanklmError
-from .base import Factorization, split_sqrt
+from .base import Factorization, split_sqrt, thin_svd
 
 
 def whitening_factor(gram: torch.Tensor, name: str = "") -> tuple[torch.Tensor, str]:
@@ -47,7 +47,7 @@ class WhitenBase:
     def decompose(self, weight: torch.Tensor, stats: dict[str, Any], max_rank: int) -> Factorization:
         w = weight.detach().to(torch.float64)
         L, how = whitening_factor(stats["gram"], stats.get("name", ""))
-        u, s, vt = torch.linalg.svd(w @ L, full_matrices=False)
+        u, s, vt = thin_svd(w @ L)
         a, y = split_sqrt(u, s, vt, max_rank)  # W L ~= a @ y  =>  W ~= a @ (y L^{-1})
         if how == "cholesky":
             b = torch.linalg.solve_triangular(L, y, upper=False, left=False)
