@@ -185,3 +185,49 @@ def test_device_map_auto_on_cpu(capsys, tiny_llama_dir, text_file, tmp_path):
                          "--keep", "0.5", *FAST, "--json")
     assert code == 0, err
     assert 0.5 * 0.995 <= json.loads(out)["keep_achieved"] <= 0.5
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_accelerate_offloaded_weights_are_onloaded_and_compress_like_in_memory(tmp_path, sequential):
+    """A device_map that offloads a block (disk here; CPU offload on a GPU machine works the same way:
+    meta weights behind an accelerate hook) compresses exactly like the model held in memory."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    import ranklm
+    from conftest import make_model, random_ids
+
+    dense = make_model("llama")
+    dense.save_pretrained(tmp_path / "m")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    offloaded = LlamaForCausalLM.from_pretrained(tmp_path / "m", device_map=device_map, offload_folder=str(tmp_path / "off")).eval()
+    assert offloaded.model.layers[0].mlp.down_proj.weight.is_meta
+    ids = random_ids(8, 32)
+    cfg = dict(keep=0.6, recipe="svd-llm", seq_len=32, calib_windows=8, sequential=sequential)
+    ranklm.compress(dense, None, ranklm.CompressConfig(**cfg), data=ids, progress=False)
+    ranklm.compress(offloaded, None, ranklm.CompressConfig(**cfg), data=ids, progress=False)
+    assert not any(p.is_meta for p in offloaded.parameters())
+    assert offloaded.ranklm.rank_map == dense.ranklm.rank_map
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+    ranklm.save(offloaded, None, tmp_path / "ckpt")
+    loaded, _ = ranklm.load(tmp_path / "ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_device_map_json_with_disk_offload(capsys, tiny_llama_dir, text_file, tmp_path):
+    dm = json.dumps({"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu", "model.norm": "cpu",
+                     "model.rotary_emb": "cpu", "lm_head": "cpu"})
+    results = []
+    for extra in ([], ["--device-map", dm]):
+        code, out, err = run(capsys, "compress", "--model", tiny_llama_dir, "--data", text_file, "--keep", "0.5", *FAST,
+                             "--json", *extra)
+        assert code == 0, err
+        results.append(json.loads(out))
+    plain, offloaded = results
+    assert offloaded["keep_achieved"] == plain["keep_achieved"]
+    assert abs(offloaded["ppl_compressed"] - plain["ppl_compressed"]) < 1e-3 * plain["ppl_compressed"]
+    code, _, err = run(capsys, "compress", "--model", tiny_llama_dir, "--data", text_file, "--device-map", "{oops", *FAST)
+    assert code == 2 and "--device-map: not valid JSON" in err

@@ -35,6 +35,7 @@ from .config import CompressConfig
 from .decompose import Base, Factorization, get_base
 from .errors import RanklmError
 from .layers import LowRankLinear, replace_module
+from .models import onload_offloaded
 from .targets import Target, find_targets, weight_matrix
 
 Data = Union[None, str, os.PathLike, TextSource, list, torch.Tensor]
@@ -103,8 +104,14 @@ def decompose_targets(
     out: dict[str, Factorization] = {}
     for t in tqdm(targets, desc=f"decompose ({base.name})", disable=not progress, unit="matrix"):
         w = weight_matrix(model.get_submodule(t.name))
-        out[t.name] = base.decompose(w, stats.pop(t.name, {"name": t.name}), max_factored_rank(t))
+        st = _on_device(stats.pop(t.name, {"name": t.name}), w.device)
+        out[t.name] = base.decompose(w, st, max_factored_rank(t))
     return out
+
+
+def _on_device(stats: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """One target's statistics (kept in CPU memory) moved next to its weight for the factorization."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
 
 
 def refine_factors(
@@ -121,7 +128,7 @@ def refine_factors(
     for t in tqdm(todo, desc=f"refine ({base.name})", disable=not progress, unit="matrix"):
         w = weight_matrix(model.get_submodule(t.name))
         k = int(rank_map[t.name])
-        a, b = base.refine(w, stats.get(t.name, {}), factorizations[t.name], k)  # type: ignore[attr-defined]
+        a, b = base.refine(w, _on_device(stats.get(t.name, {}), w.device), factorizations[t.name], k)  # type: ignore[attr-defined]
         factorizations[t.name] = Factorization(a, b, factorizations[t.name].s)
     return factorizations
 
@@ -207,6 +214,7 @@ def compress(
     targets = find_targets(model, config.include, config.exclude)
     if config.keep >= 1.0:
         raise RanklmError("--keep 1.0 keeps every target dense: nothing to compress, no output written")
+    onload_offloaded(model)  # accelerate CPU/disk offload: decompositions need the weights themselves
     check_finite_weights(model, targets)
     torch.manual_seed(config.seed)
     dense_model = model_params(model)

@@ -104,7 +104,7 @@ def compress(
     fisher_windows: int = typer.Option(32, "--fisher-windows", help="Calibration windows used for Fisher statistics (fwsvd/tfwsvd)."),
     sequential: Optional[bool] = typer.Option(None, "--sequential/--whole-model", help="Layer-by-layer calibration: memory ~ model + one block's statistics [default: on for whiten/asvd + uniform]."),
     propagate: str = typer.Option("compressed", "--propagate", help="With --sequential: later blocks see the 'compressed' or 'dense' outputs."),
-    device_map: Optional[str] = typer.Option(None, "--device-map", help="accelerate device map for big models, e.g. auto (no disk offload)."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="accelerate device map for big models: auto, a device, or JSON {module: device} (CPU/disk offload allowed; offloaded layers are compressed and run on the CPU)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     ars_steps: Optional[int] = typer.Option(None, "--ars-steps", help="ARS: mask-learning steps [200]."),

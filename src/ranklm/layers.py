@@ -82,7 +82,14 @@ def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where ``name`` is; an accelerate device hook (``device_map``) moves over with it,
+    so the replacement runs on the device the old module ran on."""
     parent, child = get_submodule_parent(model, name)
+    hook = getattr(getattr(parent, child), "_hf_hook", None)
+    if hook is not None and getattr(new, "_hf_hook", None) is not hook:
+        from accelerate.hooks import add_hook_to_module
+
+        add_hook_to_module(new, hook)
     setattr(parent, child, new)
 
 

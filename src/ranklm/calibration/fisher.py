@@ -51,7 +51,8 @@ def collect_fisher(
     for w in weights.values():
         w.requires_grad_(True)
         w.grad = None
-    fisher = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
+    # accumulators in CPU memory: on an accelerator the device holds the model and one backward pass only
+    fisher = {name: torch.zeros_like(w, dtype=torch.float32, device="cpu") for name, w in weights.items()}
     device = next(model.parameters()).device
     try:
         for i in tqdm(range(0, len(windows), batch_size), desc="fisher", disable=not progress, unit="batch"):
@@ -61,7 +62,7 @@ def collect_fisher(
             loss.backward()
             for name, w in weights.items():
                 if w.grad is not None:
-                    fisher[name].add_(w.grad.float().square())
+                    fisher[name].add_(w.grad.float().square().cpu())
                     w.grad = None
     finally:
         for p in model.parameters():

@@ -6,6 +6,9 @@ float64 batch by batch; no activation is kept after its batch.
 Targets that read the very same input tensor (q/k/v, gate/up) share one Gram:
 the first batch detects the sharing and later batches compute it once.
 Memory: one ``in x in`` float64 matrix per distinct input (about 1 GB for SmolLM2).
+The accumulators always live in CPU memory: on an accelerator each batch's product is
+computed where the activations are (in float64) and added on the CPU, so device
+memory holds the model and one batch, never the statistics.
 """
 
 from __future__ import annotations
@@ -102,13 +105,15 @@ def collect_activation_stats(
                     return
                 fingerprints[key] = name
             x64 = x.to(torch.float64)
+            on_cpu = x64.device.type == "cpu"
             if gram:
-                if name in grams:
+                if name in grams and on_cpu:
                     grams[name].addmm_(x64.T, x64)
                 else:
-                    grams[name] = x64.T @ x64
+                    g = (x64.T @ x64).cpu()
+                    grams[name] = grams[name].add_(g) if name in grams else g
             if abs_mean:
-                a = x64.abs().sum(0)
+                a = x64.abs().sum(0).cpu()
                 abs_sums[name] = abs_sums[name] + a if name in abs_sums else a
             tokens[name] = tokens.get(name, 0) + x.shape[0]
 

@@ -54,10 +54,13 @@ def perplexity(
     count = 0
     for i in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, unit="batch"):
         ids = windows[i : i + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits.float()
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-        total_nll += float(nll)
+        logits = model(input_ids=ids, use_cache=False).logits
+        # one window at a time: logits[j, :-1] is a view, so the only temporary is one window's
+        # log-softmax (the batched reshape copied the whole [batch, seq, vocab] logits twice)
+        for j in range(len(ids)):
+            total_nll += float(F.cross_entropy(logits[j, :-1].float(), ids[j, 1:], reduction="sum"))
         count += ids[:, 1:].numel()
+        del logits
     model.train(was_training)
     mean = total_nll / count
     if not math.isfinite(mean):
