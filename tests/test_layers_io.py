@@ -149,6 +149,15 @@ def test_truncated_weights_are_detected(saved):
         ranklm.load(saved, verify=False)
 
 
+def test_edited_weights_are_detected(saved):
+    f = saved / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-8:] = bytes(8) if data[-8:] != bytes(8) else b"\x01" * 8  # same size, one value changed
+    f.write_bytes(bytes(data))
+    with pytest.raises(RanklmError, match="hash mismatch"):
+        ranklm.load(saved)
+
+
 def _edit_meta(ckpt: Path, fn):
     meta = json.loads((ckpt / "ranklm.json").read_text())
     fn(meta)
