@@ -263,6 +263,8 @@ def _open_run_state(
         "calibration_sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest(),
         "finetune_lr": finetune_lr if finetune_steps > 0 else None,
     }
+    if config.allocator != "ars" and finetune_steps <= 0:
+        _echo_err(f"--state-dir: this run trains nothing (no ARS allocator, no --finetune-steps); only {state_dir}/run.json is written")
     d = open_state_dir(state_dir, fingerprint, resume)
     ars_file, ft_file = d / "ars.safetensors", d / "finetune.safetensors"
     if config.allocator == "ars":
