@@ -55,7 +55,7 @@ from .api import CompressionState, decompose_targets, install_rank_map, refine_f
 from .budget import TOLERANCE, keep_ratio, model_keep_ratio, model_params, targets_cost, targets_dense_params
 from .calibration import TextSource, collect_stats, token_stream
 from .calibration.data import stream_windows
-from .config import RECIPES, CompressConfig, resolve_keep
+from .config import RECIPES, CompressConfig, parse_option_value, resolve_keep
 from .decompose import get_base
 from .errors import RanklmError
 from .eval.generate import generation_quality, prompts_from_stream
@@ -176,11 +176,7 @@ def parse_scoped_options(items: list[str], flag: str) -> dict[str, dict[str, Any
         key, eq, value = rest.partition("=")
         if not eq or not key.strip():
             raise RanklmError(f"{flag} expects [NAME:]KEY=VALUE, got {item!r}")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        out.setdefault(scope.strip(), {})[key.strip()] = parsed
+        out.setdefault(scope.strip(), {})[key.strip()] = parse_option_value(value)
     return out
 
 

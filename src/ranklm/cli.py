@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import typer
 
+from .config import parse_option_value
 from .errors import RanklmError
 
 app = typer.Typer(
@@ -69,10 +70,7 @@ def parse_options(items: list[str], flag: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise RanklmError(f"{flag} expects KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
+        out[key.strip()] = parse_option_value(value)
     return out
 
 

@@ -6,6 +6,7 @@ common pair. ``--base``/``--allocator`` given explicitly override the recipe.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -28,6 +29,14 @@ DEFAULT_RECIPE = "svd-llm"
 DEFAULT_KEEP = 0.8
 DEFAULT_CALIB_WINDOWS = 128
 DEFAULT_SEQ_LEN = 512
+
+
+def parse_option_value(text: str) -> Any:
+    """A ``KEY=VALUE`` option's value: JSON when it is JSON (numbers, true/false, lists), else the text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def resolve_keep(keep: float | None, remove: float | None) -> float:

@@ -7,7 +7,6 @@ folder under the cache dir (``$RANKLM_CACHE`` or ``~/.cache/ranklm``) and reused
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -23,6 +22,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from .calibration.data import package_dir
 from .errors import RanklmError
+from .io import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +71,7 @@ def weights_sha256(folder: Path) -> dict[str, str]:
     digests = {}
     for pattern in WEIGHT_PATTERNS:
         for f in sorted(folder.glob(pattern)):
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(chunk)
-            digests[f.name] = h.hexdigest()
+            digests[f.name] = sha256_file(f)
     return digests
 
 

@@ -64,9 +64,10 @@ from ..errors import RanklmError
 from ..layers import replace_module
 from ..targets import Target
 from ..train.finetune import batch_for_step, is_causal_lm, lm_loss
+from ..train.freeze import training_only
 from ..train.masks import HyperNetwork, MaskedFactorized, gumbel_sigmoid_mask, logistic_noise, prefix_fraction
 from ..train.state import load_optimizer_tensors, optimizer_tensors, read_state_file, write_state_file
-from .base import AllocationContext
+from .base import AllocationContext, require_context
 
 TENSOR_PREFIX = "ars."
 STATE_VERSION = 1
@@ -196,8 +197,7 @@ class ARSAllocator:
         min_rank: int = 1,
         context: AllocationContext | None = None,
     ) -> RankMap:
-        if context is None or context.model is None or context.windows is None:
-            raise RanklmError("the ars allocator needs the model and calibration windows (an AllocationContext)")
+        context = require_context(context, self.name)
         model = context.model
         loss_fn = self.loss_fn or getattr(context, "loss_fn", None)
         windows = context.windows
@@ -235,72 +235,65 @@ class ARSAllocator:
         # Swap in masked factorized modules; the model's own weights stay frozen.
         originals: dict[str, nn.Module] = {}
         masked: list[MaskedFactorized] = []
-        flags = {n: p.requires_grad for n, p in model.named_parameters()}
-        was_training = model.training
-        try:
-            for t in targets:
-                orig = model.get_submodule(t.name)
-                f = factorizations[t.name]
-                w_dtype = next(orig.parameters()).dtype
-                mod = MaskedFactorized(
-                    f.A.to(device=device, dtype=w_dtype), f.B.to(device=device, dtype=w_dtype),
-                    getattr(orig, "bias", None), t.in_features, t.out_features,
-                )
-                originals[t.name] = orig
-                masked.append(mod)
-                replace_module(model, t.name, mod)
-            for p in model.parameters():
-                p.requires_grad_(False)
-            model.eval()  # no dropout
+        with training_only(model, clear_grads=False):  # the model's own weights stay frozen, eval mode (no dropout)
+            try:
+                for t in targets:
+                    orig = model.get_submodule(t.name)
+                    f = factorizations[t.name]
+                    w_dtype = next(orig.parameters()).dtype
+                    mod = MaskedFactorized(
+                        f.A.to(device=device, dtype=w_dtype), f.B.to(device=device, dtype=w_dtype),
+                        getattr(orig, "bias", None), t.in_features, t.out_features,
+                    )
+                    originals[t.name] = orig
+                    masked.append(mod)
+                    replace_module(model, t.name, mod)
 
-            def record(det: list[torch.Tensor], sampled_k: torch.Tensor, lm: float, align: float) -> None:
-                k = torch.tensor([float(m.sum()) for m in det], dtype=torch.float64)
-                history["keep"].append(float((k * costs).sum()) / targets_dense_params(targets))
-                history["keep_sampled"].append(float((sampled_k * costs).sum()) / targets_dense_params(targets))
-                history["lm_loss"].append(lm)
-                history["align"].append(align)
-                history["prefix"].append(prefix_fraction(det))
+                def record(det: list[torch.Tensor], sampled_k: torch.Tensor, lm: float, align: float) -> None:
+                    k = torch.tensor([float(m.sum()) for m in det], dtype=torch.float64)
+                    history["keep"].append(float((k * costs).sum()) / targets_dense_params(targets))
+                    history["keep_sampled"].append(float((sampled_k * costs).sum()) / targets_dense_params(targets))
+                    history["lm_loss"].append(lm)
+                    history["align"].append(align)
+                    history["prefix"].append(prefix_fraction(det))
 
-            bar = tqdm(range(start, self.steps), desc="ars masks", disable=not context.progress, unit="step")
-            for step in bar:
-                ids = batch_for_step(windows, batch_size, seed, step).to(device)
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + step + 500_009)
-                logits = hyper()
-                masks = []
-                for o in logits:
-                    noise = logistic_noise(o.shape, gen).to(device)
-                    masks.append(gumbel_sigmoid_mask(o, self.tau, self.bias, noise)[0])
-                for mod, m in zip(masked, masks):
-                    mod.mask = m
-                lm = loss_fn(model, ids)
-                if not torch.isfinite(lm):
-                    raise RanklmError(f"ARS: non-finite training loss at step {step}")
-                k = torch.stack([m.sum() for m in masks])
-                cost = (k * costs.to(k)).sum()
-                budget_term = self.lam * torch.log(torch.clamp_min(cost / budget, 1.0))
-                align = sum(
-                    (((m - (ar < kk.detach()).to(m)) * s) ** 2).sum() for m, kk, ar, s in zip(masks, k, arange, s_norm)
-                )
-                if self.align_reduction == "mean":
-                    align = align / n_components
-                loss = lm + budget_term + self.gamma * align
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    det = [(o.detach() + self.bias > 0).float() for o in logits]
-                record(det, k.detach().double().cpu(), float(lm.detach()), float(align.detach()))
-                bar.set_postfix(
-                    loss=f"{float(loss.detach()):.3f}", keep=f"{history['keep'][-1]:.3f}/{keep:.3f}", align=f"{float(align.detach()):.3f}"
-                )
-                if self.save_state is not None and ((step + 1) % self.save_every == 0 or step + 1 == self.steps):
-                    write_state_file(self.save_state, *self._state(hyper, opt, step + 1, history, targets, ranks, seed, keep), key="ars")
-        finally:
-            for name, orig in originals.items():
-                replace_module(model, name, orig)
-            for n, p in model.named_parameters():
-                p.requires_grad_(flags.get(n, True))
-            model.train(was_training)
+                bar = tqdm(range(start, self.steps), desc="ars masks", disable=not context.progress, unit="step")
+                for step in bar:
+                    ids = batch_for_step(windows, batch_size, seed, step).to(device)
+                    gen = torch.Generator().manual_seed(seed * 1_000_003 + step + 500_009)
+                    logits = hyper()
+                    masks = []
+                    for o in logits:
+                        noise = logistic_noise(o.shape, gen).to(device)
+                        masks.append(gumbel_sigmoid_mask(o, self.tau, self.bias, noise)[0])
+                    for mod, m in zip(masked, masks):
+                        mod.mask = m
+                    lm = loss_fn(model, ids)
+                    if not torch.isfinite(lm):
+                        raise RanklmError(f"ARS: non-finite training loss at step {step}")
+                    k = torch.stack([m.sum() for m in masks])
+                    cost = (k * costs.to(k)).sum()
+                    budget_term = self.lam * torch.log(torch.clamp_min(cost / budget, 1.0))
+                    align = sum(
+                        (((m - (ar < kk.detach()).to(m)) * s) ** 2).sum() for m, kk, ar, s in zip(masks, k, arange, s_norm)
+                    )
+                    if self.align_reduction == "mean":
+                        align = align / n_components
+                    loss = lm + budget_term + self.gamma * align
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    with torch.no_grad():
+                        det = [(o.detach() + self.bias > 0).float() for o in logits]
+                    record(det, k.detach().double().cpu(), float(lm.detach()), float(align.detach()))
+                    bar.set_postfix(
+                        loss=f"{float(loss.detach()):.3f}", keep=f"{history['keep'][-1]:.3f}/{keep:.3f}", align=f"{float(align.detach()):.3f}"
+                    )
+                    if self.save_state is not None and ((step + 1) % self.save_every == 0 or step + 1 == self.steps):
+                        write_state_file(self.save_state, *self._state(hyper, opt, step + 1, history, targets, ranks, seed, keep), key="ars")
+            finally:
+                for name, orig in originals.items():
+                    replace_module(model, name, orig)
 
         with torch.no_grad():
             logits = [o.detach().cpu() for o in hyper()]

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..budget import RankMap
 from ..decompose.base import Factorization
+from ..errors import RanklmError
 from ..targets import Target
 
 
@@ -29,6 +30,13 @@ class AllocationContext:
     progress: bool = True
     cache_dir: Path | None = None  # where an allocator may keep reusable results
     artifacts: dict[str, Any] = field(default_factory=dict)  # what the allocator wants saved in the checkpoint
+
+
+def require_context(context: AllocationContext | None, allocator: str) -> AllocationContext:
+    """The context of an allocator that measures or learns, refused without a model and windows."""
+    if context is None or context.model is None or context.windows is None:
+        raise RanklmError(f"the {allocator} allocator needs the model and calibration windows (an AllocationContext)")
+    return context
 
 
 class Allocator(Protocol):

@@ -33,7 +33,7 @@ from ..decompose.base import Factorization
 from ..errors import RanklmError
 from ..eval.perplexity import perplexity
 from ..targets import Conv1D, Target
-from .base import AllocationContext
+from .base import AllocationContext, require_context
 
 DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -145,8 +145,7 @@ class SensitivityAllocator:
         min_rank: int = 1,
         context: AllocationContext | None = None,
     ) -> RankMap:
-        if context is None or context.model is None or context.windows is None:
-            raise RanklmError("the sensitivity allocator needs the model and calibration windows")
+        context = require_context(context, self.name)
         data = self.table(targets, factorizations, context)
         context.artifacts["sensitivity"] = data
         grid = [float(g) for g in data["grid"]]

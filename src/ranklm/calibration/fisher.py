@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..errors import RanklmError
 from ..targets import Conv1D, Target
+from ..train.freeze import training_only
 
 LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -43,18 +44,10 @@ def collect_fisher(
     loss_fn = loss_fn or lm_loss
     weights = {t.name: model.get_submodule(t.name).weight for t in targets}
     transposed = {t.name: bool(Conv1D) and isinstance(model.get_submodule(t.name), Conv1D) for t in targets}
-    saved_flags = {id(p): p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for w in weights.values():
-        w.requires_grad_(True)
-        w.grad = None
     # accumulators in CPU memory: on an accelerator the device holds the model and one backward pass only
     fisher = {name: torch.zeros_like(w, dtype=torch.float32, device="cpu") for name, w in weights.items()}
     device = next(model.parameters()).device
-    try:
+    with training_only(model, weights.values()):
         for i in tqdm(range(0, len(windows), batch_size), desc="fisher", disable=not progress, unit="batch"):
             loss = loss_fn(model, windows[i : i + batch_size].to(device))
             if not torch.isfinite(loss):
@@ -64,11 +57,6 @@ def collect_fisher(
                 if w.grad is not None:
                     fisher[name].add_(w.grad.float().square().cpu())
                     w.grad = None
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(saved_flags.get(id(p), True))
-            p.grad = None
-        model.train(was_training)
     out = {}
     for name, f in fisher.items():
         f = f.t().contiguous() if transposed[name] else f

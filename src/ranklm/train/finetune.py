@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..errors import RanklmError
 from ..layers import LowRankLinear
+from .freeze import training_only
 from .state import load_optimizer_tensors, optimizer_tensors, read_state_file, write_state_file
 
 LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -73,21 +74,13 @@ def finetune_factors(
     factor_params = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in m.parameters()]
     if not factor_params:
         raise RanklmError("nothing to fine-tune: the model has no LowRankLinear layers")
-    was_training = model.training
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(train_all)
-    for p in factor_params:
-        p.requires_grad_(True)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    opt = torch.optim.Adam(params, lr=lr)
     device = next(model.parameters()).device
-    model.eval()  # no dropout: deterministic
     options = {"steps": int(steps), "lr": float(lr), "batch_size": int(batch_size), "seed": int(seed), "train_all": bool(train_all)}
     history: list[float] = []
     start = 0
-    try:
+    with training_only(model, factor_params, others=train_all):  # eval mode: no dropout, deterministic
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        opt = torch.optim.Adam([p for _, p in named], lr=lr)
         if resume is not None:
             start, history = _restore(resume, named, opt, options)
         bar = tqdm(range(start, steps), desc="fine-tune factors", disable=not progress, unit="step", initial=start, total=steps)
@@ -103,11 +96,6 @@ def finetune_factors(
             bar.set_postfix(loss=f"{history[-1]:.4f}")
             if save_state is not None and ((step + 1) % max(1, save_every) == 0 or step + 1 == steps):
                 _save(save_state, named, opt, step + 1, history, options)
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags.get(n, True))
-            p.grad = None
-        model.train(was_training)
     return history
 
 
