@@ -54,7 +54,7 @@ from .allocate import AllocationContext, get_allocator
 from .api import CompressionState, decompose_targets, install_rank_map, refine_factors
 from .budget import TOLERANCE, keep_ratio, model_keep_ratio, model_params, targets_cost, targets_dense_params
 from .calibration import TextSource, collect_stats, token_stream
-from .calibration.data import stream_windows
+from .calibration.data import seeded_split, stream_windows
 from .config import RECIPES, CompressConfig, parse_option_value, resolve_keep
 from .decompose import get_base
 from .errors import RanklmError
@@ -233,13 +233,7 @@ def calibration_split(
     they never overlap the calibration windows."""
     windows = stream_windows(token_stream(tokenizer, source.documents), seq_len, source.description)
     total = len(windows)
-    if n < total:
-        perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
-        calib = windows[perm[:n].sort().values].contiguous()
-        rest = perm[n : n + holdout].sort().values
-        held = windows[rest].contiguous()
-    else:
-        calib, held = windows.contiguous(), windows[:0]
+    calib, held = seeded_split(windows, n, seed, holdout)
     if holdout and len(held) == 0:
         raise RanklmError(
             f"--auto needs held-out calibration windows, but all {total} windows of {seq_len} tokens of the "

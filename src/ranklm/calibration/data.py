@@ -153,12 +153,18 @@ def token_windows(
     otherwise the first ``max_windows`` in order (evaluation).
     """
     windows = stream_windows(token_stream(tokenizer, source.documents), seq_len, source.description, purpose)
-    n = len(windows)
-    if max_windows is not None and max_windows < n:
-        if seed is None:
-            windows = windows[:max_windows]
-        else:
-            g = torch.Generator().manual_seed(seed)
-            idx = torch.randperm(n, generator=g)[:max_windows].sort().values
-            windows = windows[idx]
+    if max_windows is not None and max_windows < len(windows):
+        windows = windows[:max_windows] if seed is None else seeded_split(windows, max_windows, seed)[0]
     return windows.contiguous()
+
+
+def seeded_split(windows: torch.Tensor, n: int, seed: int, holdout: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` windows of a seeded permutation (kept in stream order) and the next ``holdout``.
+
+    The one definition of "a seeded random choice of windows": calibration and the held-out
+    windows ``ranklm bench --auto`` selects on come from the same permutation, so they never overlap.
+    """
+    if n >= len(windows):
+        return windows.contiguous(), windows[:0]
+    perm = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
+    return windows[perm[:n].sort().values].contiguous(), windows[perm[n : n + holdout].sort().values].contiguous()
