@@ -229,8 +229,6 @@ def test_sequential_refuses_gradient_bases():
 
 
 def test_same_seed_same_result_bit_identical():
-    from ranklm.calibration import TextSource
-
     results = []
     for _ in range(2):
         model = make_model("llama")

@@ -1,6 +1,5 @@
 """Interruptions never leave a half checkpoint; no pickle anywhere in the package."""
 
-import os
 import re
 import signal
 import subprocess

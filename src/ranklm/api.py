@@ -25,6 +25,7 @@ from .budget import (
     RankMap,
     keep_ratio,
     max_factored_rank,
+    meets_budget,
     model_keep_ratio,
     model_params,
     targets_cost,
@@ -145,11 +146,38 @@ def install_rank_map(
         replace_module(model, t.name, LowRankLinear.from_factors(model.get_submodule(t.name), a, b))
 
 
-def _allocate(allocator, targets, factorizations, config: CompressConfig, context: AllocationContext) -> RankMap:
+def allocate_ranks(allocator, targets, factorizations, config: CompressConfig, context: AllocationContext) -> RankMap:
+    """``allocator.allocate`` with an unreachable budget reported as a user error."""
     try:
         return allocator.allocate(targets, factorizations, config.keep, config.min_rank, context)
     except ValueError as e:
         raise RanklmError(f"keep ratio {config.keep} cannot be met: {e}") from None
+
+
+def compression_state(
+    model: nn.Module, config: CompressConfig, targets: list[Target], rank_map: RankMap, dense_model: int,
+    calibration: dict[str, Any] | None, base_model: dict[str, Any], timings: dict[str, float], artifacts: dict[str, Any],
+) -> CompressionState:
+    """What ``model`` (rank map installed) records about its compression: ratios, parameter counts, provenance."""
+    return CompressionState(
+        config=config.to_dict(),
+        method=config.method,
+        targets=targets,
+        rank_map=rank_map,
+        keep_requested=config.keep,
+        keep_achieved=keep_ratio(targets, rank_map),
+        keep_achieved_model=model_keep_ratio(dense_model, targets, rank_map),
+        params={
+            "targets_dense": targets_dense_params(targets),
+            "targets_compressed": targets_cost(targets, rank_map),
+            "model_dense": dense_model,
+            "model_compressed": model_params(model),
+        },
+        calibration=calibration,
+        base_model=base_model,
+        timings=timings,
+        artifacts=artifacts,
+    )
 
 
 def use_sequential(config: CompressConfig, base: Base, allocator) -> bool:
@@ -182,7 +210,7 @@ def _compress_sequential(
     def on_block(b: int, block_targets: list[Target], stats: dict[str, dict]) -> None:
         facs = decompose_targets(model, block_targets, base, stats, progress=False)
         if config.propagate == "compressed":
-            block_map = _allocate(allocator, block_targets, facs, config, context)
+            block_map = allocate_ranks(allocator, block_targets, facs, config, context)
             install_rank_map(model, block_targets, facs, block_map)
             rank_map.update(block_map)
         else:
@@ -190,7 +218,7 @@ def _compress_sequential(
 
     run_sequential(model, targets, windows, base.needs, on_block, config.batch_size, progress)
     if config.propagate == "dense":
-        rank_map = _allocate(allocator, targets, factorizations, config, context)
+        rank_map = allocate_ranks(allocator, targets, factorizations, config, context)
     return rank_map, factorizations
 
 
@@ -248,7 +276,7 @@ def compress(
         timings["decompose_s"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        rank_map = _allocate(allocator, targets, factorizations, config, context)
+        rank_map = allocate_ranks(allocator, targets, factorizations, config, context)
         timings["allocate_s"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
@@ -263,29 +291,14 @@ def compress(
     del factorizations
     timings["total_s"] = time.perf_counter() - t0
 
-    achieved = keep_ratio(targets, rank_map)
-    if achieved > config.keep + 1e-12 or achieved < config.keep * (1 - TOLERANCE):
+    model.ranklm = compression_state(  # type: ignore[assignment]
+        model, config, targets, rank_map, dense_model, calib_info,
+        base_model or {"name_or_path": getattr(model.config, "name_or_path", "") or type(model).__name__},
+        timings, context.artifacts,
+    )
+    if not meets_budget(model.ranklm.keep_achieved, config.keep):
         # Only possible when single rank steps are large relative to the whole budget (tiny models).
         import warnings
 
-        warnings.warn(f"achieved keep ratio {achieved:.4f} is not within {TOLERANCE:.1%} below {config.keep}")
-    model.ranklm = CompressionState(  # type: ignore[assignment]
-        config=config.to_dict(),
-        method=config.method,
-        targets=targets,
-        rank_map=rank_map,
-        keep_requested=config.keep,
-        keep_achieved=achieved,
-        keep_achieved_model=model_keep_ratio(dense_model, targets, rank_map),
-        params={
-            "targets_dense": targets_dense_params(targets),
-            "targets_compressed": targets_cost(targets, rank_map),
-            "model_dense": dense_model,
-            "model_compressed": model_params(model),
-        },
-        calibration=calib_info,
-        base_model=base_model or {"name_or_path": getattr(model.config, "name_or_path", "") or type(model).__name__},
-        timings=timings,
-        artifacts=context.artifacts,
-    )
+        warnings.warn(f"achieved keep ratio {model.ranklm.keep_achieved:.4f} is not within {TOLERANCE:.1%} below {config.keep}")
     return model

@@ -51,8 +51,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocate import AllocationContext, get_allocator
-from .api import CompressionState, decompose_targets, install_rank_map, refine_factors
-from .budget import TOLERANCE, keep_ratio, model_keep_ratio, model_params, targets_cost, targets_dense_params
+from .api import allocate_ranks, calibration_info, compression_state, decompose_targets, install_rank_map, refine_factors
+from .budget import TOLERANCE, meets_budget, model_params, targets_dense_params
 from .calibration import TextSource, collect_stats, token_stream
 from .calibration.data import seeded_split, stream_windows
 from .config import RECIPES, CompressConfig, parse_option_value, resolve_keep
@@ -494,10 +494,7 @@ def run_bench(
                 allocator = get_allocator(method.allocator, **config.allocator_options)
                 ctx = AllocationContext(model=cell_model, windows=calib, batch_size=opts.batch_size, seed=opts.seed,
                                         progress=False)
-                try:
-                    rank_map = allocator.allocate(targets, facs, keep, opts.min_rank, ctx)
-                except ValueError as e:
-                    raise RanklmError(f"keep ratio {keep} cannot be met: {e}") from None
+                rank_map = allocate_ranks(allocator, targets, facs, config, ctx)
                 f = facs
                 if hasattr(base, "refine"):
                     f = refine_factors(cell_model, targets, base, dict(facs), shared.stats, rank_map, progress=False)
@@ -506,26 +503,17 @@ def run_bench(
                 install_rank_map(cell_model, targets, f, rank_map)
                 del f
             cell_s = time.perf_counter() - t0
-            achieved = keep_ratio(targets, rank_map)
             calib_info = None
             if base.needs or getattr(allocator, "needs_context", False):
-                calib_info = {"source": calib_src.description, "windows": int(len(calib)), "seq_len": opts.seq_len,
-                              "tokens": int(calib.numel()), "requested_windows": opts.calib_windows,
-                              "selection": f"seeded random choice (seed {opts.seed}) of non-overlapping windows",
-                              "used": True}
-            cell_model.ranklm = CompressionState(  # type: ignore[assignment]
-                config=config.to_dict(), method=config.method, targets=targets, rank_map=rank_map,
-                keep_requested=keep, keep_achieved=achieved,
-                keep_achieved_model=model_keep_ratio(dense_params, targets, rank_map),
-                params={"targets_dense": targets_dense_params(targets), "targets_compressed": targets_cost(targets, rank_map),
-                        "model_dense": dense_params, "model_compressed": model_params(cell_model)},
-                calibration=calib_info, base_model=model_info,
-                timings={"total_s": shared_s + cell_s, "shared_s": shared_s, "cell_s": cell_s},
-                artifacts=ctx.artifacts,
+                calib_info = {**calibration_info(calib_src.description, calib, config), "used": True}
+            cell_model.ranklm = compression_state(  # type: ignore[assignment]
+                cell_model, config, targets, rank_map, dense_params, calib_info, model_info,
+                {"total_s": shared_s + cell_s, "shared_s": shared_s, "cell_s": cell_s}, ctx.artifacts,
             )
+            achieved = cell_model.ranklm.keep_achieved
             row.update(keep_achieved=achieved, keep_model=cell_model.ranklm.keep_achieved_model,
                        compress_s=shared_s + cell_s, cell_s=cell_s, rss_shared_mib=shared_rss, rss_cell_mib=mem.growth_mib)
-            if achieved > keep + 1e-12 or achieved < keep * (1 - TOLERANCE):
+            if not meets_budget(achieved, keep):
                 row["error"] = f"achieved keep {achieved:.4f} not within {TOLERANCE:.1%} below {keep}"
             rank_maps[f"{method.name}@{keep:g}"] = rank_map
             evaluate(cell_model, row)

@@ -60,6 +60,11 @@ def keep_ratio(targets: list[Target], rank_map: RankMap) -> float:
     return targets_cost(targets, rank_map) / targets_dense_params(targets)
 
 
+def meets_budget(achieved: float, keep: float) -> bool:
+    """DESIGN's exactness rule: at most the requested ratio, at most TOLERANCE (relative) below it."""
+    return keep * (1 - TOLERANCE) <= achieved <= keep + 1e-12
+
+
 def model_params(model: nn.Module) -> int:
     """Unique parameters of a model (tied weights counted once)."""
     return sum(p.numel() for p in model.parameters())
