@@ -105,3 +105,12 @@ def test_energy_gives_more_rank_to_a_matrix_that_needs_it():
     hot = "model.layers.0.mlp.up_proj"
     assert energy[hot] == DENSE or energy[hot] > uniform[hot]
     assert all(energy[t.name] != DENSE and energy[t.name] < uniform[t.name] for t in targets if t.name != hot)
+
+
+def test_kept_fraction_is_the_budget_cost_over_dense():
+    from ranklm.budget import kept_fraction
+
+    t = Target("x", 48, 80, "linear", 0)
+    for rank in [1, 7, max_factored_rank(t), max_factored_rank(t) + 1, DENSE]:
+        assert kept_fraction(48, 80, rank) == target_cost(t, rank) / t.dense_params
+    assert kept_fraction(48, 80, DENSE) == 1.0 and kept_fraction(48, 80, 3) == 3 * 128 / (48 * 80)

@@ -40,6 +40,13 @@ def target_cost(t: Target, rank: Rank) -> int:
     return k * (t.out_features + t.in_features)
 
 
+def kept_fraction(out_features: int, in_features: int, rank: Rank) -> float:
+    """Fraction of an ``out x in`` matrix's parameters that ``rank`` keeps (1.0 for dense), for
+    reports that have only a checkpoint's shapes (``ranklm.json`` ``modules``), not Targets."""
+    dense = out_features * in_features
+    return 1.0 if rank == DENSE else min(int(rank) * (out_features + in_features), dense) / dense
+
+
 def normalize_rank(t: Target, rank: Rank) -> Rank:
     """Ranks at or past the break-even point are recorded as dense."""
     if rank == DENSE or int(rank) > max_factored_rank(t):

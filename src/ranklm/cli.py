@@ -364,7 +364,7 @@ def info(
     seq_len: int = typer.Option(256, "--seq-len", help="With --diagnose: tokens per window."),
 ) -> None:
     """Recipe, keep ratios and the rank map of a checkpoint; or --diagnose a model."""
-    from .budget import DENSE
+    from .budget import kept_fraction
     from .io import read_metadata
 
     if diagnose_:
@@ -395,7 +395,7 @@ def info(
     for name, rank in meta["rank_map"].items():
         mod = meta["modules"][name]
         m, n = mod["out"], mod["in"]
-        kept = 1.0 if rank == DENSE else rank * (m + n) / (m * n)
+        kept = kept_fraction(m, n, rank)
         typer.echo(f"{name:<48} {f'{m}x{n}':>12} {str(rank):>6} {kept:>7.3f}")
 
 

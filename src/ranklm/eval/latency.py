@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..budget import DENSE, RankMap
+from ..budget import DENSE, RankMap, target_cost
 from ..targets import Target
 
 DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((1, 128), (1, 512), (8, 128), (8, 512))
@@ -30,11 +30,8 @@ DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((1, 128), (1, 512), (8, 128), (8,
 
 def target_macs(targets: list[Target], rank_map: RankMap | None = None) -> int:
     """Multiply-adds per token of the targets (dense when ``rank_map`` is None)."""
-    total = 0
-    for t in targets:
-        r = DENSE if rank_map is None else rank_map.get(t.name, DENSE)
-        total += t.dense_params if r == DENSE else min(int(r) * (t.out_features + t.in_features), t.dense_params)
-    return total
+    # a linear layer does one multiply-add per parameter per token, so MACs are the DESIGN §2 cost
+    return sum(target_cost(t, DENSE if rank_map is None else rank_map.get(t.name, DENSE)) for t in targets)
 
 
 def flop_ratio_limit(targets: list[Target], rank_map: RankMap) -> float:

@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ..budget import DENSE
+from ..budget import DENSE, kept_fraction
 from ..errors import RanklmError
 
 
@@ -39,7 +39,7 @@ def rank_series(meta: dict[str, Any]) -> dict[str, list[tuple[int, int, float, b
         block = i if block < 0 else block
         dense = rank == DENSE
         r = min(m, n) if dense else int(rank)
-        kept = 1.0 if dense else r * (m + n) / (m * n)
+        kept = kept_fraction(m, n, rank)
         out[_module_type(name, block)].append((block, r, kept, dense))
     return dict(out)
 
