@@ -11,12 +11,14 @@ from __future__ import annotations
 from .base import AllocationContext
 from ..budget import RankMap, fit_budget, max_factored_rank
 from ..decompose.base import Factorization
+from ..options import Opt
 from ..targets import Target
 
 
 class EnergyAllocator:
     name = "energy"
     needs_context = False
+    OPTIONS: tuple[Opt, ...] = ()
 
     def allocate(
         self,

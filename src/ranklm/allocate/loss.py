@@ -26,6 +26,7 @@ from collections import defaultdict
 
 from ..budget import RankMap, fit_budget, max_factored_rank
 from ..decompose.base import Factorization
+from ..options import Opt
 from ..targets import Target
 from .base import AllocationContext
 
@@ -38,8 +39,13 @@ def target_type(name: str) -> str:
 class LossAllocator:
     name = "loss"
     needs_context = False
+    OPTIONS: tuple[Opt, ...] = (
+        Opt("group_by_type", bool, True, "allocate within groups of same-type targets (q/k/v/o/gate/up/down)"),
+        Opt("mode", str, "v2", "v2: removal ratio by 1/log(e + L/median L) per group; greedy: by absolute s^2",
+            choices=("v2", "greedy")),
+    )
 
-    def __init__(self, group_by_type: bool = True, mode: str = "v2", **_: object) -> None:
+    def __init__(self, group_by_type: bool = True, mode: str = "v2") -> None:
         from ..errors import RanklmError
 
         if mode not in ("v2", "greedy"):

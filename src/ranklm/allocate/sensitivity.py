@@ -32,6 +32,7 @@ from ..budget import DENSE, RankMap, fit_budget, max_factored_rank, target_cost
 from ..decompose.base import Factorization
 from ..errors import RanklmError
 from ..eval.perplexity import perplexity
+from ..options import Opt
 from ..targets import Conv1D, Target
 from .base import AllocationContext, require_context
 
@@ -63,15 +64,25 @@ def _default_cache() -> Path:
 class SensitivityAllocator:
     name = "sensitivity"
     needs_context = True
+    OPTIONS: tuple[Opt, ...] = (
+        Opt("grid", list, DEFAULT_GRID, "keep ratios in (0, 1) at which each target's perplexity is measured",
+            item=float),
+        Opt("windows", int, 4, "calibration windows per perplexity measurement"),
+        Opt("seq_len", int, None, "measure on the first seq_len tokens of each window [default: all]"),
+        Opt("table", str, None, "reuse a sensitivity table: a cache file or a checkpoint's ranklm.json"),
+        Opt("cache", bool, True, "read and write the sensitivity cache (keyed by model, base, windows, grid)"),
+    )
 
     def __init__(
         self, grid: tuple[float, ...] = DEFAULT_GRID, windows: int = 4, seq_len: int | None = None,
-        table: str | None = None, cache: bool = True, **_: Any
+        table: str | None = None, cache: bool = True
     ) -> None:
         self.grid = tuple(sorted(float(g) for g in grid))
         if not self.grid or not all(0 < g < 1 for g in self.grid):
             raise RanklmError("sensitivity grid ratios must lie in (0, 1)")
         self.windows = int(windows)
+        if self.windows < 1 or (seq_len is not None and int(seq_len) < 1):
+            raise RanklmError("sensitivity windows and seq_len must be positive integers")
         self.seq_len = int(seq_len) if seq_len else None  # measure on the first seq_len tokens of each window
         self.table_path = table
         self.cache = cache

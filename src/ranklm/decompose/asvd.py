@@ -12,14 +12,18 @@ from typing import Any
 
 import torch
 
+from ..options import Opt
 from .base import Factorization, split_sqrt, thin_svd
 
 
 class ASVDBase:
     name = "asvd"
     needs: frozenset[str] = frozenset({"abs_mean"})
+    OPTIONS: tuple[Opt, ...] = (
+        Opt("alpha", float, 0.5, "exponent of the activation scaling S = mean|x|^alpha (0 = plain SVD)"),
+    )
 
-    def __init__(self, alpha: float = 0.5, **_: Any) -> None:
+    def __init__(self, alpha: float = 0.5) -> None:
         self.alpha = float(alpha)
 
     def scales(self, abs_mean: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import RanklmError
+from ..options import Opt
 from .base import Factorization, split_sqrt, thin_svd
 
 SIDES = ("out", "in")
@@ -29,8 +30,11 @@ def fisher_weights(fisher: torch.Tensor, side: str) -> torch.Tensor:
 class FWSVDBase:
     name = "fwsvd"
     needs: frozenset[str] = frozenset({"fisher"})
+    OPTIONS: tuple[Opt, ...] = (
+        Opt("side", str, "out", "Fisher-weight the rows (out, the paper's) or the columns (in)", choices=SIDES),
+    )
 
-    def __init__(self, side: str = "out", **_: Any) -> None:
+    def __init__(self, side: str = "out") -> None:
         if side not in SIDES:
             raise RanklmError(f"unknown Fisher side {side!r}; valid: {', '.join(SIDES)}")
         self.side = side

@@ -6,12 +6,14 @@ from typing import Any
 
 import torch
 
+from ..options import Opt
 from .base import Factorization, split_sqrt, thin_svd
 
 
 class SVDBase:
     name = "svd"
     needs: frozenset[str] = frozenset()
+    OPTIONS: tuple[Opt, ...] = ()
 
     def decompose(self, weight: torch.Tensor, stats: dict[str, Any], max_rank: int) -> Factorization:
         w = weight.detach().to(torch.float64)

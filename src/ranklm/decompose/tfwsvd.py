@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from ..errors import RanklmError
+from ..options import Opt
 from .base import Factorization, thin_svd
 from .fwsvd import FWSVDBase
 
@@ -35,6 +37,14 @@ def weighted_error(fisher: torch.Tensor, weight: torch.Tensor, approx: torch.Ten
 
 class TFWSVDBase(FWSVDBase):
     name = "tfwsvd"
+    OPTIONS: tuple[Opt, ...] = (
+        FWSVDBase.OPTIONS[0],
+        Opt("adam_steps", int, 100, "Adam steps of the per-target refinement (first phase)"),
+        Opt("sgd_steps", int, 50, "SGD-with-momentum steps after Adam (second phase)"),
+        Opt("adam_lr", float, 1e-3, "Adam learning rate, relative to the RMS of the starting factors"),
+        Opt("sgd_lr", float, 0.5, "SGD step as a fraction of 1/L (L: Lipschitz bound of the gradient)"),
+        Opt("device", str, None, "torch device for the refinement, e.g. cuda [default: the weight's device]"),
+    )
 
     def __init__(
         self,
@@ -44,9 +54,10 @@ class TFWSVDBase(FWSVDBase):
         adam_lr: float = 1e-3,
         sgd_lr: float = 0.5,
         device: str | None = None,
-        **_: Any,
     ) -> None:
         super().__init__(side=side)
+        if int(adam_steps) < 0 or int(sgd_steps) < 0:
+            raise RanklmError("tfwsvd adam_steps and sgd_steps must be >= 0")
         self.adam_steps = int(adam_steps)
         self.sgd_steps = int(sgd_steps)
         self.adam_lr = float(adam_lr)

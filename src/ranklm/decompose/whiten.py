@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import RanklmError
+from ..options import Opt
 from .base import Factorization, split_sqrt, thin_svd
 
 
@@ -43,6 +44,7 @@ def whitening_factor(gram: torch.Tensor, name: str = "") -> tuple[torch.Tensor, 
 class WhitenBase:
     name = "whiten"
     needs: frozenset[str] = frozenset({"gram"})
+    OPTIONS: tuple[Opt, ...] = ()
 
     def decompose(self, weight: torch.Tensor, stats: dict[str, Any], max_rank: int) -> Factorization:
         w = weight.detach().to(torch.float64)
