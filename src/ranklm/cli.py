@@ -363,26 +363,34 @@ def info(
     windows: int = typer.Option(8, "--windows", help="With --diagnose: Fisher windows."),
     seq_len: int = typer.Option(256, "--seq-len", help="With --diagnose: tokens per window."),
 ) -> None:
-    """Recipe, keep ratios and the rank map of a checkpoint; or --diagnose a model."""
+    """Recipe, keep ratios and the rank map of a checkpoint; or --diagnose a model.
+
+    The checkpoint is validated as ``ranklm.load``/``evaluate`` validate it (ranklm.json, file
+    hashes, rank map against the model's structure) before anything is printed.
+    """
     from .budget import kept_fraction
-    from .io import read_metadata
+    from .io import check_checkpoint
 
     if diagnose_:
         _diagnose(checkpoint, data, keep, windows, seq_len, as_json)
         return
     if checkpoint is None:
         raise RanklmError("give a checkpoint directory (or --diagnose MODEL)")
-    meta = read_metadata(checkpoint)
+    meta = check_checkpoint(checkpoint)
     if as_json:
         typer.echo(json.dumps(meta, indent=2))
         return
-    r = meta["recipe"]
+
+    def ratio(key: str) -> str:
+        return "n/a" if meta.get(key) is None else f"{meta[key]:.4f}"
+
+    r = meta.get("recipe") or {}
     typer.echo(f"checkpoint   {checkpoint}")
-    typer.echo(f"base model   {meta['base_model'].get('name_or_path')}")
-    typer.echo(f"method       {r['name']} (base {r['base']}, allocator {r['allocator']}, seed {r['seed']})")
+    typer.echo(f"base model   {(meta.get('base_model') or {}).get('name_or_path')}")
+    typer.echo(f"method       {r.get('name')} (base {r.get('base')}, allocator {r.get('allocator')}, seed {r.get('seed')})")
     typer.echo(
-        f"keep         targets: requested {meta['keep_requested']:.4f}, achieved {meta['keep_achieved']:.4f}; "
-        f"whole model: {meta['keep_achieved_model']:.4f}"
+        f"keep         targets: requested {ratio('keep_requested')}, achieved {ratio('keep_achieved')}; "
+        f"whole model: {ratio('keep_achieved_model')}"
     )
     cal = meta.get("calibration") or {}
     if cal:
@@ -577,9 +585,39 @@ def generate(
     stream_generate(m, tok, prompt, max_new_tokens, sample, temperature, top_p, seed)
 
 
+@app.command()
+def methods() -> None:
+    """Every base, allocator, trainer and recipe, with each option's type, default and help."""
+    from .registry import list_methods
+
+    typer.echo(list_methods())
+
+
+def _click_exception_classes(name: str) -> tuple[type, ...]:
+    """``name`` from typer's vendored click (typer >= 0.24), typer itself and click, where each exists."""
+    import importlib
+
+    found = []
+    for module in ("typer._click.exceptions", "typer.exceptions", "typer", "click.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and issubclass(cls, BaseException) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: user errors become one line and exit code 2."""
-    import click
+    """Console entry point: user errors (ours and the command line parser's) become one line and exit code 2."""
+    exit_classes = _click_exception_classes("Exit")
+    abort_classes = _click_exception_classes("Abort")
+    help_classes = _click_exception_classes("NoArgsIsHelpError")  # bare `ranklm`: the help text, not an error
+    click_classes = _click_exception_classes("ClickException")
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     _quiet_libraries()
@@ -587,16 +625,25 @@ def main(argv: list[str] | None = None) -> int:
         rv = app(args=argv, standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except RanklmError as e:
-        _echo_err(f"error: {e}")
+        _echo_err(f"error: {_one_line(str(e))}")
         return 2
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, *abort_classes):
         _echo_err("interrupted: no output was written under the final name")
         return 130
+    except BaseException as e:
+        if exit_classes and isinstance(e, exit_classes):
+            return int(getattr(e, "exit_code", 0) or 0)
+        if help_classes and isinstance(e, help_classes):
+            e.show()  # type: ignore[attr-defined]
+            return int(getattr(e, "exit_code", 2))
+        is_usage = (click_classes and isinstance(e, click_classes)) or (
+            hasattr(e, "show") and hasattr(e, "exit_code") and hasattr(e, "format_message")
+        )
+        if not is_usage:
+            raise
+        # typer/click usage errors (bad value, unknown flag, missing argument, ...): one line, exit 2.
+        _echo_err(f"error: {_one_line(e.format_message())}")  # type: ignore[attr-defined]
+        return 2
 
 
 def entry() -> None:

@@ -214,10 +214,43 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise RanklmError(
             f"{meta_path} has format version {meta.get('format_version')!r}; this ranklm reads version {FORMAT_VERSION}"
         )
+    validate_metadata(meta, meta_path)
+    return meta
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate_metadata(meta: dict[str, Any], meta_path: str | os.PathLike = META_FILE) -> None:
+    """Check ``ranklm.json``'s own consistency (types, shapes, rank map vs ``modules``); RanklmError if not.
+
+    Whether the rank map fits the model itself is checked against the model's structure by
+    ``_install_empty`` (``load`` and ``check_checkpoint``).
+    """
     for key in ("rank_map", "modules", "files"):
         if not isinstance(meta.get(key), dict):
             raise RanklmError(f"{meta_path} is missing its {key!r} entry")
-    return meta
+    for name, info in meta["modules"].items():
+        if not (isinstance(info, dict) and _is_int(info.get("out")) and _is_int(info.get("in"))
+                and info["out"] > 0 and info["in"] > 0 and isinstance(info.get("kind"), str)
+                and _is_int(info.get("block", -1))):
+            raise RanklmError(f"{meta_path} is corrupt: bad shape entry for {name}: {info!r}")
+    for name, rank in meta["rank_map"].items():
+        info = meta["modules"].get(name)
+        if info is None:
+            raise RanklmError(f"rank map does not fit the model: {name} has no shape entry in {META_FILE}")
+        if rank != DENSE and not (_is_int(rank) and 0 < rank <= min(info["out"], info["in"])):
+            raise RanklmError(f"rank map does not fit the model: bad rank {rank!r} for {name}")
+    for name, digest in meta["files"].items():
+        if not isinstance(digest, str):
+            raise RanklmError(f"{meta_path} is corrupt: bad hash entry for {name}")
+    if not isinstance(meta.get("recipe", {}), dict) or not isinstance(meta.get("base_model", {}), dict):
+        raise RanklmError(f"{meta_path} is corrupt: its 'recipe' and 'base_model' entries must be objects")
+    for key in ("keep_requested", "keep_achieved", "keep_achieved_model"):
+        v = meta.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise RanklmError(f"{meta_path} is corrupt: {key} is {v!r}, not a number")
 
 
 def verify_files(path: Path, meta: dict[str, Any]) -> None:
@@ -260,38 +293,72 @@ def _install_empty(model: nn.Module, meta: dict[str, Any]) -> list[Target]:
     return targets
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True) -> tuple[nn.Module, Any]:
-    """Rebuild a compressed model from a checkpoint: ``(model, tokenizer)``; logits match the saved model bit for bit."""
-    from .api import CompressionState
-    from .models import model_class_for
-
-    p = Path(path)
-    meta = read_metadata(p)
-    if verify:
-        verify_files(p, meta)
+def _empty_model(p: Path, meta: dict[str, Any]) -> tuple[nn.Module, list[Target]]:
+    """The checkpoint's model on the meta device with empty LowRankLinear layers installed (rank map checked)."""
     try:
         config = AutoConfig.from_pretrained(p)
     except Exception as e:  # noqa: BLE001
         raise RanklmError(f"cannot read {p / 'config.json'}: {e}") from None
+    from .models import model_class_for
+
     cls = model_class_for(config)
-    dtype = getattr(torch, meta.get("dtype", "float32"))
+    dtype = getattr(torch, str(meta.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype):
+        raise RanklmError(f"{p / META_FILE} is corrupt: unknown dtype {meta.get('dtype')!r}")
     with init_empty_weights(include_buffers=False):
         if hasattr(cls, "from_config"):  # Auto classes
             model = cls.from_config(config, dtype=dtype)
         else:
             model = cls._from_config(config, dtype=dtype)
-    targets = _install_empty(model, meta)
+    return model, _install_empty(model, meta)
+
+
+def _check_weight_shapes(shapes: dict[str, tuple[int, ...]], model: nn.Module) -> None:
+    """The saved tensors (name -> shape) fit the rebuilt model: no unexpected name, no other shape."""
+    expected = dict(model.state_dict())
+    unexpected = sorted(set(shapes) - set(expected))
+    if unexpected:
+        raise RanklmError(f"checkpoint weights do not fit the model: unexpected tensors {unexpected[:3]}")
+    for k, shape in shapes.items():
+        if tuple(shape) != tuple(expected[k].shape):
+            raise RanklmError(f"checkpoint weights do not fit the model: {k} is {tuple(shape)}, expected {tuple(expected[k].shape)}")
+
+
+def check_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
+    """Validate a checkpoint as ``load`` does, without reading the weights into memory; returns its metadata.
+
+    Checks ranklm.json, the file hashes (``verify``), that the rank map fits the model rebuilt
+    from ``config.json`` (names, layer types, shapes, ranks) and that the saved tensors' names and
+    shapes (read from the safetensors header) fit it.
+    """
+    p = Path(path)
+    meta = read_metadata(p)
+    if verify:
+        verify_files(p, meta)
+    model, _ = _empty_model(p, meta)
+    try:
+        with safetensors.safe_open(str(p / WEIGHTS_FILE), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise RanklmError(f"{p / WEIGHTS_FILE} is corrupt or truncated: {e}") from None
+    _check_weight_shapes(shapes, model)
+    return meta
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True) -> tuple[nn.Module, Any]:
+    """Rebuild a compressed model from a checkpoint: ``(model, tokenizer)``; logits match the saved model bit for bit."""
+    from .api import CompressionState
+
+    p = Path(path)
+    meta = read_metadata(p)
+    if verify:
+        verify_files(p, meta)
+    model, targets = _empty_model(p, meta)
     try:
         state = safetensors.torch.load_file(str(p / WEIGHTS_FILE), device=str(device))
     except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise RanklmError(f"{p / WEIGHTS_FILE} is corrupt or truncated: {e}") from None
-    expected = dict(model.state_dict())
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected:
-        raise RanklmError(f"checkpoint weights do not fit the model: unexpected tensors {unexpected[:3]}")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise RanklmError(f"checkpoint weights do not fit the model: {k} is {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+    _check_weight_shapes({k: tuple(v.shape) for k, v in state.items()}, model)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -339,4 +406,5 @@ def metadata_summary(meta: dict[str, Any]) -> dict[str, Any]:
     return {k: meta.get(k) for k in ("recipe", "keep_requested", "keep_achieved", "keep_achieved_model", "params", "base_model")}
 
 
-__all__ = ["save", "load", "export_dense", "read_metadata", "atomic_dir", "check_output_dir"]
+__all__ = ["save", "load", "export_dense", "read_metadata", "validate_metadata", "check_checkpoint", "atomic_dir",
+           "check_output_dir"]
