@@ -15,7 +15,7 @@ from ranklm.calibration import read_text_source, token_windows
 from ranklm.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FAST = ["--calib-windows", "4", "--seq-len", "32", "--eval-windows", "2", "--batch-size", "2",
+FAST = ["--calib-windows", "4", "--seq-len", "32", "--eval-seq-len", "32", "--eval-windows", "2", "--batch-size", "2",
         "--gen-prompts", "3", "--gen-tokens", "8", "--gen-prompt-len", "8"]
 
 
@@ -171,8 +171,8 @@ def test_parsers():
         "tfwsvd": {"adam_steps": 40}, "*": {"side": "in"}}
     from ranklm.bench import BenchOptions
 
-    cmd = reproduce_command(parse_method("asvd+energy"), 0.6, BenchOptions(calib_windows=7, seq_len=64, eval_windows=3,
+    cmd = reproduce_command(parse_method("asvd+energy"), 0.6, BenchOptions(calib_windows=7, seq_len=64, eval_windows=3, sequential=False,
                             base_options={"asvd": {"alpha": 0.25}}), {"model": "m", "data": "d.txt"}, "out")
     assert cmd == ("ranklm compress --model m --data d.txt --base asvd --allocator energy --keep 0.6 --calib-windows 7 "
-                   "--seq-len 64 --eval-windows 3 --batch-size 4 --seed 0 --whole-model --base-opt alpha=0.25 "
+                   "--seq-len 64 --eval-seq-len 512 --eval-windows 3 --batch-size 4 --seed 0 --whole-model --base-opt alpha=0.25 "
                    "--output out/asvd_energy-keep0.6")

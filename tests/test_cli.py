@@ -14,7 +14,7 @@ def run(capsys, *args):
     return code, out, err
 
 
-FAST = ["--calib-windows", "4", "--seq-len", "32", "--eval-windows", "2", "--batch-size", "2"]
+FAST = ["--calib-windows", "4", "--seq-len", "32", "--eval-seq-len", "32", "--eval-windows", "2", "--batch-size", "2"]
 
 
 def test_compress_info_evaluate_export(capsys, tiny_llama_dir, text_file, tmp_path):

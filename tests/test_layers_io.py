@@ -240,14 +240,18 @@ def test_same_seed_same_result_bit_identical():
     assert all(torch.equal(results[0][1][k], results[1][1][k]) for k in results[0][1])
 
 
-def test_sequential_is_automatic_for_activation_bases_with_uniform_ranks():
-    from ranklm.allocate import get_allocator
-    from ranklm.api import use_sequential
-    from ranklm.decompose import get_base
+def test_sequential_is_automatic_for_activation_bases():
+    from ranklm.pipeline import make_plan
 
-    cfg = CompressConfig(keep=0.5, recipe="svd-llm")
-    assert use_sequential(cfg, get_base("whiten"), get_allocator("uniform"))
-    assert not use_sequential(cfg, get_base("whiten"), get_allocator("energy"))  # global allocation needs all spectra
-    assert not use_sequential(cfg, get_base("fwsvd"), get_allocator("uniform"))  # Fisher needs end-to-end gradients
-    assert not use_sequential(cfg, get_base("svd"), get_allocator("uniform"))  # no statistics at all
-    assert not use_sequential(CompressConfig(keep=0.5, sequential=False), get_base("whiten"), get_allocator("uniform"))
+    def plan(**kw):
+        p = make_plan(CompressConfig(keep=0.5, **kw))
+        return p.sequential, p.refit, p.needs_pass1
+
+    assert plan(recipe="svd-llm") == (True, True, False)  # uniform reads shapes only: one block-by-block pass
+    assert plan(base="whiten", allocator="energy", recipe=None) == (True, True, True)  # spectra first, then refit
+    assert plan(recipe="svd-llm", propagate="dense") == (True, False, True)  # factor once, dense propagation
+    assert plan(recipe="fwsvd") == (False, False, True)  # Fisher needs end-to-end gradients
+    assert plan(recipe="svd") == (False, False, True)  # no statistics at all
+    assert plan(recipe="svd-llm", sequential=False) == (False, False, True)
+    with pytest.raises(RanklmError, match="sequential"):
+        make_plan(CompressConfig(keep=0.5, recipe="fwsvd", sequential=True))

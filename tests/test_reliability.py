@@ -94,11 +94,11 @@ class _CtrlCAt:
     def __init__(self, real, n: int) -> None:
         self.real, self.n, self.calls = real, n, 0
 
-    def __call__(self, model, ids):
+    def __call__(self, model, batch):
         self.calls += 1
         if self.calls == self.n:
             raise KeyboardInterrupt
-        return self.real(model, ids)
+        return self.real(model, batch)
 
 
 def test_ctrl_c_during_training_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_llama_dir, text_file, monkeypatch, capsys):
@@ -106,23 +106,23 @@ def test_ctrl_c_during_training_then_resume_matches_an_uninterrupted_run(tmp_pat
 
     import safetensors.torch as st
 
-    import ranklm.allocate.ars as ars_mod
-    import ranklm.train.finetune as ft_mod
+    import ranklm.train.objective as obj_mod
     from ranklm.cli import main
 
     args = ["compress", "--model", tiny_llama_dir, "--data", text_file, "--keep", "0.6", "--base", "whiten", "--allocator", "ars",
-            "--ars-steps", "8", "--ars-lr", "0.01", "--finetune-steps", "8", "--finetune-lr", "1e-3", "--save-every", "2",
-            "--calib-windows", "4", "--seq-len", "32", "--batch-size", "2", "--no-eval"]
+            "--alloc-opt", "steps=8", "--alloc-opt", "lr=0.01", "--trainer", "finetune", "--train-opt", "steps=8",
+            "--train-opt", "lr=1e-3", "--save-every", "2", "--calib-windows", "4", "--seq-len", "32", "--batch-size", "2", "--no-eval"]
     ref, out, state = tmp_path / "ref", tmp_path / "out", tmp_path / "state"
     assert main([str(a) for a in [*args, "--output", ref]]) == 0
 
     # Ctrl-C in ARS at step 6 of 8: exit 130, no output, the state of step 4 on disk
-    monkeypatch.setattr(ars_mod, "lm_loss", _CtrlCAt(ft_mod.lm_loss, 6))
+    real = obj_mod._lm_loss
+    monkeypatch.setattr(obj_mod, "_lm_loss", _CtrlCAt(real, 6))
     assert main([str(a) for a in [*args, "--output", out, "--state-dir", state]]) == 130
     assert not out.exists() and (state / "ars.safetensors").is_file() and not (state / "finetune.safetensors").exists()
     monkeypatch.undo()
-    # resumed, then Ctrl-C again in fine-tuning at step 5 of 8
-    monkeypatch.setattr(ft_mod, "lm_loss", _CtrlCAt(ft_mod.lm_loss, 5))
+    # resumed (ARS steps 5-8 = 4 loss calls), then Ctrl-C again in fine-tuning at step 5 of 8
+    monkeypatch.setattr(obj_mod, "_lm_loss", _CtrlCAt(real, 4 + 5))
     assert main([str(a) for a in [*args, "--output", out, "--state-dir", state, "--resume"]]) == 130
     assert not out.exists() and (state / "finetune.safetensors").is_file()
     monkeypatch.undo()
@@ -135,8 +135,9 @@ def test_ctrl_c_during_training_then_resume_matches_an_uninterrupted_run(tmp_pat
         assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a), f
     ma, mb = (json.loads((d / "ranklm.json").read_text()) for d in (ref, out))
     assert ma["rank_map"] == mb["rank_map"]
-    assert ma["artifacts"]["finetune"]["loss"] == mb["artifacts"]["finetune"]["loss"]
-    assert len(mb["artifacts"]["finetune"]["loss"]) == 8
+    ha, hb = (m["training"][1]["history"]["loss"] for m in (ma, mb))
+    assert ha == hb and len(hb) == 8
+    assert ma["training"][0]["trainer"] == "ars" and mb["training"][1]["resumed_from_step"] == 4
 
     # resuming a different run from that folder, or a fresh run into it, is refused
     other = [a if a != "0.6" else "0.5" for a in args]

@@ -1,32 +1,28 @@
-"""``ranklm bench``: every method side by side in one process (DESIGN §7, issue 8).
+"""``ranklm bench``: every method side by side in one process (docs/design.md §7).
 
 A grid of methods (recipes, or ``base+allocator`` pairs) x keep ratios runs on
-the *same* calibration windows and the *same* evaluation windows. Expensive
-intermediate results are shared instead of recomputed:
+the *same* calibration windows and the *same* evaluation windows. Each cell is one
+run of the pipeline (``pipeline.run``) on a deep copy of the dense model, with the
+same statistics mode ``compress`` uses (block by block with compressed propagation
+for activation bases unless ``--whole-model``), so a cell's rank map and perplexity
+are exactly what its ``ranklm compress`` command gives. What can be shared is shared
+through a ``pipeline.FactorCache``: pass-1 statistics and factorizations once per base
+and statistics mode; the refit pass, allocation, training and installation are per cell.
 
-- calibration statistics are collected once for the whole grid, in two timed
-  passes (activation statistics: Gram / |x| means; Fisher: gradients);
-- every base decomposes every target once; each keep ratio and allocator reuses
-  those factorizations (a base is freed after its last cell).
-
-Each cell deep-copies the dense model, allocates ranks (allocators that measure
-or learn see that copy with its dense targets, exactly as ``compress`` does),
-lets a base refine at the allocated ranks (TFWSVD), installs ``LowRankLinear``
-layers and is evaluated: perplexity on every evaluation text, generation quality
-of greedy continuations (distinct-2, repeated-4-gram rate), optionally the
-held-out calibration perplexity (``--auto``) and the forward speed-up.
+Each cell is evaluated: perplexity on every evaluation text, generation quality of
+greedy continuations (distinct-2, repeated-4-gram rate), optionally the held-out
+calibration perplexity (``--auto``) and the forward speed-up. Learning allocators
+also report the keep their masks reached before the exact fit (``keep_learned``)
+and the share of top-k prefix masks.
 
 Reported per cell: ``compress_s`` = what a standalone ``ranklm compress`` pays
-(the shared statistics pass(es) its base needs + its base's decomposition + the
-cell's own allocation/refinement/installation), ``cell_s`` = the cell's own part;
-``rss_shared_mib`` = resident-memory growth while the statistics its base needs
-were collected and its base decomposed (once, shared), ``rss_cell_mib`` = growth
-during the cell's own part (the model copy included). Memory is polled from
-``/proc/self/statm`` every 20 ms.
+(the shared pass 1 of its base + the cell's own part), ``cell_s`` = the cell's own
+part; ``rss_shared_mib`` = resident-memory growth during its base's pass 1 (once,
+shared), ``rss_cell_mib`` = growth during the cell's own part (the model copy
+included). Memory is polled from ``/proc/self/statm`` every 20 ms.
 
 A cell that raises is recorded (``status=error`` and the message) and the grid
-goes on. Every row carries the ``ranklm compress`` command that reproduces it
-(same windows, same statistics, same ranks).
+goes on. Every row carries the ``ranklm compress`` command that reproduces it.
 """
 
 from __future__ import annotations
@@ -50,10 +46,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocate import AllocationContext, get_allocator
-from .api import allocate_ranks, calibration_info, compression_state, decompose_targets, install_rank_map, refine_factors
 from .budget import TOLERANCE, meets_budget, model_params, targets_dense_params
-from .calibration import TextSource, collect_stats, token_stream
+from .calibration import TextSource, token_stream
 from .calibration.data import seeded_split, stream_windows
 from .config import RECIPES, CompressConfig, parse_option_value, resolve_keep
 from .decompose import get_base
@@ -61,9 +55,9 @@ from .errors import RanklmError
 from .eval.generate import generation_quality, prompts_from_stream
 from .eval.latency import DEFAULT_SHAPES, flop_ratio_limit, measure_latency
 from .eval.perplexity import perplexity, require_causal_lm
+from .pipeline import FactorCache, calibration_info, make_plan
+from .pipeline import run as run_pipeline
 from .targets import Target, find_targets
-
-ACT_NEEDS = frozenset({"gram", "abs_mean"})
 
 
 # --------------------------------------------------------------------------- memory
@@ -180,14 +174,22 @@ def parse_scoped_options(items: list[str], flag: str) -> dict[str, dict[str, Any
     return out
 
 
-def _scoped(options: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
-    return {**options.get("*", {}), **options.get(name, {})}
+def _scoped(options: dict[str, dict[str, Any]], name: str, kind: str) -> dict[str, Any]:
+    """A method's options: the unscoped ones it declares, then the ones scoped to its name (validated later)."""
+    from .registry import method_options
+
+    declared = {o.name for o in method_options(kind, name)}
+    shared = {k: v for k, v in options.get("*", {}).items() if k.replace("-", "_") in declared}
+    return {**shared, **options.get(name, {})}
 
 
 @dataclass
 class BenchOptions:
     calib_windows: int = 128
-    seq_len: int = 512
+    seq_len: int = 512  # calibration windows
+    eval_seq_len: int = 512  # evaluation windows
+    sequential: bool | None = None  # None: the pipeline's default (block by block for activation bases)
+    propagate: str = "compressed"
     eval_windows: int | None = 40
     batch_size: int = 4
     seed: int = 0
@@ -267,17 +269,20 @@ def reproduce_command(method: Method, keep: float, opts: BenchOptions, args: dic
         parts += ["--recipe", method.recipe]
     else:
         parts += ["--base", method.base, "--allocator", method.allocator]
-    parts += ["--keep", f"{keep:g}", "--calib-windows", str(opts.calib_windows), "--seq-len", str(opts.seq_len)]
+    parts += ["--keep", f"{keep:g}", "--calib-windows", str(opts.calib_windows), "--seq-len", str(opts.seq_len),
+              "--eval-seq-len", str(opts.eval_seq_len)]
     if opts.eval_windows is not None:
         parts += ["--eval-windows", str(opts.eval_windows)]
     parts += ["--batch-size", str(opts.batch_size), "--seed", str(opts.seed)]
     if "fisher" in get_base(method.base).needs:
         parts += ["--fisher-windows", str(opts.fisher_windows)]
-    if get_base(method.base).needs:  # the bench shares whole-model statistics across cells
+    if opts.sequential is False and get_base(method.base).needs:
         parts += ["--whole-model"]
-    for k, v in _scoped(opts.base_options, method.base).items():
+    if opts.propagate != "compressed":
+        parts += ["--propagate", opts.propagate]
+    for k, v in _scoped(opts.base_options, method.base, "base").items():
         parts += ["--base-opt", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
-    for k, v in _scoped(opts.allocator_options, method.allocator).items():
+    for k, v in _scoped(opts.allocator_options, method.allocator, "allocator").items():
         parts += ["--alloc-opt", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
     for p in opts.include:
         parts += ["--include", p]
@@ -285,67 +290,6 @@ def reproduce_command(method: Method, keep: float, opts: BenchOptions, args: dic
         parts += ["--exclude", p]
     parts += ["--output", f"{out_dir}/{method.name.replace('+', '_')}-keep{keep:g}"]
     return shlex.join(parts)
-
-
-# --------------------------------------------------------------------------- shared work
-
-
-class SharedFactors:
-    """Calibration statistics (collected once) and each base's factorizations (computed once)."""
-
-    def __init__(self, model: nn.Module, targets: list[Target], windows: torch.Tensor, opts: BenchOptions, needs: set[str]):
-        self.model, self.targets, self.windows, self.opts = model, targets, windows, opts
-        self.needs = set(needs)
-        self.stats: dict[str, dict] = {t.name: {"name": t.name} for t in targets}
-        self.pass_time: dict[str, float] = {}  # "act" / "fisher" -> seconds
-        self.pass_rss: dict[str, float] = {}
-        self.pass_error: dict[str, str] = {}
-        self._bases: dict[str, tuple[Any, dict, float, float]] = {}
-
-    def _pass(self, kind: str) -> None:
-        if kind in self.pass_time or kind in self.pass_error:
-            return
-        needs = (self.needs & ACT_NEEDS) if kind == "act" else {"fisher"}
-        t0 = time.perf_counter()
-        try:
-            with PeakRSS() as mem:
-                st = collect_stats(
-                    self.model, self.targets, self.windows, needs, self.opts.batch_size, False,
-                    fisher_windows=self.opts.fisher_windows,
-                )
-        except Exception as e:  # noqa: BLE001 - recorded for every cell that needs it
-            self.pass_error[kind] = f"{type(e).__name__}: {e}"
-            return
-        for name, entry in st.items():
-            self.stats[name].update(entry)
-        self.pass_time[kind] = time.perf_counter() - t0
-        self.pass_rss[kind] = mem.growth_mib
-
-    def _kinds(self, base_needs: frozenset[str]) -> list[str]:
-        return (["act"] if base_needs & ACT_NEEDS else []) + (["fisher"] if "fisher" in base_needs else [])
-
-    def get(self, base_name: str) -> tuple[Any, dict, float, float]:
-        """(base object, factorizations, shared seconds, shared RSS growth MiB) for a base."""
-        if base_name in self._bases:
-            return self._bases[base_name]
-        base = get_base(base_name, **_scoped(self.opts.base_options, base_name))
-        kinds = self._kinds(base.needs)
-        for k in kinds:
-            self._pass(k)
-            if k in self.pass_error:
-                raise RanklmError(f"calibration statistics failed: {self.pass_error[k]}")
-        t0 = time.perf_counter()
-        with PeakRSS() as mem:
-            sub = {n: dict(s) for n, s in self.stats.items()}  # decompose pops entries: give it a copy
-            facs = decompose_targets(self.model, self.targets, base, sub, progress=False)
-        secs = time.perf_counter() - t0 + sum(self.pass_time[k] for k in kinds)
-        rss = max([mem.growth_mib] + [self.pass_rss[k] for k in kinds])
-        self._bases[base_name] = (base, facs, secs, rss)
-        return self._bases[base_name]
-
-    def release(self, base_name: str) -> None:
-        self._bases.pop(base_name, None)
-        gc.collect()
 
 
 # --------------------------------------------------------------------------- the grid
@@ -410,7 +354,7 @@ def run_bench(
     )
     evals = []
     for label, src in eval_srcs:
-        w, stream = eval_windows_of(tokenizer, src, opts.seq_len, opts.eval_windows)
+        w, stream = eval_windows_of(tokenizer, src, opts.eval_seq_len, opts.eval_windows)
         evals.append((label, src, w, stream))
     prompts = None
     if opts.gen_prompts > 0:
@@ -450,7 +394,7 @@ def run_bench(
         dense_row["command"] = shlex.join(
             ["ranklm", "evaluate"] + ([str(command_args["model"])] if command_args.get("model") not in (None, "default") else [])
             + (["--data", str(command_args["eval_data"])] if command_args.get("eval_data") else [])
-            + ["--seq-len", str(opts.seq_len)] + (["--windows", str(opts.eval_windows)] if opts.eval_windows else [])
+            + ["--seq-len", str(opts.eval_seq_len)] + (["--windows", str(opts.eval_windows)] if opts.eval_windows else [])
             + ["--batch-size", str(opts.batch_size)]
         )
     else:  # the evaluation part of a split --data has no file of its own
@@ -459,14 +403,12 @@ def run_bench(
     log(json.dumps({k: v for k, v in dense_row.items() if k != "latency"}, default=str))
     bar.update(1)
 
-    needs: set[str] = set()
-    for m in methods:
-        needs |= set(get_base(m.base).needs)
-    shared = SharedFactors(model, targets, calib, opts, needs)
+    cache = FactorCache(model, targets, calib, opts.batch_size, opts.fisher_windows, progress=False)
     rank_maps: dict[str, dict[str, Any]] = {}
     best: dict[str, Any] | None = None
     best_model: nn.Module | None = None
     remaining = {m.base: sum(1 for c in cells if c[0].base == m.base) for m in methods}
+    shared_cost: dict[tuple[str, bool], tuple[float, float]] = {}  # pass 1 per (base, mode): seconds, RSS growth
 
     for method, keep in cells:
         bar.set_postfix_str(f"{method.name}@{keep:g}")
@@ -475,53 +417,52 @@ def run_bench(
         row["command"] = reproduce_command(method, keep, opts, command_args, out_dir)
         cell_model = None
         try:
-            if method.base not in shared._bases:
-                bar.set_postfix_str(f"{method.name}@{keep:g}: statistics + decomposition ({method.base})")
-            base, facs, shared_s, shared_rss = shared.get(method.base)
             config = CompressConfig(
                 keep=keep, recipe=method.recipe, base=method.base, allocator=method.allocator,
                 include=list(opts.include), exclude=list(opts.exclude), calib_windows=opts.calib_windows,
                 seq_len=opts.seq_len, batch_size=opts.batch_size, seed=opts.seed, min_rank=opts.min_rank,
-                fisher_windows=opts.fisher_windows, sequential=False,  # statistics are shared whole-model
-                base_options=_scoped(opts.base_options, method.base),
-                allocator_options=_scoped(opts.allocator_options, method.allocator),
+                fisher_windows=opts.fisher_windows, sequential=opts.sequential, propagate=opts.propagate,
+                base_options=_scoped(opts.base_options, method.base, "base"),
+                allocator_options=_scoped(opts.allocator_options, method.allocator, "allocator"),
             )
-            bar.set_postfix_str(f"{method.name}@{keep:g}: allocate + install")
+            plan = make_plan(config)
+            key = (method.base, plan.sequential)
+            if plan.needs_pass1 and key not in shared_cost:  # pass 1 once per base and mode, timed on its own
+                bar.set_postfix_str(f"{method.name}@{keep:g}: statistics + decomposition ({method.base})")
+                t0 = time.perf_counter()
+                with PeakRSS() as mem:
+                    cache.factorizations(plan.base, plan.sequential)
+                shared_cost[key] = (time.perf_counter() - t0, mem.growth_mib)
+            shared_s, shared_rss = shared_cost.get(key, (0.0, 0.0)) if plan.needs_pass1 else (0.0, 0.0)
+            bar.set_postfix_str(f"{method.name}@{keep:g}: compress")
             t0 = time.perf_counter()
             with PeakRSS() as mem:
                 torch.manual_seed(opts.seed)
                 cell_model = _deepcopy_model(model)
-                allocator = get_allocator(method.allocator, **config.allocator_options)
-                ctx = AllocationContext(model=cell_model, windows=calib, batch_size=opts.batch_size, seed=opts.seed,
-                                        progress=False)
-                rank_map = allocate_ranks(allocator, targets, facs, config, ctx)
-                f = facs
-                if hasattr(base, "refine"):
-                    f = refine_factors(cell_model, targets, base, dict(facs), shared.stats, rank_map, progress=False)
-                    if getattr(base, "report", None):
-                        ctx.artifacts["base_report"] = base.report
-                install_rank_map(cell_model, targets, f, rank_map)
-                del f
-            cell_s = time.perf_counter() - t0
-            calib_info = None
-            if base.needs or getattr(allocator, "needs_context", False):
                 calib_info = {**calibration_info(calib_src.description, calib, config), "used": True}
-            cell_model.ranklm = compression_state(  # type: ignore[assignment]
-                cell_model, config, targets, rank_map, dense_params, calib_info, model_info,
-                {"total_s": shared_s + cell_s, "shared_s": shared_s, "cell_s": cell_s}, ctx.artifacts,
-            )
+                run_pipeline(cell_model, tokenizer, config, data=calib, calibration=calib_info, cache=cache,
+                             progress=False, base_model=model_info)
+            cell_s = time.perf_counter() - t0
+            if not plan.needs_windows:
+                cell_model.ranklm.calibration = None
+            cell_model.ranklm.timings.update({"total_s": shared_s + cell_s, "shared_s": shared_s, "cell_s": cell_s})
             achieved = cell_model.ranklm.keep_achieved
             row.update(keep_achieved=achieved, keep_model=cell_model.ranklm.keep_achieved_model,
                        compress_s=shared_s + cell_s, cell_s=cell_s, rss_shared_mib=shared_rss, rss_cell_mib=mem.growth_mib)
+            for r in cell_model.ranklm.training:
+                if "keep_learned" in r:
+                    row["keep_learned"] = r["keep_learned"]
+                    if "prefix_fraction" in r:
+                        row["prefix_fraction"] = r["prefix_fraction"]
             if not meets_budget(achieved, keep):
                 row["error"] = f"achieved keep {achieved:.4f} not within {TOLERANCE:.1%} below {keep}"
-            rank_maps[f"{method.name}@{keep:g}"] = rank_map
+            rank_maps[f"{method.name}@{keep:g}"] = cell_model.ranklm.rank_map
             evaluate(cell_model, row)
             ev = {"data": evals[0][1].description,
                   "dense": {"ppl": dense_row.get("ppl"), "windows": dense_row.get("eval_windows"),
-                            "tokens": dense_row.get("eval_tokens"), "seq_len": opts.seq_len},
+                            "tokens": dense_row.get("eval_tokens"), "seq_len": opts.eval_seq_len},
                   "compressed": {"ppl": row.get("ppl"), "windows": row.get("eval_windows"),
-                                 "tokens": row.get("eval_tokens"), "seq_len": opts.seq_len}}
+                                 "tokens": row.get("eval_tokens"), "seq_len": opts.eval_seq_len}}
             cell_model.ranklm.evaluation = ev
             if opts.auto and math.isfinite(row.get("calib_ppl", math.inf)) and (
                 best is None or row["calib_ppl"] < best["calib_ppl"]
@@ -536,7 +477,7 @@ def run_bench(
             del cell_model
             remaining[method.base] -= 1
             if remaining[method.base] == 0:
-                shared.release(method.base)
+                cache.release(method.base)
             gc.collect()
         rows.append(row)
         log(json.dumps({k: v for k, v in row.items() if k not in ("latency", "traceback")}, default=str))
@@ -560,14 +501,14 @@ def run_bench(
         "targets": len(targets),
         "targets_params": targets_dense_params(targets),
         "calibration": f"{len(calib)} x {opts.seq_len} tokens of {calib_src.description}",
-        "evaluation": {label: f"{len(w)} x {opts.seq_len} tokens ({len(w) * (opts.seq_len - 1)} predicted) of {src.description}"
+        "evaluation": {label: f"{len(w)} x {opts.eval_seq_len} tokens ({len(w) * (opts.eval_seq_len - 1)} predicted) of {src.description}"
                        for label, src, w, _ in evals},
         "eval_labels": [label for label, *_ in evals],
         "generation": (f"greedy, {opts.gen_new_tokens} new tokens after {len(prompts)} prompts of {opts.gen_prompt_len} tokens "
                        f"at evenly spaced positions of the '{evals[0][0]}' evaluation text") if prompts is not None else None,
         "auto": f"{len(held)} held-out calibration windows x {opts.seq_len} tokens" if opts.auto else None,
-        "stats_seconds": dict(shared.pass_time),
-        "stats_rss_mib": dict(shared.pass_rss),
+        "stats_seconds": dict(cache.seconds),
+        "statistics": "block by block (sequential)" if opts.sequential is not False else "whole model",
         "torch_threads": torch.get_num_threads(),
         "keeps": keeps,
         "methods": [m.name for m in methods],
@@ -579,7 +520,8 @@ def run_bench(
 # --------------------------------------------------------------------------- outputs
 
 CSV_COLUMNS = [
-    "method", "base", "allocator", "keep", "keep_achieved", "keep_model", "ppl", "eval_windows", "eval_tokens",
+    "method", "base", "allocator", "keep", "keep_achieved", "keep_model", "ppl", "keep_learned", "prefix_fraction",
+    "eval_windows", "eval_tokens",
     "seq_len", "distinct2", "repeat4", "calib_ppl", "speedup", "flop_limit", "compress_s", "cell_s",
     "rss_shared_mib", "rss_cell_mib", "status", "error", "command",
 ]
@@ -595,6 +537,9 @@ def _columns(result: BenchResult) -> list[str]:
     if not any("distinct2" in r for r in result.rows):
         cols.remove("distinct2")
         cols.remove("repeat4")
+    for c in ("keep_learned", "prefix_fraction"):
+        if not any(c in r for r in result.rows):
+            cols.remove(c)
     return cols
 
 
@@ -636,6 +581,10 @@ def results_markdown(result: BenchResult, command: str | None = None) -> str:
     cols = _columns(result)
     head = ["method", "base", "allocator", "keep", "keep achieved (targets)", "keep (whole model)"]
     head += [f"ppl {labels[0]}"] + [f"ppl {lab}" for lab in labels[1:]]
+    if "keep_learned" in cols:
+        head += ["keep learned (before fit)"]
+    if "prefix_fraction" in cols:
+        head += ["prefix masks"]
     if "distinct2" in cols:
         head += ["distinct-2", "rep-4"]
     if "calib_ppl" in cols:
@@ -649,6 +598,10 @@ def results_markdown(result: BenchResult, command: str | None = None) -> str:
         cells = [r["method"], r.get("base", "-"), r.get("allocator", "-"), f"{r['keep']:g}",
                  _fmt(r.get("keep_achieved"), 4), _fmt(r.get("keep_model"), 4), _fmt(r.get("ppl"))]
         cells += [_fmt(r.get(f"ppl_{lab}")) for lab in labels[1:]]
+        if "keep_learned" in cols:
+            cells += [_fmt(r.get("keep_learned"), 4)]
+        if "prefix_fraction" in cols:
+            cells += [_fmt(r.get("prefix_fraction"), 3)]
         if "distinct2" in cols:
             cells += [_fmt(r.get("distinct2"), 3), _fmt(r.get("repeat4"), 3)]
         if "calib_ppl" in cols:

@@ -1,4 +1,4 @@
-"""Parameter costs, keep ratios and exact budget fitting (DESIGN §2).
+"""Parameter costs, keep ratios and exact budget fitting (docs/design.md §2).
 
 Cost of an ``m x n`` target at rank k is ``k*(m+n)``; factoring pays only while
 that is below ``m*n``, so the largest useful rank is ``(m*n - 1) // (m+n)``;

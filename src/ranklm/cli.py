@@ -42,7 +42,7 @@ def _echo_err(msg: str) -> None:
 
 
 def _eval_sources(data: Optional[str], eval_data: Optional[str]):
-    """(calibration source, evaluation source or None) following DESIGN §2/§9."""
+    """(calibration source, evaluation source or None) following docs/design.md §2/§9."""
     from .calibration import default_corpus, read_text_source, split_source
 
     if eval_data is not None and data is not None and Path(eval_data).resolve() == Path(data).resolve():
@@ -82,50 +82,44 @@ def _fmt_ppl(x: float) -> str:
 def compress(
     keep: Optional[float] = typer.Option(None, "--keep", help="Fraction of the targets' parameters to keep, in (0, 1] [default 0.8]."),
     remove: Optional[float] = typer.Option(None, "--remove", help="Fraction to remove (= 1 - keep)."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="Named method: svd, svd-llm, svd-llm-v2, fwsvd, tfwsvd, asvd, svd-energy, svd-llm-energy [default svd-llm]."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Named method (see `ranklm methods`): svd, svd-llm, svd-llm-v2, fwsvd, tfwsvd, asvd, svd-energy, svd-llm-energy [default svd-llm]."),
     base: Optional[str] = typer.Option(None, "--base", help="Base decomposition: svd, whiten, fwsvd, tfwsvd, asvd; overrides the recipe."),
     allocator: Optional[str] = typer.Option(None, "--allocator", help="Rank allocator: uniform, energy, loss, sensitivity, ars; overrides the recipe."),
+    trainer: str = typer.Option("none", "--trainer", help="Training after installation: none or finetune."),
     model: Optional[str] = typer.Option(None, "--model", help="HF model folder, hub id or ranklm checkpoint [default: packaged SmolLM2-135M-Instruct]."),
     data: Optional[str] = typer.Option(None, "--data", help="Calibration text: file, folder or .jsonl [default: packaged convention speeches]."),
-    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Evaluation text [default: held-out part of --data]."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Evaluation text: a file, folder, .jsonl, 'hamlet' (packaged) or 'default' [default: held-out part of --data]."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Checkpoint directory to write (atomically)."),
     include: list[str] = typer.Option([], "--include", help="Glob (or re:REGEX) on module names to compress; repeatable."),
     exclude: list[str] = typer.Option([], "--exclude", help="Glob (or re:REGEX) on module names to leave dense; repeatable."),
     calib_windows: int = typer.Option(128, "--calib-windows", help="Calibration windows."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration/evaluation window."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration window."),
+    eval_seq_len: int = typer.Option(512, "--eval-seq-len", help="Tokens per evaluation window."),
     eval_windows: int = typer.Option(40, "--eval-windows", help="Evaluation windows for the dense/compressed perplexity."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the perplexity evaluation."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass (and per training step unless a method's batch_size option says otherwise)."),
     seed: int = typer.Option(0, "--seed", help="Seed for window selection and anything random."),
-    base_opt: list[str] = typer.Option([], "--base-opt", help="Base option KEY=VALUE, e.g. side=in, alpha=0.5, adam_steps=200; repeatable."),
-    alloc_opt: list[str] = typer.Option([], "--alloc-opt", help="Allocator option KEY=VALUE, e.g. group_by_type=false, windows=8; repeatable."),
+    base_opt: list[str] = typer.Option([], "--base-opt", help="Base option KEY=VALUE (see `ranklm methods`), e.g. side=in; repeatable."),
+    alloc_opt: list[str] = typer.Option([], "--alloc-opt", help="Allocator option KEY=VALUE (see `ranklm methods`), e.g. steps=300; repeatable."),
+    train_opt: list[str] = typer.Option([], "--train-opt", help="Trainer option KEY=VALUE (see `ranklm methods`), e.g. steps=100, lr=1e-4; repeatable."),
     fisher_windows: int = typer.Option(32, "--fisher-windows", help="Calibration windows used for Fisher statistics (fwsvd/tfwsvd)."),
-    sequential: Optional[bool] = typer.Option(None, "--sequential/--whole-model", help="Layer-by-layer calibration: memory ~ model + one block's statistics [default: on for whiten/asvd + uniform]."),
-    propagate: str = typer.Option("compressed", "--propagate", help="With --sequential: later blocks see the 'compressed' or 'dense' outputs."),
+    sequential: Optional[bool] = typer.Option(None, "--sequential/--whole-model", help="Block-by-block calibration (memory ~ model + one block's statistics) and refit of the allocated ranks on compressed activations [default: on for whiten/asvd]."),
+    propagate: str = typer.Option("compressed", "--propagate", help="With --sequential: later blocks see the 'compressed' (refit) or 'dense' outputs."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="accelerate device map for big models: auto, a device, or JSON {module: device} (CPU/disk offload allowed; offloaded layers are compressed and run on the CPU)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
-    ars_steps: Optional[int] = typer.Option(None, "--ars-steps", help="ARS: mask-learning steps [200]."),
-    ars_lr: Optional[float] = typer.Option(None, "--ars-lr", help="ARS: hypernetwork learning rate [1e-3]."),
-    ars_batch: Optional[int] = typer.Option(None, "--ars-batch", help="ARS: windows per step [--batch-size]."),
-    ars_lambda: Optional[float] = typer.Option(None, "--ars-lambda", help="ARS: budget-term weight [16]."),
-    ars_gamma: Optional[float] = typer.Option(None, "--ars-gamma", help="ARS: alignment-term weight [10]."),
-    ars_save_state: Optional[Path] = typer.Option(None, "--ars-save-state", help="ARS: write the hypernetwork state here every 50 steps."),
-    ars_resume: Optional[Path] = typer.Option(None, "--ars-resume", help="ARS: resume from a state file or an ARS checkpoint."),
-    finetune_steps: int = typer.Option(0, "--finetune-steps", help="Fine-tune the installed factors for N steps on the calibration text [0]."),
-    finetune_lr: float = typer.Option(1e-4, "--finetune-lr", help="Learning rate for --finetune-steps."),
-    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Save resumable training state (ARS masks, fine-tuning) here every --save-every steps."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Save resumable training state (learning allocators, trainers) here every --save-every steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run whose state is in --state-dir (same command otherwise)."),
     save_every: int = typer.Option(50, "--save-every", help="Training steps between state saves with --state-dir."),
 ) -> None:
     """Compress a model to a keep ratio and save it as a ranklm checkpoint."""
-    from .api import calibration_info
-    from .api import compress as run_compress
     from .calibration import token_windows
     from .config import DEFAULT_RECIPE, CompressConfig, resolve_keep
     from .eval import perplexity
     from .io import check_output_dir, save
     from .models import load_model, require_tokenizer
+    from .pipeline import calibration_info, learning_summary, open_run_state
+    from .pipeline import run as run_pipeline
 
     ratio = resolve_keep(keep, remove)
     config = CompressConfig(
@@ -144,25 +138,17 @@ def compress(
         propagate=propagate,
         base_options=parse_options(base_opt, "--base-opt"),
         allocator_options=parse_options(alloc_opt, "--alloc-opt"),
+        trainer=trainer,
+        trainer_options=parse_options(train_opt, "--train-opt"),
     )
+    config.validate_options(from_cli=True)
     if config.keep >= 1.0:
         raise RanklmError("--keep 1.0 keeps every target dense: nothing to compress, no output written")
-    ars_given = {
-        k: v for k, v in dict(
-            steps=ars_steps, lr=ars_lr, batch_size=ars_batch, lam=ars_lambda, gamma=ars_gamma,
-            save_state=None if ars_save_state is None else str(ars_save_state),
-            resume=None if ars_resume is None else str(ars_resume),
-        ).items() if v is not None
-    }
-    if ars_given and config.allocator != "ars":
-        raise RanklmError(f"--ars-* options need --allocator ars (the allocator is {config.allocator})")
-    config.allocator_options = {**ars_given, **config.allocator_options}
-    if finetune_steps < 0:
-        raise RanklmError("--finetune-steps must be >= 0")
+    for name, v in (("eval-seq-len", eval_seq_len), ("eval-windows", eval_windows)):
+        if v < 1:
+            raise RanklmError(f"--{name} must be a positive integer")
     if resume and state_dir is None:
         raise RanklmError("--resume needs --state-dir (the folder the interrupted run saved its state in)")
-    if state_dir is not None and (ars_save_state is not None or ars_resume is not None):
-        raise RanklmError("use either --state-dir/--resume or --ars-save-state/--ars-resume, not both")
     if save_every < 1:
         raise RanklmError("--save-every must be a positive integer")
     if output is not None:
@@ -183,25 +169,23 @@ def compress(
     if not no_eval and eval_src is not None and not is_lm:
         _echo_err(f"{type(m).__name__} has no LM head: skipping perplexity (encoders are evaluated by task accuracy)")
     if not no_eval and eval_src is not None and is_lm:
-        eval_windows_t = token_windows(tok, eval_src, seq_len, eval_windows, purpose="evaluation")
+        eval_windows_t = token_windows(tok, eval_src, eval_seq_len, eval_windows, purpose="evaluation")
         dense = perplexity(m, eval_windows_t, batch_size, desc="perplexity (dense)")
         evaluation["dense"] = dense.to_dict()
         evaluation["data"] = eval_src.description
         _echo_err(f"dense perplexity: {dense}")
 
-    finetune_state: dict[str, Any] = {}
     if state_dir is not None:
-        finetune_state = _open_run_state(state_dir, resume, save_every, config, info, calib, finetune_steps, finetune_lr)
+        trains = open_run_state(state_dir, resume, config, info, calib)
+        if not trains:
+            _echo_err(f"--state-dir: this run trains nothing (no learning allocator, no --trainer); only {state_dir}/run.json is written")
+        elif resume:
+            found = sorted(p.name for p in Path(state_dir).glob("*.safetensors"))
+            _echo_err(f"resuming from {state_dir}: {', '.join(found) if found else 'no training state saved yet (starting training afresh)'}")
 
     t1 = time.perf_counter()
-    run_compress(m, tok, config, data=calib, base_model=info)
-    if m.ranklm.calibration is not None:  # record the text the windows came from
-        m.ranklm.calibration = calibration_info(calib_src.description, calib, config)
-    if finetune_steps > 0:
-        from .train import finetune_factors
-
-        hist = finetune_factors(m, calib, finetune_steps, lr=finetune_lr, batch_size=batch_size, seed=seed, **finetune_state)
-        m.ranklm.artifacts["finetune"] = {"steps": finetune_steps, "lr": finetune_lr, "loss": hist}
+    run_pipeline(m, tok, config, data=calib, base_model=info, calibration=calibration_info(calib_src.description, calib, config),
+                 state_dir=state_dir, resume=resume, save_every=save_every)
     elapsed = time.perf_counter() - t1
     st = m.ranklm
     if eval_windows_t is not None:
@@ -210,10 +194,12 @@ def compress(
         st.evaluation = evaluation
     if output is not None:
         save(m, tok, output, overwrite=overwrite)
+    learned = [r for r in st.training if "keep_learned" in r]
     summary = {
         "method": st.method,
         "base": config.base,
         "allocator": config.allocator,
+        "trainer": config.trainer,
         "keep_requested": st.keep_requested,
         "keep_achieved": st.keep_achieved,
         "keep_achieved_model": st.keep_achieved_model,
@@ -222,13 +208,23 @@ def compress(
         **{f"ppl_{k}": v["ppl"] for k, v in evaluation.items() if isinstance(v, dict)},
         "eval_windows": evaluation.get("dense", {}).get("windows"),
         "eval_tokens": evaluation.get("dense", {}).get("tokens"),
-        "seq_len": seq_len,
+        "seq_len": config.seq_len,
+        "eval_seq_len": eval_seq_len,
     }
+    if learned:
+        summary.update(keep_learned=learned[-1]["keep_learned"], reached_budget=learned[-1].get("reached_budget"))
+        if "prefix_fraction" in learned[-1]:
+            summary["prefix_fraction"] = learned[-1]["prefix_fraction"]
+    for line in learning_summary(st):
+        _echo_err(line)
     if as_json:
         typer.echo(json.dumps(summary))
         return
-    typer.echo(f"method            {st.method} (base {config.base}, allocator {config.allocator})")
+    typer.echo(f"method            {st.method} (base {config.base}, allocator {config.allocator}, trainer {config.trainer})")
     typer.echo(f"keep (targets)    requested {st.keep_requested:.4f}, achieved {st.keep_achieved:.4f}")
+    for r in learned:
+        typer.echo(f"keep learned      {r['keep_learned']:.4f} ({r['trainer']}, before the exact fit)"
+                   + (f"; top-k prefix masks {r['prefix_fraction']:.0%}" if "prefix_fraction" in r else ""))
     typer.echo(f"keep (whole model) {st.keep_achieved_model:.4f}  ({st.params['model_compressed']:,} / {st.params['model_dense']:,} params)")
     typer.echo(f"compression time  {elapsed:.1f}s")
     if "dense" in evaluation:
@@ -238,44 +234,6 @@ def compress(
             f"({d['windows']} windows x {d['seq_len']} tokens, {d['tokens']} predicted tokens; {eval_src.description})"
         )
     typer.echo(f"saved             {output}" if output else "saved             (no --output given: nothing written)")
-
-
-def _open_run_state(
-    state_dir: Path, resume: bool, save_every: int, config: Any, info: dict, calib: Any, finetune_steps: int, finetune_lr: float
-) -> dict[str, Any]:
-    """Point the training loops at ``state_dir`` (and at its saved states with ``--resume``).
-
-    Sets the ARS allocator's save_state/resume options on ``config`` and returns the
-    fine-tuning keyword arguments. Everything before training (statistics, factorization)
-    is deterministic and simply recomputed on resume.
-    """
-    import hashlib
-
-    from .train.state import open_state_dir
-
-    run_config = {k: v for k, v in config.to_dict().items() if k != "allocator_options"}
-    run_config["allocator_options"] = {k: v for k, v in config.allocator_options.items() if k not in ("save_state", "resume", "steps")}
-    fingerprint = {
-        "model": str(info.get("path") or info.get("name_or_path")),
-        "config": run_config,
-        "calibration_sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest(),
-        "finetune_lr": finetune_lr if finetune_steps > 0 else None,
-    }
-    if config.allocator != "ars" and finetune_steps <= 0:
-        _echo_err(f"--state-dir: this run trains nothing (no ARS allocator, no --finetune-steps); only {state_dir}/run.json is written")
-    d = open_state_dir(state_dir, fingerprint, resume)
-    ars_file, ft_file = d / "ars.safetensors", d / "finetune.safetensors"
-    if config.allocator == "ars":
-        config.allocator_options = {**config.allocator_options, "save_state": str(ars_file), "save_every": save_every}
-        if resume and ars_file.is_file():
-            config.allocator_options["resume"] = str(ars_file)
-    finetune = {"save_state": ft_file, "save_every": save_every}
-    if resume and ft_file.is_file():
-        finetune["resume"] = ft_file
-    if resume:
-        found = [f.name for f in (ars_file, ft_file) if f.is_file()]
-        _echo_err(f"resuming from {d}: {', '.join(found) if found else 'no training state saved yet (starting training afresh)'}")
-    return finetune
 
 
 @app.command()
@@ -294,7 +252,7 @@ def evaluate(
     lm_eval_include: Optional[Path] = typer.Option(None, "--lm-eval-include", help="With --lm-eval: folder of custom task YAMLs."),
     lm_eval_limit: Optional[float] = typer.Option(None, "--lm-eval-limit", help="With --lm-eval: at most this many documents per task."),
 ) -> None:
-    """Token perplexity of a model or checkpoint (DESIGN §2); optionally speed-up and lm-eval tasks."""
+    """Token perplexity of a model or checkpoint (docs/design.md §2); optionally speed-up and lm-eval tasks."""
     from .calibration import default_corpus, read_text_source, token_windows
     from .eval import perplexity
     from .models import load_model, require_tokenizer
@@ -470,7 +428,10 @@ def bench(
     eval_data: list[str] = typer.Option([], "--eval-data", help="Evaluation text(s); repeatable, the first is the main one [default: held-out part of --data]."),
     output: Path = typer.Option(..., "--output", "--out", "-o", help="Directory for results.csv/.md/.json and the PNG plots (written atomically)."),
     calib_windows: int = typer.Option(128, "--calib-windows", help="Calibration windows (shared by every cell)."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration/evaluation window."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration window."),
+    eval_seq_len: int = typer.Option(512, "--eval-seq-len", help="Tokens per evaluation window."),
+    sequential: Optional[bool] = typer.Option(None, "--sequential/--whole-model", help="Statistics mode of every cell, as in compress [default: block by block for whiten/asvd]."),
+    propagate: str = typer.Option("compressed", "--propagate", help="With --sequential: 'compressed' (refit) or 'dense'."),
     eval_windows: int = typer.Option(40, "--eval-windows", help="Evaluation windows per evaluation text."),
     batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
     seed: int = typer.Option(0, "--seed", help="Seed for window selection and anything random."),
@@ -504,7 +465,7 @@ def bench(
 
     methods = parse_methods(recipes)
     keeps = parse_keeps(keep)
-    for name, v in (("calib-windows", calib_windows), ("seq-len", seq_len), ("eval-windows", eval_windows),
+    for name, v in (("calib-windows", calib_windows), ("seq-len", seq_len), ("eval-seq-len", eval_seq_len), ("eval-windows", eval_windows),
                     ("batch-size", batch_size), ("fisher-windows", fisher_windows), ("latency-reps", latency_reps),
                     ("auto-windows", auto_windows)):
         if v < 1:
@@ -536,7 +497,8 @@ def bench(
             label = f"{label}{len(evals)}"
         evals.append((label, src))
     opts = BenchOptions(
-        calib_windows=calib_windows, seq_len=seq_len, eval_windows=eval_windows, batch_size=batch_size, seed=seed,
+        calib_windows=calib_windows, seq_len=seq_len, eval_seq_len=eval_seq_len, sequential=sequential, propagate=propagate,
+        eval_windows=eval_windows, batch_size=batch_size, seed=seed,
         fisher_windows=fisher_windows, include=list(include), exclude=list(exclude),
         base_options=parse_scoped_options(base_opt, "--base-opt"), allocator_options=parse_scoped_options(alloc_opt, "--alloc-opt"),
         gen_prompts=gen_prompts, gen_prompt_len=gen_prompt_len, gen_new_tokens=gen_tokens, latency=latency,

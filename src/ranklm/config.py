@@ -74,13 +74,16 @@ class CompressConfig:
     seed: int = 0
     min_rank: int = 1
     fisher_windows: int = 32  # windows (one per backward pass) for Fisher statistics
-    # Layer-by-layer calibration (DESIGN §6). None = automatic: on for activation-statistics bases
+    # Layer-by-layer calibration (docs/design.md §6). None = automatic: on for activation-statistics bases
     # (whiten, asvd) with the uniform allocator, where per-block allocation equals the global one and
     # propagating compressed outputs measured better (SmolLM2 keep 0.6: 117.8 vs 152.5 perplexity).
     sequential: bool | None = None
     propagate: str = "compressed"  # sequential: feed later blocks the compressed ("compressed") or dense outputs
     base_options: dict[str, Any] = field(default_factory=dict)
     allocator_options: dict[str, Any] = field(default_factory=dict)
+    # The training axis after installation: "none" or a trainer of ranklm.train.TRAINERS.
+    trainer: str = "none"
+    trainer_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.keep = resolve_keep(self.keep, None)
@@ -100,6 +103,13 @@ class CompressConfig:
             raise RanklmError(
                 f"unknown allocator {self.allocator!r}; valid allocators: {', '.join(sorted(ALLOCATORS))}"
             )
+        from .train import TRAINER_NAMES
+
+        self.trainer = self.trainer or "none"
+        if self.trainer not in TRAINER_NAMES:
+            raise RanklmError(f"unknown trainer {self.trainer!r}; valid trainers: {', '.join(TRAINER_NAMES)}")
+        if self.trainer == "none" and self.trainer_options:
+            raise RanklmError("training options (--train-opt) given but no trainer (--trainer finetune)")
         if self.recipe and (self.base, self.allocator) != RECIPES[self.recipe]:
             self.recipe = None  # explicit axes override the recipe's name
         if self.propagate not in ("compressed", "dense"):
@@ -107,11 +117,22 @@ class CompressConfig:
         for name in ("calib_windows", "seq_len", "batch_size", "min_rank", "fisher_windows"):
             if int(getattr(self, name)) < 1:
                 raise RanklmError(f"{name.replace('_', '-')} must be a positive integer")
+        self.validate_options()
 
-    @property
-    def method(self) -> str:
-        """Human-readable name: the recipe if it is one, else base+allocator."""
-        return self.recipe or f"{self.base}+{self.allocator}"
+    def validate_options(self, from_cli: bool = False) -> None:
+        """Refuse unknown or ill-typed method options now, before any long work (one error line)."""
+        from .registry import check_options
+
+        check_options("base", self.base, self.base_options, from_cli)
+        check_options("allocator", self.allocator, self.allocator_options, from_cli)
+        if self.trainer != "none":
+            check_options("trainer", self.trainer, self.trainer_options, from_cli)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def method(self) -> str:
+        """Human-readable name: the recipe if it is one, else base+allocator (+trainer)."""
+        name = self.recipe or f"{self.base}+{self.allocator}"
+        return name if self.trainer == "none" else f"{name}+{self.trainer}"

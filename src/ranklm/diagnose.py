@@ -1,4 +1,4 @@
-"""SVD-drop predictor (TFWSVD paper, DESIGN §4): will plain SVD hurt badly here?
+"""SVD-drop predictor (TFWSVD paper, docs/design.md §4): will plain SVD hurt badly here?
 
 Plain SVD treats every weight as equally important. When the Fisher importance
 of a matrix is spread very unevenly, the components SVD keeps are the wrong

@@ -1,4 +1,4 @@
-"""Checkpoints: safetensors + ranklm.json, written atomically, loaded strictly (DESIGN §3).
+"""Checkpoints: safetensors + ranklm.json, written atomically, loaded strictly (docs/design.md §3).
 
 A checkpoint directory holds the Hugging Face ``config.json`` (+ generation
 config and tokenizer files), ``model.safetensors`` with the factor weights under
@@ -28,9 +28,11 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
+from .architectures import model_class_for
 from .budget import DENSE
 from .errors import RanklmError
 from .layers import LowRankLinear, merge_low_rank, replace_module
+from .state import CompressionState
 from .targets import Target, is_linear_like, weight_matrix
 
 FORMAT_VERSION = 1
@@ -158,7 +160,7 @@ def build_metadata(model: nn.Module) -> dict[str, Any]:
             "name": state.method,
             "base": state.config.get("base"),
             "allocator": state.config.get("allocator"),
-            "training": state.config.get("training", "none"),
+            "training": state.training_name,
             "seed": state.config.get("seed"),
             "config": state.config,
         },
@@ -170,6 +172,7 @@ def build_metadata(model: nn.Module) -> dict[str, Any]:
         "timings": state.timings,
         "evaluation": state.evaluation,
         "artifacts": _json_artifacts(getattr(state, "artifacts", {}) or {}),
+        "training": list(getattr(state, "training", []) or []),
         "rank_map": state.rank_map,
         "modules": {t.name: {"out": t.out_features, "in": t.in_features, "kind": t.kind, "block": t.block} for t in state.targets},
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
@@ -299,8 +302,6 @@ def _empty_model(p: Path, meta: dict[str, Any]) -> tuple[nn.Module, list[Target]
         config = AutoConfig.from_pretrained(p)
     except Exception as e:  # noqa: BLE001
         raise RanklmError(f"cannot read {p / 'config.json'}: {e}") from None
-    from .models import model_class_for
-
     cls = model_class_for(config)
     dtype = getattr(torch, str(meta.get("dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype):
@@ -347,7 +348,6 @@ def check_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict[str, 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True) -> tuple[nn.Module, Any]:
     """Rebuild a compressed model from a checkpoint: ``(model, tokenizer)``; logits match the saved model bit for bit."""
-    from .api import CompressionState
 
     p = Path(path)
     meta = read_metadata(p)
@@ -382,6 +382,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bo
         timings=meta.get("timings", {}),
         evaluation=meta.get("evaluation", {}),
         artifacts=dict(meta.get("artifacts", {})),
+        training=list(meta.get("training", []) or []),
     )
     if (p / ARTIFACTS_FILE).is_file():
         model.ranklm.artifacts.update(safetensors.torch.load_file(str(p / ARTIFACTS_FILE)))

@@ -1,4 +1,4 @@
-"""LowRankLinear and installing / merging it (DESIGN §3).
+"""LowRankLinear and installing / merging it (docs/design.md §3).
 
 ``LowRankLinear`` is two GEMMs, ``x -> B -> A``, so the speed-up is real. It
 replaces an ``nn.Linear`` or a GPT-2 ``Conv1D`` (same forward semantics:

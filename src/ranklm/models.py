@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from .calibration.data import package_dir
 from .errors import RanklmError
+from .architectures import model_class_for
 from .io import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -77,19 +78,6 @@ def weights_sha256(folder: Path) -> dict[str, str]:
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / "ranklm.json").is_file()
-
-
-def model_class_for(config) -> type:
-    """The class named in ``config.architectures`` if transformers has it, else a sensible Auto class."""
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
-    try:
-        AutoModelForCausalLM._model_mapping[type(config)]
-        return AutoModelForCausalLM
-    except KeyError:
-        return AutoModel
 
 
 def resolve_model_path(model: str | None) -> tuple[str, bool]:

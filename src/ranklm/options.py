@@ -1,4 +1,4 @@
-"""Typed method options, declared once per method (DESIGN §1 "Options are typed").
+"""Typed method options, declared once per method (docs/design.md §1 "Options are typed").
 
 Every base, allocator and trainer class declares ``OPTIONS: tuple[Opt, ...]``: each
 option's name, type, default, one-line help and (optionally) the values it may take.

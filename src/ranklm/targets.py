@@ -1,6 +1,6 @@
 """Which modules get compressed.
 
-Default targets (DESIGN §2) are every linear projection inside the repeated
+Default targets (docs/design.md §2) are every linear projection inside the repeated
 transformer blocks. Blocks are found generically as the largest ``nn.ModuleList``
 of identical modules, so Llama, OPT, GPT-2, BERT and most other Hugging Face
 architectures work without a per-architecture table; embeddings, LM heads,

@@ -1,4 +1,4 @@
-"""Rank allocators (DESIGN §5): one module per allocator."""
+"""Rank allocators (docs/design.md §5): one module per allocator."""
 
 from ..registry import build
 from .ars import ARSAllocator

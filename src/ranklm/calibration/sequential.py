@@ -75,13 +75,14 @@ def run_sequential(
     on_block: Callable[[int, list[Target], dict[str, dict[str, Any]]], None],
     batch_size: int = 4,
     progress: bool = True,
+    desc: str = "sequential calibration",
 ) -> None:
     """Stream statistics block by block; ``on_block(index, block_targets, stats)`` may compress the block."""
     found = find_blocks(model)
     assert found is not None
     prefix, blocks = found
     inputs = capture_block_inputs(model, blocks, windows, batch_size)
-    for b in tqdm(range(len(blocks)), desc="sequential calibration", disable=not progress, unit="block"):
+    for b in tqdm(range(len(blocks)), desc=desc, disable=not progress, unit="block"):
         block = blocks[b]
         block_targets = [t for t in targets if t.block == b]
         if block_targets:

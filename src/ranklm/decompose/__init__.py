@@ -1,4 +1,4 @@
-"""Base decompositions (DESIGN §4): one module per base, one Factorization type."""
+"""Base decompositions (docs/design.md §4): one module per base, one Factorization type."""
 
 from ..registry import build
 from .base import Base, Factorization

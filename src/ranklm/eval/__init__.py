@@ -1,4 +1,4 @@
-"""Evaluation: perplexity (DESIGN §2), latency, generation quality, lm-eval bridge (§7)."""
+"""Evaluation: perplexity (docs/design.md §2), latency, generation quality, lm-eval bridge (§7)."""
 
 from .generate import GenerationQuality, distinct_n, generation_quality, repeat_ngram_rate, stream_generate
 from .latency import LatencyResult, dense_counterpart, flop_ratio_limit, measure_latency

@@ -1,4 +1,4 @@
-"""Forward latency, dense vs compressed, measured as DESIGN §2 defines the speed-up.
+"""Forward latency, dense vs compressed, measured as docs/design.md §2 defines the speed-up.
 
 Both models run in the same process on the same random token ids, under
 ``torch.inference_mode`` with ``use_cache=False``, after ``warmup`` untimed passes
@@ -30,7 +30,7 @@ DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((1, 128), (1, 512), (8, 128), (8,
 
 def target_macs(targets: list[Target], rank_map: RankMap | None = None) -> int:
     """Multiply-adds per token of the targets (dense when ``rank_map`` is None)."""
-    # a linear layer does one multiply-add per parameter per token, so MACs are the DESIGN §2 cost
+    # a linear layer does one multiply-add per parameter per token, so MACs are the docs/design.md §2 cost
     return sum(target_cost(t, DENSE if rank_map is None else rank_map.get(t.name, DENSE)) for t in targets)
 
 

@@ -1,4 +1,4 @@
-"""Bridge to EleutherAI's lm-evaluation-harness (optional extra ``ranklm[eval]``, DESIGN §7).
+"""Bridge to EleutherAI's lm-evaluation-harness (optional extra ``ranklm[eval]``, docs/design.md §7).
 
 ``lm_eval_tasks(model, tokenizer, ["hellaswag", ...])`` runs
 ``lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok), tasks=...)``

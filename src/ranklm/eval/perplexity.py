@@ -1,4 +1,4 @@
-"""Token perplexity exactly as DESIGN §2 defines it.
+"""Token perplexity exactly as docs/design.md §2 defines it.
 
 The text is one token stream (BOS once at the start), cut into non-overlapping
 windows of ``seq_len`` (tail dropped); ``ppl = exp(mean next-token NLL)`` over

@@ -1,14 +1,42 @@
-"""Training loops: mask learning (ARS) and limited fine-tuning of installed factors (DESIGN §1, §5)."""
+"""The training axis (docs/design.md §1): objectives, the one resumable loop, and the trainers built on it.
 
-from .finetune import finetune_factors
+Learning allocators (ARS) train inside allocation; the trainers registered here run
+after the rank map is installed (``--trainer finetune --train-opt steps=100``).
+"""
+
+from ..registry import build
+from .finetune import FinetuneTrainer, TrainResult, finetune_factors
+from .loop import Hooks, LoopConfig, LoopResult, run_loop
 from .masks import HyperNetwork, MaskedFactorized, gumbel_sigmoid_mask, is_prefix, logistic_noise, prefix_fraction
+from .objective import Objective, default_objective, lm_objective
+
+TRAINERS: dict[str, type] = {
+    "finetune": FinetuneTrainer,
+}
+TRAINER_NAMES = ("none", *TRAINERS)
+
+
+def get_trainer(name: str, **options):
+    return build("trainer", TRAINERS, name, options)
+
 
 __all__ = [
+    "FinetuneTrainer",
+    "Hooks",
     "HyperNetwork",
+    "LoopConfig",
+    "LoopResult",
     "MaskedFactorized",
+    "Objective",
+    "TRAINERS",
+    "TrainResult",
+    "default_objective",
     "finetune_factors",
+    "get_trainer",
     "gumbel_sigmoid_mask",
     "is_prefix",
+    "lm_objective",
     "logistic_noise",
     "prefix_fraction",
+    "run_loop",
 ]

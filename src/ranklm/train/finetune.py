@@ -1,53 +1,110 @@
-"""Limited fine-tuning of installed low-rank factors on calibration text (DESIGN §1 "training").
+"""Fine-tuning of installed low-rank factors: the training loop with no extra hook (docs/design.md §1 "training").
 
-After a rank map is installed, ``finetune_factors`` trains the ``A``/``B``
-weights of every ``LowRankLinear`` (and, with ``train_all=True``, every other
-parameter too) for a few Adam steps on the LM loss of random calibration
-windows. Batches are drawn from a generator seeded per step, so a run is
-deterministic on CPU. Ranks do not change; the model stays a plain
-LowRankLinear model that ``ranklm.save`` writes as usual.
-
-Resume: with ``save_state=PATH`` the trained tensors, Adam moments, step and loss
-history go into one safetensors file every ``save_every`` steps (``train/state.py``);
-``resume=PATH`` loads it into the same model (same rank map, same trainable set)
-and continues, which reproduces the uninterrupted run exactly because step t's
-batch depends only on (seed, t).
+After a rank map is installed, the ``finetune`` trainer trains the ``A``/``B``
+weights of every ``LowRankLinear`` (and, with ``train_all=true``, every other
+parameter too) for a few Adam steps on the run's objective (LM loss on the
+calibration windows for causal LMs). Ranks do not change; the factors are trained
+in place, so what the trainer returns is the model itself, which the pipeline
+saves as usual. Resume goes through the loop's state file.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import RanklmError
 from ..layers import LowRankLinear
-from .freeze import training_only
-from .state import load_optimizer_tensors, optimizer_tensors, read_state_file, write_state_file
+from ..options import Opt
+from .loop import Hooks, LoopConfig, run_loop
+from .objective import Objective, as_objective, batch_for_step, is_causal_lm
 
-LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
-STATE_KEY = "finetune"
-STATE_VERSION = 1
+__all__ = ["FactorHooks", "FinetuneTrainer", "TrainResult", "batch_for_step", "finetune_factors", "is_causal_lm", "lm_loss"]
 
 
 def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, labels=ids, use_cache=False).loss
 
 
-def is_causal_lm(model: nn.Module) -> bool:
-    head = getattr(model, "get_output_embeddings", None)
-    can_generate = getattr(model, "can_generate", None)
-    return callable(head) and head() is not None and callable(can_generate) and bool(can_generate())
+@dataclass
+class TrainResult:
+    """What a trainer hands back to the pipeline.
+
+    ``factors`` maps target names to trained ``(A, B)``: the pipeline installs them
+    (never the base's originals over them). ``None`` when the trainer trained the
+    installed layers in place. ``record`` goes into ranklm.json's ``training`` list.
+    """
+
+    record: dict[str, Any]
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    artifacts: dict[str, Any] = field(default_factory=dict)
 
 
-def batch_for_step(windows: torch.Tensor, batch_size: int, seed: int, step: int) -> torch.Tensor:
-    """Calibration windows for one step: a seeded choice that depends only on (seed, step)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    idx = torch.randperm(len(windows), generator=g)[: min(batch_size, len(windows))]
-    return windows[idx]
+class FactorHooks(Hooks):
+    """Train every LowRankLinear's factors (plain fine-tuning)."""
+
+    name = "finetune"
+
+    def parameters(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        named = [(f"{n}.{pn}", p) for n, m in model.named_modules() if isinstance(m, LowRankLinear)
+                 for pn, p in m.named_parameters()]
+        if not named:
+            raise RanklmError("nothing to fine-tune: the model has no LowRankLinear layers")
+        return named
+
+
+class FinetuneTrainer:
+    """``--trainer finetune``: a few Adam steps on the installed factors."""
+
+    name = "finetune"
+    OPTIONS = (
+        Opt("steps", int, 100, "training steps"),
+        Opt("lr", float, 1e-4, "Adam learning rate"),
+        Opt("batch_size", int, None, "windows per step [the run's --batch-size]"),
+        Opt("grad_accum", int, 1, "micro-batches per step"),
+        Opt("train_all", bool, False, "also train every other parameter (embeddings, norms, dense targets)"),
+        Opt("seq_len", int, None, "train on the first SEQ_LEN tokens of each calibration window [all]"),
+        Opt("objective", object, None, "an Objective or loss_fn(model, ids) [LM loss]", python_only=True),
+    )
+
+    def __init__(self, steps: int = 100, lr: float = 1e-4, batch_size: int | None = None, grad_accum: int = 1,
+                 train_all: bool = False, seq_len: int | None = None, objective: Any = None) -> None:
+        if steps < 0:
+            raise RanklmError("finetune: steps must be >= 0")
+        self.steps, self.lr, self.batch_size, self.grad_accum = int(steps), float(lr), batch_size, int(grad_accum)
+        self.train_all, self.seq_len, self.objective = bool(train_all), seq_len, objective
+
+    def options(self) -> dict[str, Any]:
+        return {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                "train_all": self.train_all, "seq_len": self.seq_len}
+
+    def train(self, model: nn.Module, context: Any) -> TrainResult:
+        windows = context.windows
+        if windows is None and context.objective is None and self.objective is None:
+            raise RanklmError("finetune needs training data (calibration windows or a task)")
+        if windows is not None and self.seq_len:
+            windows = windows[:, : self.seq_len]
+        objective = self.objective or context.objective
+        if objective is None and not is_causal_lm(model):
+            raise RanklmError(f"fine-tuning needs a causal LM loss or a task; {type(model).__name__} has no LM head")
+        objective = as_objective(objective, model, windows, context.batch_size)
+        cfg = LoopConfig(
+            steps=self.steps, lr=self.lr, batch_size=self.batch_size or context.batch_size, seed=context.seed,
+            grad_accum=self.grad_accum, save_every=context.save_every, state_file=context.state_file(self.name),
+            resume=context.resume, progress=context.progress, desc="fine-tune", others_trainable=self.train_all,
+        )
+        res = run_loop(model, objective, FactorHooks(), cfg)
+        record = {
+            "trainer": self.name, "stage": "train", "steps": self.steps, "options": self.options(),
+            "objective": objective.description or objective.name, "final_loss": res.final_loss,
+            "first_loss": (res.history.get("loss") or [None])[0], "seconds": round(res.seconds, 2),
+            "resumed_from_step": res.start_step, "world_size": res.world_size, "history": res.history,
+        }
+        return TrainResult(record=record)
 
 
 def finetune_factors(
@@ -58,71 +115,29 @@ def finetune_factors(
     batch_size: int = 2,
     seed: int = 0,
     train_all: bool = False,
-    loss_fn: LossFn | None = None,
+    loss_fn: Objective | Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
     progress: bool = True,
     save_state: str | os.PathLike | None = None,
     resume: str | os.PathLike | None = None,
     save_every: int = 50,
 ) -> list[float]:
-    """Fine-tune the installed factors for ``steps`` Adam steps; returns the loss per step (all of them, resumed too)."""
+    """Fine-tune the installed factors for ``steps`` Adam steps; returns the loss per step (resumed ones too).
+
+    ``save_state`` is the loop's state file; ``resume`` (a state file) continues from it."""
     if steps <= 0:
         return []
-    if loss_fn is None:
-        if not is_causal_lm(model):
-            raise RanklmError(f"fine-tuning needs a causal LM loss; {type(model).__name__} has no LM head (give loss_fn)")
-        loss_fn = lm_loss
-    factor_params = [p for m in model.modules() if isinstance(m, LowRankLinear) for p in m.parameters()]
-    if not factor_params:
-        raise RanklmError("nothing to fine-tune: the model has no LowRankLinear layers")
-    device = next(model.parameters()).device
-    options = {"steps": int(steps), "lr": float(lr), "batch_size": int(batch_size), "seed": int(seed), "train_all": bool(train_all)}
-    history: list[float] = []
-    start = 0
-    with training_only(model, factor_params, others=train_all):  # eval mode: no dropout, deterministic
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        opt = torch.optim.Adam([p for _, p in named], lr=lr)
-        if resume is not None:
-            start, history = _restore(resume, named, opt, options)
-        bar = tqdm(range(start, steps), desc="fine-tune factors", disable=not progress, unit="step", initial=start, total=steps)
-        for step in bar:
-            ids = batch_for_step(windows, batch_size, seed, step).to(device)
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model, ids)
-            if not torch.isfinite(loss):
-                raise RanklmError(f"fine-tuning diverged at step {step} (non-finite loss); lower the learning rate")
-            loss.backward()
-            opt.step()
-            history.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{history[-1]:.4f}")
-            if save_state is not None and ((step + 1) % max(1, save_every) == 0 or step + 1 == steps):
-                _save(save_state, named, opt, step + 1, history, options)
-    return history
+    if loss_fn is None and not is_causal_lm(model):
+        raise RanklmError(f"fine-tuning needs a causal LM loss; {type(model).__name__} has no LM head (give loss_fn)")
+    objective = as_objective(loss_fn, model, windows, batch_size)
+    cfg = LoopConfig(steps=steps, lr=lr, batch_size=batch_size, seed=seed, save_every=save_every,
+                     state_file=resume if resume is not None else save_state, resume=resume is not None,
+                     progress=progress, desc="fine-tune factors", others_trainable=train_all)
+    if resume is not None and not os.path.isfile(resume):
+        raise RanklmError(f"fine-tune resume: {resume} does not exist")
+    if resume is not None and save_state is not None and os.fspath(save_state) != os.fspath(resume):
+        # continue from one file, keep saving into another
+        import shutil
 
-
-def _save(path: str | os.PathLike, named: list[tuple[str, nn.Parameter]], opt: torch.optim.Optimizer,
-          step: int, history: list[float], options: dict) -> None:
-    tensors = {f"param.{n}": p.detach() for n, p in named}
-    tensors.update(optimizer_tensors(opt, "opt."))
-    meta = {"version": STATE_VERSION, "step": step, "options": options, "history": history,
-            "params": {n: list(p.shape) for n, p in named}}
-    write_state_file(path, tensors, meta, key=STATE_KEY)
-
-
-def _restore(path: str | os.PathLike, named: list[tuple[str, nn.Parameter]], opt: torch.optim.Optimizer,
-             options: dict) -> tuple[int, list[float]]:
-    """Load a saved state into the live parameters/optimizer; refuse one from another run."""
-    tensors, meta = read_state_file(path, STATE_KEY, "fine-tune")
-    if meta.get("params") != {n: list(p.shape) for n, p in named}:
-        raise RanklmError(f"fine-tune resume: {path} was saved for other trainable tensors (another rank map or model)")
-    saved = dict(meta.get("options", {}))
-    diff = [k for k in ("lr", "batch_size", "seed", "train_all") if saved.get(k) != options[k]]
-    if diff:
-        raise RanklmError("fine-tune resume: " + ", ".join(f"{k} {saved.get(k)} != {options[k]}" for k in diff) + f" ({path})")
-    step = int(meta["step"])
-    if step > options["steps"]:
-        raise RanklmError(f"fine-tune resume: {path} is at step {step}, beyond the {options['steps']} steps asked for")
-    with torch.no_grad():
-        for n, p in named:
-            p.copy_(tensors[f"param.{n}"])
-    load_optimizer_tensors(opt, tensors, "opt.")
-    return step, list(meta.get("history", []))[:step]
+        shutil.copyfile(resume, save_state)
+        cfg.state_file = save_state
+    return run_loop(model, objective, FactorHooks(), cfg).history.get("loss", [])

@@ -1,4 +1,4 @@
-"""Building blocks for learning masks over factorized components (DESIGN §5, ARS).
+"""Building blocks for learning masks over factorized components (docs/design.md §5, ARS).
 
 ``MaskedFactorized`` stands in for a target ``nn.Linear``/``Conv1D`` while masks
 are learned: ``x -> ((x @ B^T) * m) @ A^T + bias`` where ``A`` (out x r) and
