@@ -177,7 +177,8 @@ def test_generate_cli_prints_text(capsys, tiny_ckpt, tiny_llama_dir):
     assert out2 == out  # greedy is deterministic
     code, out3, err = run(capsys, "generate", tiny_llama_dir, "--prompt", "The committee met", "--max-new-tokens", "12",
                           "--sample", "--temperature", "1.5", "--top-p", "0.9", "--seed", "1")
-    assert code == 0, err and out3.startswith("The committee met")
+    assert code == 0, err
+    assert out3.startswith("The committee met")
     code, _, err = run(capsys, "generate", tiny_ckpt, "--prompt", "x", "--sample", "--top-p", "0")
     assert code == 2 and "--top-p" in err
 

@@ -50,6 +50,7 @@ class Opt:
     choices: tuple | None = None
     python_only: bool = False  # accepted from the Python API, refused from the CLI, hidden from listings
     item: type | None = None  # for list options: the type of each element (int, float, bool or str)
+    nullable: bool = False  # None (JSON null) is accepted although the default is not None
 
     def __post_init__(self) -> None:
         if self.type not in _TYPE_WORDS:
@@ -93,7 +94,7 @@ def _coerce_scalar(t: type, value: Any) -> Any:
 
 
 def _coerce(opt: Opt, value: Any) -> Any:
-    if value is None and opt.default is None:
+    if value is None and (opt.default is None or opt.nullable):
         return None
     if opt.type is list:
         if not isinstance(value, (list, tuple)):
@@ -145,7 +146,7 @@ def validate_options(
         try:
             v = _coerce(opt, value)
         except _Bad as e:
-            null = " or null" if opt.default is None else ""
+            null = " or null" if opt.default is None or opt.nullable else ""
             raise RanklmError(f"option {key} of {kind} {method} must be {e}{null}, got {_show(value)}") from None
         if opt.choices is not None and v is not None and v not in opt.choices:
             raise RanklmError(

@@ -2,10 +2,13 @@
 
 from ..registry import build
 from .ars import ARSAllocator
+from .rankdyna import RankDynaAllocator
+from .static import StaticAllocator
 from .base import AllocationContext, Allocator
 from .energy import EnergyAllocator
 from .loss import LossAllocator
 from .sensitivity import SensitivityAllocator
+from .softlm import SoftLMAllocator
 from .uniform import UniformAllocator
 
 ALLOCATORS: dict[str, type] = {
@@ -14,6 +17,9 @@ ALLOCATORS: dict[str, type] = {
     "sensitivity": SensitivityAllocator,
     "loss": LossAllocator,
     "ars": ARSAllocator,
+    "rankdyna": RankDynaAllocator,
+    "static": StaticAllocator,
+    "softlm": SoftLMAllocator,
 }
 
 

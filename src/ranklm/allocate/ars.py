@@ -179,7 +179,7 @@ class ARSAllocator:
         Opt("steps", int, 300, "mask-learning steps"),
         Opt("lr", float, 1e-2, "Adam learning rate of the hypernetwork (paper: 1e-3)"),
         Opt("batch_size", int, None, "windows per step [the run's --batch-size]"),
-        Opt("train_seq_len", int, 256, "train on the first N tokens of each calibration window (None = all)"),
+        Opt("train_seq_len", int, 256, "train on the first N tokens of each calibration window (null = all)", nullable=True),
         Opt("tau", float, 0.4, "Gumbel-sigmoid temperature"),
         Opt("bias", float, 3.0, "logit bias b (3 starts near keep-all)"),
         Opt("lam", float, 16.0, "budget-term weight lambda"),

@@ -59,6 +59,7 @@ class LoopConfig:
     progress: bool = True
     desc: str = "train"
     max_grad_norm: float | None = None
+    lr_schedule: str = "constant"  # or "cosine": decay every group's lr to 0 over the steps
     others_trainable: bool = False  # also train every model parameter that hooks.parameters does not name
 
     def __post_init__(self) -> None:
@@ -66,12 +67,14 @@ class LoopConfig:
             raise RanklmError(f"{self.desc}: steps must be >= 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise RanklmError(f"{self.desc}: lr must be a positive number")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise RanklmError(f"{self.desc}: lr_schedule must be constant or cosine")
         if int(self.batch_size) < 1 or int(self.grad_accum) < 1 or int(self.save_every) < 1:
             raise RanklmError(f"{self.desc}: batch_size, grad_accum and save_every must be positive integers")
 
     def fingerprint(self) -> dict[str, Any]:
         return {"lr": self.lr, "batch_size": int(self.batch_size), "seed": int(self.seed), "grad_accum": int(self.grad_accum),
-                "max_grad_norm": self.max_grad_norm, "others_trainable": self.others_trainable}
+                "max_grad_norm": self.max_grad_norm, "others_trainable": self.others_trainable, "lr_schedule": self.lr_schedule}
 
 
 class Hooks:
@@ -87,6 +90,10 @@ class Hooks:
 
     def parameters(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
         raise NotImplementedError
+
+    def lr_scale(self, name: str) -> float:
+        """Learning-rate multiplier of one trained tensor (e.g. a threshold trained faster than factors)."""
+        return 1.0
 
     def loss(self, model: nn.Module, objective: Objective, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         loss = objective.loss(model, batch)
@@ -158,7 +165,11 @@ def run_loop(model: nn.Module, objective: Objective, hooks: Hooks, cfg: LoopConf
             for _, p in named:
                 p.requires_grad_(True)
             params = [p for _, p in named]
-            opt = torch.optim.Adam(params, lr=cfg.lr)
+            scales: dict[float, list[torch.Tensor]] = {}
+            for n, p in named:
+                scales.setdefault(float(hooks.lr_scale(n)), []).append(p)
+            opt = torch.optim.Adam([{"params": ps, "lr": cfg.lr * sc} for sc, ps in scales.items()], lr=cfg.lr)
+            base_lrs = [g["lr"] for g in opt.param_groups]
             fp = {"version": STATE_VERSION, "trainer": hooks.name, "loop": cfg.fingerprint(), "hooks": hooks.fingerprint(),
                   "objective": objective.fingerprint(), "params": {n: list(p.shape) for n, p in named}}
             if cfg.resume and cfg.state_file is not None and Path(cfg.state_file).is_file():
@@ -166,6 +177,10 @@ def run_loop(model: nn.Module, objective: Objective, hooks: Hooks, cfg: LoopConf
             bar = tqdm(range(start, cfg.steps), desc=cfg.desc, disable=not cfg.progress or rank != 0, unit="step",
                        initial=start, total=cfg.steps)
             for step in bar:
+                if cfg.lr_schedule == "cosine":  # a function of the step only: resumes exactly
+                    f = 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.steps)))
+                    for g, lr0 in zip(opt.param_groups, base_lrs):
+                        g["lr"] = lr0 * f
                 opt.zero_grad(set_to_none=True)
                 logs: dict[str, float] = {}
                 for micro in range(cfg.grad_accum):

@@ -1,0 +1,312 @@
+"""SoftLMs: learnable soft thresholds on singular values, trained to the budget (docs/design.md §5).
+
+Bhatnagar, Wen, Kang, "SoftLMs: Efficient Adaptive Low-Rank Approximation of Language
+Models using Soft-Thresholding Mechanism". Works on any base and runs on the shared
+training loop. Every target is replaced, while training, by a
+``SoftThresholdFactorized`` module ``U diag(s * g(s; alpha, kappa)) V`` initialised from the
+base's factorization (the base's ``A = U sqrt(s)``, ``B = sqrt(s) V`` split back into U, s, V,
+so thresholding acts on the base's own spectrum: whitened for ``whiten``):
+
+* trainable: U, s, V of every target (learning rate ``lr`` relative to each tensor's initial
+  RMS, so factors of any scale move by the same fraction), and one threshold ``alpha`` per
+  target on the normalised spectrum ``s / s_max`` (learning rate ``alpha_lr``);
+* gate: the shifted tanh ``1/2 (1 + tanh(kappa (s/s_max - alpha)))``; ``gate="hard"``
+  (default) forwards the hard threshold and back-propagates the soft gate's gradient
+  (straight-through), ``gate="soft"`` forwards the soft gate. Hard is the default because
+  training then sees exactly the model that is installed (the soft forward also passes the
+  components just below the threshold, which the installed model drops);
+* sharpness ``kappa`` with an optional linear hardening schedule to ``kappa_final``;
+* ``L_acmp`` (adaptive compression loss; *inferred* form): ``c_t * P_soft / P*``, with
+  ``P_soft = sum_l (m_l + n_l) sum_i h_li`` the differentiable parameter count and ``P*`` the
+  budget. Its weight follows the *hard* count ``P = sum_l cost(#{s_norm > alpha})`` like a
+  dual variable: ``c_{t+1} = clip(c_t + acmp_eta * (P / P* - 1), -acmp_max, acmp_max)``. It
+  grows while the budget is violated and fades once it is met; if the count stays under
+  the budget it turns negative and gives the rank back, so training lands on the target
+  instead of overshooting it. (Measured on a tiny model: a weight that only decays when the
+  budget is met, floored at zero, let the task loss's indifference and the drift of ``s``
+  leave the learned keep 0.08 under the target.);
+* task loss: the run's objective (LM loss for causal LMs, the task loss when the run has
+  one); ``distill=true`` trains on ``(1 - w) LM + w KL(dense || compressed)`` (``w`` =
+  ``distill_weight``, default 1) on the next-token distributions, the teacher being the same
+  model run with its original modules (no copy of the model).
+
+Initial thresholds (*inferred*; the paper starts from the full model with many more GPU
+steps): ``init_keep`` (default: the target) sets each ``alpha`` at the uniform rank of that
+keep ratio, so training starts at the budget and redistributes rank between targets instead of
+spending the CPU-sized step budget on reaching it.
+
+At the end: rank = number of singular values above ``alpha`` per target (``keep_learned``);
+``fit_budget`` lands the budget exactly (adding/dropping single components by their
+normalised singular value); the *trained* factors of the kept components are handed to the
+pipeline (``context.trained_factors``), which installs them as plain ``LowRankLinear`` layers.
+ranklm.json gets ``artifacts.softlm`` (alpha, kappa, rank per target, the alpha trajectory)
+and the training record (``keep_learned``, ``keep_after_fit``, final loss).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..budget import RankMap, fit_budget, keep_ratio, max_factored_rank, target_cost, targets_dense_params
+from ..decompose.base import Factorization
+from ..errors import RanklmError
+from ..layers import replace_module
+from ..options import Opt
+from ..targets import Target
+from ..train.loop import Hooks, LoopConfig, run_loop
+from ..train.objective import Batch, Objective, as_objective, is_causal_lm
+from ..train.soft_threshold import SoftThresholdFactorized
+from .base import AllocationContext, require_context
+
+LEARNED_KEEP_TOLERANCE = 0.02
+
+
+def _uniform_rank(t: Target, keep: float) -> int:
+    return min(int(keep * t.dense_params // (t.out_features + t.in_features)), max_factored_rank(t))
+
+
+class SoftLMHooks(Hooks):
+    """The SoftLMs trainer on the shared loop."""
+
+    name = "softlm"
+
+    def __init__(self, a: "SoftLMAllocator", targets: list[Target], facs: dict[str, Factorization], keep: float,
+                 device: torch.device, steps: int) -> None:
+        self.a, self.targets, self.facs, self.keep, self.device, self.steps = a, targets, facs, keep, device, steps
+        self.budget = keep * targets_dense_params(targets)
+        self.costs = {t.name: t.out_features + t.in_features for t in targets}
+        self.mods: dict[str, SoftThresholdFactorized] = {}
+        self.originals: dict[str, nn.Module] = {}
+        self.c = self.c_int = float(a.acmp_init)
+        self.scales: dict[str, float] = {}
+        self.trajectory: dict[str, list[float]] = {t.name: [] for t in targets}
+        self.rank_trajectory: dict[str, list[int]] = {t.name: [] for t in targets}
+        self.steps_axis: list[int] = []
+
+    def begin(self, model: nn.Module) -> None:
+        init_keep = self.a.init_keep if self.a.init_keep is not None else self.keep
+        for t in self.targets:
+            f = self.facs[t.name]
+            orig = model.get_submodule(t.name)
+            dtype = next(orig.parameters()).dtype
+            r = f.max_rank
+            s = f.s[:r].to(device=self.device, dtype=torch.float32).clamp_min(1e-12)
+            root = s.sqrt()
+            u = (f.A.to(self.device, torch.float32) / root).to(dtype)
+            v = (f.B.to(self.device, torch.float32) / root[:, None]).to(dtype)
+            s_norm = s / s.max()
+            k = _uniform_rank(t, init_keep)
+            alpha = 1.0 + 1e-3 if k <= 0 else (float(s_norm[k - 1] + s_norm[k]) / 2 if k < r else float(s_norm[-1]) / 2)
+            mod = SoftThresholdFactorized(orig, u, s.to(dtype), v, alpha, t.in_features, t.out_features)
+            mod.hard = self.a.gate == "hard"
+            mod.kappa = self.a.kappa
+            self.originals[t.name] = orig
+            self.mods[t.name] = mod
+            for pn, p in (("U", mod.U), ("V", mod.V), ("s", mod.s)):
+                self.scales[f"{t.name}.{pn}"] = float(p.detach().float().square().mean().sqrt().clamp_min(1e-12))
+            replace_module(model, t.name, mod)
+
+    def end(self, model: nn.Module) -> None:
+        for name, orig in self.originals.items():
+            replace_module(model, name, orig)
+
+    def parameters(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        out = []
+        for name, m in self.mods.items():
+            out += [(f"{name}.U", m.U), (f"{name}.s", m.s), (f"{name}.V", m.V), (f"{name}.alpha", m.alpha)]
+        return out
+
+    def lr_scale(self, name: str) -> float:
+        if name.endswith(".alpha"):
+            return self.a.alpha_lr / self.a.lr
+        return self.scales[name]
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"options": self.a.options(), "keep": self.keep, "targets": [t.name for t in self.targets]}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"c": torch.tensor([self.c, self.c_int], dtype=torch.float64)}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if "c" in tensors:
+            self.c, self.c_int = float(tensors["c"][0]), float(tensors["c"][1])
+
+    def hard_cost(self) -> float:
+        return float(sum(target_cost(t, self.mods[t.name].hard_rank()) for t in self.targets))
+
+    def _set_kappa(self, step: int) -> None:
+        if self.a.kappa_final is None or self.steps <= 1:
+            return
+        frac = min(1.0, step / (self.steps - 1))
+        kappa = self.a.kappa + (self.a.kappa_final - self.a.kappa) * frac
+        for m in self.mods.values():
+            m.kappa = kappa
+
+    def loss(self, model: nn.Module, objective: Objective, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        self._set_kappa(step)
+        device = next(model.parameters()).device
+        b = {k: v.to(device) for k, v in batch.items()}
+        logs: dict[str, float] = {}
+        if self.a.distill:
+            with torch.no_grad():
+                for m in self.mods.values():
+                    m.dense = True
+                try:
+                    teacher = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"), use_cache=False).logits
+                finally:
+                    for m in self.mods.values():
+                        m.dense = False
+            out = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"), use_cache=False)
+            labels = b.get("labels", b["input_ids"])
+            task = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+            kl = F.kl_div(F.log_softmax(out.logits.float(), -1), F.log_softmax(teacher.float(), -1), log_target=True,
+                          reduction="batchmean") / out.logits.shape[1]
+            logs["distill"] = float(kl.detach())
+            main = (1.0 - self.a.distill_weight) * task + self.a.distill_weight * kl
+        else:
+            task = objective.loss(model, b)
+            main = task
+        p_soft = sum(self.costs[n] * m.soft_rank() for n, m in self.mods.items())
+        acmp = self.c * p_soft / self.budget
+        logs.update({"loss": float(task.detach()), "acmp": float(acmp.detach()),
+                     "keep": self.hard_cost() / targets_dense_params(self.targets), "c": self.c})
+        return main + acmp, logs
+
+    def after_step(self, model: nn.Module, step: int, logs: dict[str, float]) -> None:
+        excess = self.hard_cost() / self.budget - 1.0
+        self.c_int = max(-self.a.acmp_max, min(self.a.acmp_max, self.c_int + self.a.acmp_eta * excess))
+        self.c = max(-self.a.acmp_max, min(self.a.acmp_max, self.c_int + self.a.acmp_p * excess))
+        with torch.no_grad():
+            for m in self.mods.values():
+                m.alpha.clamp_(0.0, 1.0 + 1e-3)
+        if step % max(1, self.steps // 50) == 0 or step == self.steps - 1:
+            for n, m in self.mods.items():
+                self.trajectory[n].append(float(m.alpha.detach()))
+                self.rank_trajectory[n].append(m.hard_rank())
+            self.steps_axis.append(step)
+
+
+class SoftLMAllocator:
+    """``--allocator softlm`` (see the module docstring)."""
+
+    name = "softlm"
+    needs_context = True
+    needs_spectra = True
+    needs_training = True
+    OPTIONS = (
+        Opt("steps", int, 150, "training steps"),
+        Opt("lr", float, 2e-3, "learning rate of U, s, V relative to each tensor's initial RMS"),
+        Opt("alpha_lr", float, 5e-3, "learning rate of the thresholds (on s/s_max)"),
+        Opt("batch_size", int, 1, "windows per step"),
+        Opt("train_seq_len", int, 256, "train on the first N tokens of each calibration window (null = all)", nullable=True),
+        Opt("kappa", float, 10.0, "sharpness of the shifted-tanh gate"),
+        Opt("kappa_final", float, None, "harden linearly to this sharpness by the last step [no schedule]"),
+        Opt("gate", str, "hard", "forward the hard threshold with the soft gate's gradient, or the soft gate",
+            choices=("hard", "soft")),
+        Opt("init_keep", float, None, "keep ratio the initial thresholds give (uniform ranks) [the target]"),
+        Opt("acmp_init", float, 0.0, "initial weight c of the adaptive compression loss"),
+        Opt("acmp_eta", float, 0.2, "integral gain: step of c per unit of relative excess of the hard parameter count"),
+        Opt("acmp_p", float, 20.0, "proportional gain: c also holds acmp_p x the current relative excess"),
+        Opt("acmp_max", float, 100.0, "bound on |c|"),
+        Opt("lr_schedule", str, "cosine", "learning-rate schedule of every trained tensor", choices=("cosine", "constant")),
+        Opt("distill", bool, False, "add KL(dense || compressed) on next-token distributions (causal LMs)"),
+        Opt("distill_weight", float, 1.0, "with distill: loss = (1 - w) LM + w KL (1 = the dense model's distributions replace the labels)"),
+        Opt("loss_fn", object, None, "an Objective or loss_fn(model, ids) [the run's objective]", python_only=True),
+        Opt("state_file", object, None, "save the training state here (the pipeline uses --state-dir)", python_only=True),
+        Opt("resume", bool, False, "continue from state_file", python_only=True),
+    )
+
+    def __init__(self, steps: int = 150, lr: float = 2e-3, alpha_lr: float = 5e-3, batch_size: int = 1,
+                 train_seq_len: int | None = 256, kappa: float = 10.0, kappa_final: float | None = None, gate: str = "hard",
+                 init_keep: float | None = None, acmp_init: float = 0.0, acmp_eta: float = 0.2, acmp_p: float = 20.0, acmp_max: float = 100.0,
+                 lr_schedule: str = "cosine", distill: bool = False, distill_weight: float = 1.0,
+                 loss_fn: Any = None, state_file: Any = None, resume: bool = False) -> None:
+        if not 0.0 <= distill_weight <= 1.0:
+            raise RanklmError("softlm distill_weight must lie in [0, 1]")
+        if steps < 0 or lr <= 0 or alpha_lr <= 0 or batch_size < 1 or kappa <= 0:
+            raise RanklmError("softlm needs steps >= 0, lr > 0, alpha_lr > 0, batch_size >= 1, kappa > 0")
+        if not (acmp_eta > 0 and acmp_max > 0):
+            raise RanklmError("softlm needs acmp_eta > 0 and acmp_max > 0")
+        if init_keep is not None and not 0 < init_keep <= 1:
+            raise RanklmError("softlm init_keep must lie in (0, 1]")
+        self.steps, self.lr, self.alpha_lr, self.batch_size = int(steps), float(lr), float(alpha_lr), int(batch_size)
+        self.train_seq_len, self.kappa, self.kappa_final, self.gate = train_seq_len, float(kappa), kappa_final, gate
+        self.init_keep = init_keep
+        self.acmp_init, self.acmp_eta, self.acmp_p, self.acmp_max = float(acmp_init), float(acmp_eta), float(acmp_p), float(acmp_max)
+        self.distill, self.distill_weight, self.lr_schedule = bool(distill), float(distill_weight), lr_schedule
+        self.loss_fn, self.state_file, self.resume = loss_fn, state_file, bool(resume)
+
+    def options(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in (
+            "steps", "lr", "alpha_lr", "batch_size", "train_seq_len", "kappa", "kappa_final", "gate", "init_keep",
+            "acmp_init", "acmp_eta", "acmp_p", "acmp_max", "lr_schedule", "distill", "distill_weight")}
+
+    def allocate(self, targets: list[Target], factorizations: dict[str, Factorization], keep: float, min_rank: int = 1,
+                 context: AllocationContext | None = None) -> RankMap:
+        context = require_context(context, self.name)
+        model = context.model
+        if self.distill and not is_causal_lm(model):
+            raise RanklmError("softlm distill=true distils next-token distributions: it needs a causal LM")
+        windows = context.windows if self.train_seq_len is None else context.windows[:, : self.train_seq_len]
+        objective = as_objective(self.loss_fn or context.objective, model, windows, context.batch_size)
+        device = next(model.parameters()).device
+        hooks = SoftLMHooks(self, targets, factorizations, keep, device, self.steps)
+        cfg = LoopConfig(steps=self.steps, lr=self.lr, batch_size=self.batch_size, seed=int(context.seed),
+                         save_every=context.save_every,
+                         state_file=context.state_file(self.name) if context.state_dir is not None else self.state_file,
+                         resume=context.resume or self.resume, progress=context.progress, desc="softlm thresholds",
+                         lr_schedule=self.lr_schedule)
+        result = run_loop(model, objective, hooks, cfg)
+
+        ordered = {n: m.ordered_factors() for n, m in hooks.mods.items()}
+        learned = {t.name: hooks.mods[t.name].hard_rank() for t in targets}
+
+        def priority(t: Target, j: int) -> float:
+            s_sorted = ordered[t.name][2]
+            if j >= max_factored_rank(t) or j >= len(s_sorted):
+                return -1e30 * (t.out_features + t.in_features)
+            return float(s_sorted[j]) * (t.out_features + t.in_features)
+
+        start: RankMap = {t.name: max(min(learned[t.name], max_factored_rank(t)), min(min_rank, max_factored_rank(t)))
+                          for t in targets}
+        rank_map = fit_budget(targets, start, keep, priority, min_rank)
+        context.trained_factors = {
+            t.name: (ordered[t.name][0][:, : int(r)].detach().clone(), ordered[t.name][1][: int(r)].detach().clone())
+            for t in targets if (r := rank_map[t.name]) != "dense"
+        }
+        # a target the fit leaves dense keeps its original weight (the factors cover only r_max components)
+        learned_keep = sum(target_cost(t, learned[t.name]) for t in targets) / targets_dense_params(targets)
+        if not math.isfinite(learned_keep):  # pragma: no cover - defensive
+            raise RanklmError("softlm produced a non-finite keep ratio")
+        steps_axis = hooks.steps_axis
+        context.artifacts["softlm"] = {
+            "options": self.options(), "history": result.history,
+            "alpha": {n: float(m.alpha.detach()) for n, m in hooks.mods.items()},
+            "kappa": next(iter(hooks.mods.values())).kappa if hooks.mods else self.kappa,
+            "ranks_learned": learned, "keep_learned": learned_keep,
+            "trajectory": {"steps": steps_axis, "series": hooks.trajectory, "ylabel": "threshold alpha (on s / s_max)",
+                           "title": "SoftLMs thresholds over training"},
+        }
+        context.artifacts["softlm-ranks"] = {
+            "trajectory": {"steps": steps_axis, "series": hooks.rank_trajectory, "ylabel": "rank (hard threshold)",
+                           "title": "SoftLMs ranks over training"},
+        }
+        for n, m in hooks.mods.items():
+            context.artifacts[f"softlm.alpha.{n}"] = m.alpha.detach().reshape(1).cpu().clone()
+        context.training.append({
+            "trainer": self.name, "stage": "allocate", "steps": self.steps, "options": self.options(),
+            "objective": objective.description or objective.name, "final_loss": result.final_loss,
+            "first_loss": (result.history.get("loss") or [None])[0],
+            "keep_requested": keep, "keep_learned": learned_keep, "keep_after_fit": keep_ratio(targets, rank_map),
+            "reached_budget": abs(learned_keep - keep) <= LEARNED_KEEP_TOLERANCE,
+            "seconds": round(result.seconds, 2), "resumed_from_step": result.start_step, "world_size": result.world_size,
+        })
+        return rank_map
+
+
+__all__ = ["SoftLMAllocator", "SoftLMHooks"]
