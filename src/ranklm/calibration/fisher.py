@@ -1,7 +1,11 @@
 """Per-element Fisher information of the target weights (FWSVD, TFWSVD, SVD-drop predictor).
 
 ``F_ij = sum over calibration windows of (dL/dW_ij)^2``, with L the LM loss of one
-window (decoders) or a caller-given task loss (encoders). The model is frozen
+window (decoders) or a caller-given task loss (encoders). The loss may also be a
+``train.Objective`` (a task: input ids, attention mask, labels): Fisher is then summed over
+its first ``len(windows)`` examples, one example per backward pass (per-example squared
+gradients, as FWSVD/TFWSVD compute them on the task-tuned encoder), and the windows only
+say how many. The model is frozen
 except the target weights; gradients are squared into one float32 accumulator
 per target right after each backward and then dropped, so no per-batch gradient
 is kept. Memory: the model, one backward pass, and one accumulator the size of
@@ -10,7 +14,7 @@ every target weight (about 0.43 GB for SmolLM2-135M).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -36,11 +40,14 @@ def collect_fisher(
     model: nn.Module,
     targets: list[Target],
     windows: torch.Tensor,
-    loss_fn: LossFn | None = None,
+    loss_fn: LossFn | Any | None = None,
     batch_size: int = 1,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """``{target: F}`` with F float32 ``out x in`` (torch layout, Conv1D transposed)."""
+    objective = None
+    if loss_fn is not None and hasattr(loss_fn, "examples") and hasattr(loss_fn, "loss"):  # a train.Objective
+        objective, n_examples = loss_fn, min(len(windows), len(loss_fn))
     loss_fn = loss_fn or lm_loss
     weights = {t.name: model.get_submodule(t.name).weight for t in targets}
     transposed = {t.name: bool(Conv1D) and isinstance(model.get_submodule(t.name), Conv1D) for t in targets}
@@ -48,8 +55,13 @@ def collect_fisher(
     fisher = {name: torch.zeros_like(w, dtype=torch.float32, device="cpu") for name, w in weights.items()}
     device = next(model.parameters()).device
     with training_only(model, weights.values()):
-        for i in tqdm(range(0, len(windows), batch_size), desc="fisher", disable=not progress, unit="batch"):
-            loss = loss_fn(model, windows[i : i + batch_size].to(device))
+        total = n_examples if objective is not None else len(windows)
+        for i in tqdm(range(0, total, batch_size), desc="fisher", disable=not progress, unit="batch"):
+            if objective is not None:
+                j = min(i + batch_size, total)
+                loss = objective.loss(model, {k: v[i:j] for k, v in objective.examples.items()})
+            else:
+                loss = loss_fn(model, windows[i : i + batch_size].to(device))
             if not torch.isfinite(loss):
                 raise RanklmError("non-finite loss while collecting Fisher statistics (NaN/Inf in the model?)")
             loss.backward()

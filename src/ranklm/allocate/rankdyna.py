@@ -1,0 +1,426 @@
+"""RankDyna: ranks that move during one round of task fine-tuning (Hua et al., Findings of EMNLP 2023;
+docs/design.md §5, *inferred* AdaLoRA-like spec).
+
+A learning allocator on the shared training loop (``train/loop.py``), like ARS, but it
+trains the model too: it starts from a pre-trained (not task-tuned) model and adapts to
+the task while it moves rank between matrices, ending at the parameter budget.
+
+* **Triplets.** Every target's base factors at a generous rank r (``init_rank`` x
+  ``min(out, in)``, default full rank; the base's own factorization gives the first
+  ``max_factored_rank`` components, the rest of the spectrum comes from a plain SVD of the
+  residual) are rewritten as triplets ``W = sum_i u_i s_i v_i^T`` with ``s_i = |a_i| |b_i|``,
+  ``u_i = a_i / |a_i|``, ``v_i = b_i / |b_i|`` (any base works; for ``svd`` these are its
+  singular triplets). While training, each target is a ``DynaFactorized`` module computing
+  ``((x V^T) * (s * m)) U^T + bias`` with a 0/1 gate ``m``; ``U``, ``s``, ``V`` and every
+  other model parameter (embeddings, norms, classifier head, biases) train with Adam on the
+  run's objective (a task loss from ``ranklm finetune``).
+* **Importance** of triplet i (AdaLoRA's sensitivity, smoothed): for each trained element p,
+  ``I = |p * dL/dp|``, ``I_bar = b1 I_bar + (1 - b1) I``, ``U_bar = b2 U_bar + (1 - b2) |I - I_bar|``,
+  score ``I_bar * U_bar`` (b1 = b2 = 0.85). The triplet's score is the s-term plus the means of
+  its singular vectors' element scores. The s-term uses the gate's gradient
+  ``dL/dm_i = s_i dL/d(s_i m_i)``, which equals ``s_i dL/ds_i`` for an active triplet and stays
+  defined for a masked one (the first-order loss change of bringing it back), so **masked
+  triplets keep their s-scores updated**; their singular vectors get no gradient while masked,
+  and their scores are frozen (not decayed) until they come back.
+* **Budget schedule** (in parameters, cost of a triplet = out + in): all triplets active through
+  ``warmup`` (fraction of steps), then a cubic schedule
+  ``b(t) = b_T + (b_0 - b_T) (1 - (t - t_w) / (t_f - t_w))^3`` down to the budget ``b_T = keep x
+  dense`` at ``t_f = steps x (1 - hold)``, then hold. Every ``delta_t`` steps (and at ``t_f``) the
+  triplets are ranked globally by score per parameter (a knapsack greedy; ``per_param=false``:
+  by score, AdaLoRA's rule) and the best are kept until ``b(t)`` is filled; the rest are masked.
+  A masked triplet that outranks active ones comes back: the number of comebacks is logged per
+  update (``comebacks`` in the history, total in the training record).
+* **End.** The active triplets, best score first, are physically truncated into ``(A, B) =
+  (U diag(s), V)``; ``fit_budget`` lands the budget exactly (dropping the lowest-scoring or adding
+  the best masked triplets); the factors go back to the pipeline through
+  ``context.trained_factors`` and the rest of the model stays trained in place. Per-matrix
+  active rank at every mask update is saved in the checkpoint
+  (``artifacts.rankdyna.trajectory``, drawn by ``ranklm plot``).
+
+Resume: U, s, V and the model's parameters, Adam's moments, the importance EMAs, the gate,
+the comeback count and the rank history are in the loop's state file (``--state-dir``);
+batches are a function of (seed, step), so a resumed run equals an uninterrupted one.
+
+Data parallel: gradients of the trained tensors are averaged by the loop; the gates' gradients
+(not trained tensors) are averaged here before the scores are updated, so every process computes
+the same scores and the same masks.
+
+Memory: the model, factors at rank r (full rank: about 1.5x the targets' dense size for
+BERT-like shapes) and two EMAs per factor element.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..budget import DENSE, RankMap, fit_budget, keep_ratio, max_factored_rank, target_cost, targets_dense_params
+from ..decompose.base import Factorization, thin_svd
+from ..errors import RanklmError
+from ..layers import replace_module
+from ..options import Opt
+from ..targets import Target, weight_matrix
+from ..train.loop import Hooks, LoopConfig, run_loop
+from ..train.objective import Batch, Objective, as_objective
+from .base import AllocationContext, require_context
+
+LEARNED_KEEP_TOLERANCE = 0.02
+
+
+class DynaFactorized(nn.Module):
+    """``x -> ((x V^T) * (s * gate)) U^T + bias``: a target as trainable triplets with a 0/1 gate."""
+
+    def __init__(self, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, bias: nn.Parameter | None,
+                 in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.U = nn.Parameter(u.detach().clone())
+        self.s = nn.Parameter(s.detach().clone())
+        self.V = nn.Parameter(v.detach().clone())
+        self.bias = bias  # the original module's Parameter: trained in place with the rest of the model
+        self.in_features, self.out_features = in_features, out_features
+        # the gate is not trained; it requires grad so that dL/dm (the s-term of the importance) exists
+        self.gate = torch.ones_like(self.s, requires_grad=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x @ self.V.t()
+        h = h * (self.s * self.gate).to(h.dtype)
+        y = h @ self.U.t()
+        return y if self.bias is None else y + self.bias
+
+
+def triplets(weight: torch.Tensor, fac: Factorization, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U, s, V)`` with unit-norm columns/rows and ``U diag(s) V`` = the base's rank-``rank`` approximation.
+
+    Beyond the base's ``max_rank`` components the residual's plain SVD supplies the rest.
+    """
+    k = min(rank, fac.max_rank)
+    a, b = fac.A[:, :k].float(), fac.B[:k].float()
+    if rank > k:
+        resid = weight.detach().float() - a @ b
+        u, s, vt = thin_svd(resid.double())
+        extra = rank - k
+        a = torch.cat([a, (u[:, :extra] * s[:extra]).float()], 1)
+        b = torch.cat([b, vt[:extra].float()], 0)
+    na = a.norm(dim=0).clamp_min(1e-12)
+    nb = b.norm(dim=1).clamp_min(1e-12)
+    return a / na, na * nb, b / nb[:, None]
+
+
+class _EMA:
+    """AdaLoRA's smoothed sensitivity of one tensor: I_bar (EMA of |p g|) and U_bar (EMA of |I - I_bar|)."""
+
+    @staticmethod
+    def update(ibar: torch.Tensor, ubar: torch.Tensor, sens: torch.Tensor, b1: float, b2: float,
+               where: torch.Tensor | None = None) -> None:
+        new_i = b1 * ibar + (1 - b1) * sens
+        new_u = b2 * ubar + (1 - b2) * (sens - new_i).abs()
+        if where is None:
+            ibar.copy_(new_i)
+            ubar.copy_(new_u)
+        else:
+            ibar.copy_(torch.where(where, new_i, ibar))
+            ubar.copy_(torch.where(where, new_u, ubar))
+
+
+class RankDynaHooks(Hooks):
+    """The RankDyna trainer's hooks (see the module docstring)."""
+
+    name = "rankdyna"
+
+    def __init__(self, a: "RankDynaAllocator", targets: list[Target], factorizations: dict[str, Factorization], keep: float,
+                 steps: int, model: nn.Module) -> None:
+        self.a, self.targets, self.keep, self.steps = a, targets, keep, int(steps)
+        self.device = next(model.parameters()).device
+        self.ranks: list[int] = []
+        self.init: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for t in targets:
+            w = weight_matrix(model.get_submodule(t.name))
+            r = max(1, min(min(t.out_features, t.in_features), int(math.ceil(a.init_rank * min(t.out_features, t.in_features)))))
+            self.init.append(triplets(w, factorizations[t.name], r))
+            self.ranks.append(r)
+        self.costs = torch.cat([torch.full((r,), float(t.out_features + t.in_features), dtype=torch.float64)
+                                for t, r in zip(targets, self.ranks)])
+        self.offsets = [0]
+        for r in self.ranks:
+            self.offsets.append(self.offsets[-1] + r)
+        self.dense = float(targets_dense_params(targets))
+        self.budget_final = keep * self.dense
+        self.budget_initial = float(self.costs.sum())
+        self.t_warm = int(round(a.warmup * self.steps))
+        self.t_final = max(self.t_warm, int(round((1.0 - a.hold) * self.steps)))
+        n = self.offsets[-1]
+        # state kept for resume: EMAs of every trained triplet element, the gate, counters and history
+        self.gate = torch.ones(n, dtype=torch.float32)
+        self.s_ibar, self.s_ubar = torch.zeros(n), torch.zeros(n)
+        self.u_ibar = [torch.zeros(t.out_features, r) for t, r in zip(targets, self.ranks)]
+        self.u_ubar = [torch.zeros(t.out_features, r) for t, r in zip(targets, self.ranks)]
+        self.v_ibar = [torch.zeros(r, t.in_features) for t, r in zip(targets, self.ranks)]
+        self.v_ubar = [torch.zeros(r, t.in_features) for t, r in zip(targets, self.ranks)]
+        self.comebacks = torch.zeros(1, dtype=torch.long)
+        self.history_steps: list[int] = []
+        self.history_ranks: list[list[int]] = []
+        self.modules: list[DynaFactorized] = []
+        self.originals: dict[str, nn.Module] = {}
+
+    # -- schedule ---------------------------------------------------------------------
+    def budget_at(self, step: int) -> float:
+        """Active-triplet budget (parameters) after step ``step`` (0-based): warm-up, cubic, hold."""
+        t = step + 1
+        if t <= self.t_warm:
+            return self.budget_initial
+        if t >= self.t_final:
+            return self.budget_final
+        frac = 1.0 - (t - self.t_warm) / max(self.t_final - self.t_warm, 1)
+        return self.budget_final + (self.budget_initial - self.budget_final) * frac ** 3
+
+    def is_mask_step(self, step: int) -> bool:
+        t = step + 1
+        return t > self.t_warm and (t % self.a.delta_t == 0 or t == self.t_final or t == self.steps)
+
+    # -- loop hooks -----------------------------------------------------------------------
+    def begin(self, model: nn.Module) -> None:
+        for t, (u, s, v), lo, hi in zip(self.targets, self.init, self.offsets[:-1], self.offsets[1:]):
+            orig = model.get_submodule(t.name)
+            dtype = weight_matrix(orig).dtype
+            mod = DynaFactorized(u.to(self.device, dtype), s.to(self.device, dtype), v.to(self.device, dtype),
+                                 getattr(orig, "bias", None), t.in_features, t.out_features)
+            self.originals[t.name] = orig
+            self.modules.append(mod)
+            replace_module(model, t.name, mod)
+        self._push_gate()
+
+    def end(self, model: nn.Module) -> None:
+        self.final = [(m.U.detach().clone(), m.s.detach().clone(), m.V.detach().clone()) for m in self.modules]
+        for name, orig in self.originals.items():
+            replace_module(model, name, orig)
+        self.originals.clear()
+        self.modules.clear()
+
+    def _push_gate(self) -> None:
+        for m, lo, hi in zip(self.modules, self.offsets[:-1], self.offsets[1:]):
+            m.gate = self.gate[lo:hi].to(device=self.device, dtype=m.s.dtype).clone().requires_grad_(True)
+
+    def parameters(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        named = []
+        for t, m in zip(self.targets, self.modules):
+            named += [(f"{t.name}.U", m.U), (f"{t.name}.s", m.s), (f"{t.name}.V", m.V)]
+        return named
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"options": self.a.options(), "keep": self.keep, "steps": self.steps, "targets": [t.name for t in self.targets],
+                "ranks": self.ranks}
+
+    def loss(self, model: nn.Module, objective: Objective, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        for m in self.modules:
+            if m.gate.grad is not None:
+                m.gate.grad = None
+        loss = objective.loss(model, batch)
+        active = float((self.gate.double() * self.costs).sum())
+        return loss, {"loss": float(loss.detach()), "keep": active / self.dense}
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, step: int, logs: dict[str, float]) -> None:
+        b1, b2 = self.a.beta1, self.a.beta2
+        gate_grads = torch.cat([(m.gate.grad if m.gate.grad is not None else torch.zeros_like(m.gate)).detach().float().cpu()
+                                for m in self.modules])
+        world = _world()
+        if world > 1:  # every process must rank the triplets on the same (averaged) gradients
+            import torch.distributed as dist
+
+            dist.all_reduce(gate_grads, op=dist.ReduceOp.SUM)
+            gate_grads /= world
+        _EMA.update(self.s_ibar, self.s_ubar, gate_grads.abs(), b1, b2)
+        for i, m in enumerate(self.modules):
+            lo, hi = self.offsets[i], self.offsets[i + 1]
+            active = self.gate[lo:hi] > 0.5
+            if m.U.grad is not None:
+                _EMA.update(self.u_ibar[i], self.u_ubar[i], (m.U.detach() * m.U.grad).abs().float().cpu(), b1, b2, active[None, :])
+            if m.V.grad is not None:
+                _EMA.update(self.v_ibar[i], self.v_ubar[i], (m.V.detach() * m.V.grad).abs().float().cpu(), b1, b2, active[:, None])
+        logs["comebacks"] = 0.0
+        if self.is_mask_step(step):
+            self.mask_update(step, logs)
+
+    def scores(self) -> torch.Tensor:
+        """One score per triplet: s-term + mean of its singular vectors' element scores."""
+        sc = (self.s_ibar * self.s_ubar).double()
+        parts = []
+        for i in range(len(self.modules) if self.modules else len(self.targets)):
+            parts.append((self.u_ibar[i] * self.u_ubar[i]).mean(0).double() + (self.v_ibar[i] * self.v_ubar[i]).mean(1).double())
+        return sc + torch.cat(parts)
+
+    def select(self, budget: float) -> torch.Tensor:
+        """0/1 gate keeping the best triplets (by score per parameter, or by score) until ``budget`` is filled."""
+        sc = self.scores()
+        key = sc / self.costs if self.a.per_param else sc
+        order = torch.argsort(key, descending=True, stable=True)
+        cum = torch.cumsum(self.costs[order], 0)
+        keep_n = int((cum <= budget + 1e-6).sum())
+        # at least one triplet per target, so no matrix vanishes
+        gate = torch.zeros_like(self.gate)
+        gate[order[:keep_n]] = 1.0
+        for lo, hi in zip(self.offsets[:-1], self.offsets[1:]):
+            if gate[lo:hi].sum() == 0:
+                gate[lo + int(torch.argmax(sc[lo:hi]))] = 1.0
+        return gate
+
+    def mask_update(self, step: int, logs: dict[str, float]) -> None:
+        new = self.select(self.budget_at(step))
+        back = int(((self.gate < 0.5) & (new > 0.5)).sum())
+        self.comebacks += back
+        self.gate = new
+        self._push_gate()
+        self.history_steps.append(step + 1)
+        self.history_ranks.append(self.active_ranks())
+        logs["comebacks"] = float(back)
+        logs["keep"] = float((self.gate.double() * self.costs).sum()) / self.dense
+
+    def active_ranks(self) -> list[int]:
+        return [int(self.gate[lo:hi].sum()) for lo, hi in zip(self.offsets[:-1], self.offsets[1:])]
+
+    # -- resume -------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"gate": self.gate, "s_ibar": self.s_ibar, "s_ubar": self.s_ubar, "comebacks": self.comebacks,
+               "hist_steps": torch.tensor(self.history_steps, dtype=torch.long),
+               "hist_ranks": torch.tensor(self.history_ranks, dtype=torch.long).reshape(len(self.history_ranks), len(self.targets))}
+        for i in range(len(self.targets)):
+            out.update({f"u_ibar.{i}": self.u_ibar[i], f"u_ubar.{i}": self.u_ubar[i],
+                        f"v_ibar.{i}": self.v_ibar[i], f"v_ubar.{i}": self.v_ubar[i]})
+        return {k: v.contiguous() for k, v in out.items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.gate = tensors["gate"].clone().float()
+        self.s_ibar, self.s_ubar = tensors["s_ibar"].clone(), tensors["s_ubar"].clone()
+        self.comebacks = tensors["comebacks"].clone()
+        self.history_steps = [int(x) for x in tensors["hist_steps"].tolist()]
+        self.history_ranks = [list(map(int, r)) for r in tensors["hist_ranks"].tolist()]
+        for i in range(len(self.targets)):
+            self.u_ibar[i], self.u_ubar[i] = tensors[f"u_ibar.{i}"].clone(), tensors[f"u_ubar.{i}"].clone()
+            self.v_ibar[i], self.v_ubar[i] = tensors[f"v_ibar.{i}"].clone(), tensors[f"v_ubar.{i}"].clone()
+        self._push_gate()
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class RankDynaAllocator:
+    """Triplet importance, cubic budget schedule, dynamic masks with comebacks (see the module docstring)."""
+
+    name = "rankdyna"
+    needs_context = True
+    needs_spectra = True
+    needs_training = True
+    trains_model = True  # the rest of the model is trained in place (a task fine-tuning round)
+    OPTIONS = (
+        Opt("steps", int, 200, "training steps (task fine-tuning and rank moves in one round)"),
+        Opt("lr", float, 1e-4, "Adam learning rate (factors and the rest of the model)"),
+        Opt("batch_size", int, None, "examples per step [the run's --batch-size]"),
+        Opt("warmup", float, 0.1, "fraction of steps with every triplet active"),
+        Opt("hold", float, 0.3, "fraction of steps at the end with the budget reached (ranks still move)"),
+        Opt("delta_t", int, 10, "steps between mask updates"),
+        Opt("beta1", float, 0.85, "EMA of the sensitivity"),
+        Opt("beta2", float, 0.85, "EMA of the uncertainty"),
+        Opt("init_rank", float, 1.0, "starting rank as a fraction of min(out, in)"),
+        Opt("per_param", bool, True, "rank triplets by score per parameter (false: by score, AdaLoRA)"),
+        Opt("max_grad_norm", float, 1.0, "gradient clipping (None: off)"),
+        Opt("loss_fn", object, None, "an Objective or loss_fn(model, ids) [the run's objective]", python_only=True),
+    )
+
+    def __init__(self, steps: int = 200, lr: float = 1e-4, batch_size: int | None = None, warmup: float = 0.1,
+                 hold: float = 0.3, delta_t: int = 10, beta1: float = 0.85, beta2: float = 0.85, init_rank: float = 1.0,
+                 per_param: bool = True, max_grad_norm: float | None = 1.0, loss_fn: Any = None) -> None:
+        if int(steps) < 1 or not lr > 0 or int(delta_t) < 1:
+            raise RanklmError("rankdyna needs steps >= 1, lr > 0, delta_t >= 1")
+        if not (0 <= warmup < 1 and 0 <= hold < 1 and warmup + hold <= 1):
+            raise RanklmError("rankdyna needs 0 <= warmup, hold < 1 and warmup + hold <= 1")
+        if not (0 < beta1 < 1 and 0 < beta2 < 1 and 0 < init_rank <= 1):
+            raise RanklmError("rankdyna needs beta1, beta2 in (0, 1) and init_rank in (0, 1]")
+        if batch_size is not None and int(batch_size) < 1:
+            raise RanklmError("rankdyna batch_size must be a positive integer")
+        self.steps, self.lr, self.batch_size = int(steps), float(lr), None if batch_size is None else int(batch_size)
+        self.warmup, self.hold, self.delta_t = float(warmup), float(hold), int(delta_t)
+        self.beta1, self.beta2, self.init_rank, self.per_param = float(beta1), float(beta2), float(init_rank), bool(per_param)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.loss_fn = loss_fn
+
+    def options(self) -> dict[str, Any]:
+        return {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "warmup": self.warmup, "hold": self.hold,
+                "delta_t": self.delta_t, "beta1": self.beta1, "beta2": self.beta2, "init_rank": self.init_rank,
+                "per_param": self.per_param, "max_grad_norm": self.max_grad_norm}
+
+    def allocate(self, targets: list[Target], factorizations: dict[str, Factorization], keep: float, min_rank: int = 1,
+                 context: AllocationContext | None = None) -> RankMap:
+        context = require_context(context, self.name)
+        model = context.model
+        seed = int(context.seed)
+        objective = as_objective(self.loss_fn or context.objective, model, context.windows, context.batch_size)
+        hooks = RankDynaHooks(self, targets, factorizations, keep, self.steps, model)
+        cfg = LoopConfig(steps=self.steps, lr=self.lr, batch_size=self.batch_size or context.batch_size, seed=seed,
+                         save_every=context.save_every, state_file=context.state_file(self.name), resume=context.resume,
+                         progress=context.progress, desc="rankdyna", max_grad_norm=self.max_grad_norm, others_trainable=True)
+        result = run_loop(model, objective, hooks, cfg)
+
+        scores = hooks.scores()
+        learned = hooks.active_ranks()
+        order: dict[str, list[int]] = {}
+        prio: dict[str, list[float]] = {}
+        for t, lo, hi in zip(targets, hooks.offsets[:-1], hooks.offsets[1:]):
+            sc, g = scores[lo:hi], hooks.gate[lo:hi] > 0.5
+            # active triplets first (best score first), then the masked ones by score
+            idx = sorted(range(hi - lo), key=lambda j: (not bool(g[j]), -float(sc[j])))
+            order[t.name] = idx
+            prio[t.name] = [float(sc[j]) + (1e30 if bool(g[j]) else 0.0) for j in idx]
+
+        def priority(t: Target, j: int) -> float:
+            if j >= max_factored_rank(t) or j >= len(prio[t.name]):
+                return -1e300  # never prefer going dense (or past the trained triplets)
+            return prio[t.name][j] * (t.out_features + t.in_features)  # fit_budget divides by the step cost
+
+        start: RankMap = {t.name: max(min(k, max_factored_rank(t)), min(min_rank, max_factored_rank(t)))
+                          for t, k in zip(targets, learned)}
+        rank_map = fit_budget(targets, start, keep, priority, min_rank)
+
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for t, (u, s, v) in zip(targets, hooks.final):
+            k = rank_map[t.name]
+            if k == DENSE:  # not reachable with the priority above; kept correct anyway
+                with torch.no_grad():
+                    w = (u * s) @ v
+                    mod = model.get_submodule(t.name)
+                    (mod.weight.copy_(w) if isinstance(mod, nn.Linear) else mod.weight.copy_(w.t()))
+                continue
+            idx = torch.tensor(order[t.name][: int(k)], dtype=torch.long, device=u.device)
+            factors[t.name] = ((u[:, idx] * s[idx]).detach(), v[idx].detach())
+        context.trained_factors = factors
+
+        learned_map = {t.name: k for t, k in zip(targets, learned)}
+        learned_keep = sum(target_cost(t, learned_map[t.name]) for t in targets) / targets_dense_params(targets)
+        trajectory = {"steps": hooks.history_steps,
+                      "series": {t.name: [r[i] for r in hooks.history_ranks] for i, t in enumerate(targets)},
+                      "ylabel": "active rank (triplets)", "title": f"RankDyna: rank per matrix over training (keep {keep})"}
+        context.artifacts["rankdyna"] = {
+            "options": self.options(), "keep": keep, "steps": self.steps, "seed": seed, "initial_ranks": hooks.ranks,
+            "ranks_learned": learned_map, "keep_learned": learned_keep, "comebacks": int(hooks.comebacks),
+            "schedule": {"warmup_steps": hooks.t_warm, "final_step": hooks.t_final, "budget_initial": hooks.budget_initial,
+                         "budget_final": hooks.budget_final, "delta_t": self.delta_t},
+            "trajectory": trajectory,
+        }
+        context.training.append({
+            "trainer": self.name, "stage": "allocate+train", "steps": self.steps, "options": self.options(),
+            "objective": objective.description or objective.name, "final_loss": result.final_loss,
+            "first_loss": (result.history.get("loss") or [None])[0],
+            "keep_requested": keep, "keep_learned": learned_keep, "keep_after_fit": keep_ratio(targets, rank_map),
+            "reached_budget": abs(learned_keep - keep) <= LEARNED_KEEP_TOLERANCE, "comebacks": int(hooks.comebacks),
+            "seconds": round(result.seconds, 2), "resumed_from_step": result.start_step, "world_size": result.world_size,
+            "history": result.history,
+        })
+        return rank_map
+
+
+__all__ = ["DynaFactorized", "RankDynaAllocator", "RankDynaHooks", "triplets"]

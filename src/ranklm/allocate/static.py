@@ -1,0 +1,54 @@
+"""``static``: the two-stage baseline RankDyna replaces (docs/design.md §5, RankDyna's "static baseline").
+
+Fine-tune dense on the task, truncate with the chosen base at the budget, fine-tune again,
+with the same total steps as a RankDyna run. The stages are driven by
+``ranklm.train.task.finetune_task`` (``ranklm finetune --allocator static``): the first
+dense fine-tune runs before the pipeline (so Fisher bases see the task-tuned model, the
+FWSVD/TFWSVD papers' setting), the pipeline then factors and truncates, and its
+``finetune`` trainer (all parameters) spends the remaining steps.
+
+As an allocator it gives every target the same keep ratio (``uniform``), the allocation the
+FWSVD/TFWSVD papers use; ``allocation=energy`` ranks components by normalised spectrum energy
+instead.
+"""
+
+from __future__ import annotations
+
+from ..budget import RankMap
+from ..decompose.base import Factorization
+from ..options import Opt
+from ..targets import Target
+from .base import AllocationContext
+from .energy import EnergyAllocator
+from .uniform import UniformAllocator
+
+
+class StaticAllocator:
+    name = "static"
+    needs_context = False
+    needs_spectra = True
+    dense_first = True  # the task driver fine-tunes the dense model before truncating
+    OPTIONS = (
+        Opt("allocation", str, "uniform", "ranks after the dense fine-tune: uniform keep ratio, or energy", choices=("uniform", "energy")),
+        Opt("dense_fraction", float, 0.5, "fraction of the total steps spent fine-tuning dense before truncating"),
+    )
+
+    def __init__(self, allocation: str = "uniform", dense_fraction: float = 0.5) -> None:
+        from ..errors import RanklmError
+
+        if allocation not in ("uniform", "energy"):
+            raise RanklmError("static allocation must be 'uniform' or 'energy'")
+        if not 0 <= dense_fraction < 1:
+            raise RanklmError("static dense_fraction must lie in [0, 1)")
+        self.allocation, self.dense_fraction = allocation, float(dense_fraction)
+
+    def options(self) -> dict:
+        return {"allocation": self.allocation, "dense_fraction": self.dense_fraction}
+
+    def allocate(self, targets: list[Target], factorizations: dict[str, Factorization], keep: float, min_rank: int = 1,
+                 context: AllocationContext | None = None) -> RankMap:
+        inner = UniformAllocator() if self.allocation == "uniform" else EnergyAllocator()
+        return inner.allocate(targets, factorizations, keep, min_rank, context)
+
+
+__all__ = ["StaticAllocator"]
