@@ -62,6 +62,7 @@ from ..errors import RanklmError
 from ..layers import replace_module
 from ..options import Opt
 from ..targets import Target
+from ..train.budget_control import BudgetController
 from ..train.loop import Hooks, LoopConfig, run_loop
 from ..train.masks import HyperNetwork, MaskedFactorized, gumbel_sigmoid_mask, logistic_noise, prefix_fraction
 from ..train.objective import Batch, Objective, as_objective
@@ -69,6 +70,16 @@ from .base import AllocationContext, require_context
 
 TENSOR_PREFIX = "ars."
 LEARNED_KEEP_TOLERANCE = 0.02  # a learned keep farther than this from the request is reported as not reached
+
+
+def monotone_logits(o: torch.Tensor, scale: float) -> torch.Tensor:
+    """Non-increasing logits from a head's outputs: ``o_0 + scale * (1 - F_j)``, F the normalised
+    cumulative sum of ``softplus(o_1..)``. The first output places the rank, the others shape the
+    descent; every noise-free mask is then a top-k prefix. (Normalising keeps one output's change
+    from shifting hundreds of components at once, which an unnormalised cumsum did.)"""
+    inc = torch.nn.functional.softplus(o[1:]) if len(o) > 1 else o.new_zeros(0)
+    f = torch.cumsum(torch.cat([inc[:1] if len(inc) else o.new_ones(1), inc]), 0)
+    return o[0] + scale * (1 - f / f[-1])
 
 
 class ARSHooks(Hooks):
@@ -93,6 +104,8 @@ class ARSHooks(Hooks):
             self.hyper = HyperNetwork(self.ranks, allocator.input_dim, allocator.hidden).to(device)
         self.masked: list[MaskedFactorized] = []
         self.originals: dict[str, nn.Module] = {}
+        self.control = BudgetController(allocator.kp, allocator.ki, allocator.limit)
+        self.det_cost = float("nan")
 
     # -- loop hooks -------------------------------------------------------------
     def begin(self, model: nn.Module) -> None:
@@ -121,6 +134,8 @@ class ARSHooks(Hooks):
 
     def budget_term(self, cost: torch.Tensor) -> torch.Tensor:
         ratio = cost / self.budget
+        if self.a.budget_loss == "controlled":
+            return self.a.lam * self.control.weight * ratio
         if self.a.budget_loss == "log":
             return self.a.lam * torch.log(torch.clamp_min(ratio, 1.0))
         excess = torch.clamp_min(ratio - 1.0, 0.0)
@@ -135,9 +150,16 @@ class ARSHooks(Hooks):
             return align / len(self.targets)
         return align
 
+    def logits(self) -> list[torch.Tensor]:
+        """The hypernetwork's per-target logits; with ``monotone`` each target's are non-increasing."""
+        raw = self.hyper()
+        if not self.a.monotone:
+            return raw
+        return [monotone_logits(o, self.a.monotone_scale) for o in raw]
+
     def loss(self, model: nn.Module, objective: Objective, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step + 500_009)
-        logits = self.hyper()
+        logits = self.logits()
         masks = []
         for o in logits:
             noise = logistic_noise(o.shape, gen).to(self.device)
@@ -152,6 +174,7 @@ class ARSHooks(Hooks):
         with torch.no_grad():
             det = [(o.detach() + self.a.bias > 0).float() for o in logits]
             kd = torch.tensor([float(m.sum()) for m in det], dtype=torch.float64)
+            self.det_cost = float((kd * self.costs).sum())
         logs = {
             "loss": float(task.detach()),
             "keep": float((kd * self.costs).sum()) / self.dense,
@@ -159,13 +182,35 @@ class ARSHooks(Hooks):
             "align": float(align.detach()),
             "prefix": prefix_fraction(det),
             "budget": float(budget.detach()),
+            "budget_weight": self.control.weight,
         }
         return task + budget + self.a.gamma * align, logs
+
+    def target_keep(self, step: int) -> float:
+        """The keep the masks are steered to after ``step``: down from 1 along a cubic schedule over
+        the first ``schedule`` fraction of the steps, then the target (docs: why a schedule)."""
+        span = self.a.schedule * self.a.steps
+        if span <= 0 or step + 1 >= span:
+            return self.keep
+        return self.keep + (1.0 - self.keep) * (1.0 - (step + 1) / span) ** 3
+
+    def after_step(self, model: nn.Module, step: int, logs: dict[str, float]) -> None:
+        # the masks as they would be installed (deterministic) steer the budget weight
+        with torch.no_grad():
+            kd = torch.tensor([float((o + self.a.bias > 0).sum()) for o in self.logits()], dtype=torch.float64)
+        self.control.update(float((kd * self.costs).sum()), self.target_keep(step) * self.dense)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"control": self.control.state()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if "control" in tensors:
+            self.control.load(tensors["control"])
 
     # -- after training -----------------------------------------------------------
     @torch.no_grad()
     def final_logits(self) -> list[torch.Tensor]:
-        return [o.detach().cpu() for o in self.hyper()]
+        return [o.detach().cpu() for o in self.logits()]
 
 
 class ARSAllocator:
@@ -176,19 +221,27 @@ class ARSAllocator:
     needs_spectra = True
     needs_training = True  # trains on the loop (resumable with --state-dir)
     OPTIONS = (
-        Opt("steps", int, 300, "mask-learning steps"),
-        Opt("lr", float, 1e-2, "Adam learning rate of the hypernetwork (paper: 1e-3)"),
-        Opt("batch_size", int, None, "windows per step [the run's --batch-size]"),
+        Opt("steps", int, 150, "mask-learning steps"),
+        Opt("lr", float, 5e-3, "Adam learning rate of the hypernetwork (paper: 1e-3)"),
+        Opt("batch_size", int, 2, "windows per step"),
         Opt("train_seq_len", int, 256, "train on the first N tokens of each calibration window (null = all)", nullable=True),
         Opt("tau", float, 0.4, "Gumbel-sigmoid temperature"),
         Opt("bias", float, 3.0, "logit bias b (3 starts near keep-all)"),
         Opt("lam", float, 16.0, "budget-term weight lambda"),
         Opt("gamma", float, 10.0, "alignment-term weight gamma"),
-        Opt("budget_loss", str, "relative", "budget term: relative (pull grows with the excess) or log (paper)",
-            choices=("relative", "log")),
+        Opt("budget_loss", str, "controlled", "budget term: controlled (weight from a PI controller on the learned keep), "
+            "relative (pull grows with the excess) or log (paper)", choices=("controlled", "relative", "log")),
+        Opt("schedule", float, 0.6, "controlled budget: the target keep falls from 1 to the request along a cubic "
+            "schedule over this fraction of the steps (0 = the request from the start)"),
+        Opt("kp", float, 20.0, "controlled budget: proportional gain"),
+        Opt("ki", float, 0.2, "controlled budget: integral gain"),
+        Opt("limit", float, 100.0, "controlled budget: bound on the weight"),
         Opt("margin", float, 0.05, "relative budget term: excess at which the quadratic part equals the linear one"),
         Opt("align_reduction", str, "target", "alignment: sum per target averaged over targets, mean over all components, or sum",
             choices=("target", "mean", "sum")),
+        Opt("monotone", bool, True, "non-increasing logits per target (every learned mask a top-k prefix)"),
+        Opt("monotone_scale", float, 20.0, "monotone: logit drop from the first to the last component"),
+        Opt("lr_schedule", str, "cosine", "learning-rate schedule", choices=("cosine", "constant")),
         Opt("input_dim", int, 32, "hypernetwork input size"),
         Opt("hidden", int, 64, "hypernetwork GRU hidden size"),
         Opt("loss_fn", object, None, "an Objective or loss_fn(model, ids) [the run's objective]", python_only=True),
@@ -197,8 +250,10 @@ class ARSAllocator:
         Opt("save_every", int, 50, "steps between state saves", python_only=True),
     )
 
-    def __init__(self, steps: int = 300, lr: float = 1e-2, batch_size: int | None = None, train_seq_len: int | None = 256,
-                 tau: float = 0.4, bias: float = 3.0, lam: float = 16.0, gamma: float = 10.0, budget_loss: str = "relative",
+    def __init__(self, steps: int = 150, lr: float = 5e-3, batch_size: int | None = 2, train_seq_len: int | None = 256,
+                 tau: float = 0.4, bias: float = 3.0, lam: float = 16.0, gamma: float = 10.0, budget_loss: str = "controlled",
+                 schedule: float = 0.6, kp: float = 20.0, ki: float = 0.2, limit: float = 100.0, monotone: bool = True,
+                 monotone_scale: float = 20.0, lr_schedule: str = "cosine",
                  margin: float = 0.05, align_reduction: str = "target", input_dim: int = 32, hidden: int = 64,
                  loss_fn: Any = None, state_file: Any = None, resume: bool = False, save_every: int = 50) -> None:
         if int(steps) < 0:
@@ -207,14 +262,19 @@ class ARSAllocator:
             raise RanklmError("ARS needs tau > 0, lr > 0, lam >= 0, gamma >= 0, margin > 0")
         if batch_size is not None and int(batch_size) < 1:
             raise RanklmError("ARS batch_size must be a positive integer")
-        if budget_loss not in ("relative", "log"):
-            raise RanklmError("ARS budget_loss must be 'relative' or 'log'")
+        if budget_loss not in ("controlled", "relative", "log"):
+            raise RanklmError("ARS budget_loss must be 'controlled', 'relative' or 'log'")
         if align_reduction not in ("target", "mean", "sum"):
             raise RanklmError("ARS align_reduction must be 'target', 'mean' or 'sum'")
         self.steps, self.lr, self.batch_size = int(steps), float(lr), None if batch_size is None else int(batch_size)
         self.train_seq_len = None if train_seq_len is None else int(train_seq_len)
         self.tau, self.bias, self.lam, self.gamma = float(tau), float(bias), float(lam), float(gamma)
         self.budget_loss, self.margin, self.align_reduction = budget_loss, float(margin), align_reduction
+        self.kp, self.ki, self.limit = float(kp), float(ki), float(limit)
+        if not 0.0 <= schedule < 1.0:
+            raise RanklmError("ARS schedule must lie in [0, 1)")
+        self.schedule = float(schedule)
+        self.monotone, self.monotone_scale, self.lr_schedule = bool(monotone), float(monotone_scale), lr_schedule
         self.input_dim, self.hidden = int(input_dim), int(hidden)
         self.loss_fn, self.state_file, self.resume, self.save_every = loss_fn, state_file, bool(resume), max(1, int(save_every))
 
@@ -222,6 +282,8 @@ class ARSAllocator:
         return {
             "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "tau": self.tau, "bias": self.bias,
             "lam": self.lam, "gamma": self.gamma, "budget_loss": self.budget_loss, "margin": self.margin,
+            "schedule": self.schedule, "kp": self.kp, "ki": self.ki, "limit": self.limit, "monotone": self.monotone,
+            "monotone_scale": self.monotone_scale, "lr_schedule": self.lr_schedule,
             "align_reduction": self.align_reduction, "input_dim": self.input_dim, "hidden": self.hidden,
             "train_seq_len": self.train_seq_len,
         }
@@ -249,7 +311,7 @@ class ARSAllocator:
         cfg = LoopConfig(steps=self.steps, lr=self.lr, batch_size=batch_size, seed=seed,
                          save_every=context.save_every if context.state_dir is not None else self.save_every,
                          state_file=state_file, resume=context.resume or self.resume, progress=context.progress,
-                         desc="ars masks")
+                         desc="ars masks", lr_schedule=self.lr_schedule)
         result = run_loop(model, objective, hooks, cfg)
 
         logits = hooks.final_logits()
