@@ -123,7 +123,8 @@ def test_evaluate_unknown_labels(tmp_path, capsys, tiny_bert_dir, task_file):
     assert rc == 2 and len(err) == 1 and "unknown label" in err[0]
 
 
-@pytest.mark.parametrize("allocator,base", [("static", "svd"), ("static", "fwsvd"), ("ars", "svd"), ("rankdyna", "svd")])
+@pytest.mark.parametrize("allocator,base", [("static", "svd"), ("static", "fwsvd"), ("static", "tfwsvd"), ("ars", "svd"), ("softlm", "svd"),
+                                            ("rankdyna", "svd")])
 def test_finetune_checkpoint_loads_and_evaluates(tmp_path, capsys, tiny_bert_dir, task_file, allocator, base):
     import ranklm
 
