@@ -54,7 +54,7 @@ def test_killed_save_leaves_no_output_and_keeps_previous(tmp_path, sig):
     # first: no previous checkpoint -> nothing under the final name
     proc = _start(out, 0.5)
     proc.send_signal(sig)
-    proc.wait(timeout=60)
+    proc.wait(timeout=180)
     assert not out.exists()
     # then: a previous checkpoint exists -> it is left intact by an interrupted overwrite
     from conftest import make_model, random_ids
@@ -65,7 +65,7 @@ def test_killed_save_leaves_no_output_and_keeps_previous(tmp_path, sig):
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     proc = _start(out, 0.5)
     proc.send_signal(sig)
-    proc.wait(timeout=60)
+    proc.wait(timeout=180)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     ranklm.load(out)  # still a valid checkpoint
     if sig == signal.SIGINT:  # a clean interrupt also removes its temp dir
