@@ -16,7 +16,12 @@ SRC = Path(ranklm.__file__).parent
 
 SAVE_SLOWLY = textwrap.dedent(
     """
-    import sys, time, torch
+    import signal, sys, time
+    # Threads started from here on (torch's pools) inherit a blocked SIGINT, so the signal reaches
+    # the main thread's sleep below, as a terminal's Ctrl-C reaches a busy main thread; without
+    # this a worker thread could take it and the 60 s sleep would not be interrupted.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGINT}})
+    import torch
     sys.path.insert(0, {tests!r})
     import safetensors.torch as st
     import ranklm
@@ -26,6 +31,7 @@ SAVE_SLOWLY = textwrap.dedent(
     real = st.save_file
     def slow(*a, **k):
         real(*a, **k)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {{signal.SIGINT}})
         print("WRITING", flush=True)
         time.sleep(60)
     st.save_file = slow
