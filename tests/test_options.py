@@ -325,3 +325,12 @@ def test_info_checks_file_hashes(capsys, ckpt, tmp_path):
     f = ckpt / "model.safetensors"
     f.write_bytes(f.read_bytes()[:1000])
     _bad(capsys, tmp_path, "info", ckpt, match="hash mismatch")
+
+
+def test_learning_allocators_default_to_fewer_calibration_windows():
+    from ranklm.config import DEFAULT_CALIB_WINDOWS, CompressConfig
+
+    assert CompressConfig(keep=0.6).calib_windows == DEFAULT_CALIB_WINDOWS
+    assert CompressConfig(keep=0.6, base="whiten", allocator="ars").calib_windows == 32
+    assert CompressConfig(keep=0.6, base="whiten", allocator="softlm").calib_windows == 32
+    assert CompressConfig(keep=0.6, base="whiten", allocator="ars", calib_windows=8).calib_windows == 8

@@ -68,7 +68,9 @@ class CompressConfig:
     allocator: str | None = None
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
-    calib_windows: int = DEFAULT_CALIB_WINDOWS
+    # None = the allocator's ``default_calib_windows`` if it declares one (learning allocators: 32, so a
+    # default run fits this project's CPU budget; docs/design.md §5), else DEFAULT_CALIB_WINDOWS.
+    calib_windows: int | None = None
     seq_len: int = DEFAULT_SEQ_LEN
     batch_size: int = 4
     seed: int = 0
@@ -110,6 +112,8 @@ class CompressConfig:
             raise RanklmError(f"unknown trainer {self.trainer!r}; valid trainers: {', '.join(TRAINER_NAMES)}")
         if self.trainer == "none" and self.trainer_options:
             raise RanklmError("training options (--train-opt) given but no trainer (--trainer finetune)")
+        if self.calib_windows is None:
+            self.calib_windows = int(getattr(ALLOCATORS[self.allocator], "default_calib_windows", DEFAULT_CALIB_WINDOWS))
         if self.recipe and (self.base, self.allocator) != RECIPES[self.recipe]:
             self.recipe = None  # explicit axes override the recipe's name
         if self.propagate not in ("compressed", "dense"):

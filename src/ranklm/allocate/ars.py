@@ -236,6 +236,7 @@ class ARSAllocator:
     needs_context = True
     needs_spectra = True
     needs_training = True  # trains on the loop (resumable with --state-dir)
+    default_calib_windows = 32  # training dominates the run; 32 x 512 calibration is the protocol it was measured with
     OPTIONS = (
         Opt("steps", int, 150, "mask-learning steps"),
         Opt("lr", float, 5e-3, "Adam learning rate of the hypernetwork (paper: 1e-3)"),

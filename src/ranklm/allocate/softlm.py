@@ -196,6 +196,7 @@ class SoftLMAllocator:
     needs_context = True
     needs_spectra = True
     needs_training = True
+    default_calib_windows = 32  # training dominates the run; 32 x 512 calibration is the protocol it was measured with
     OPTIONS = (
         Opt("steps", int, 150, "training steps"),
         Opt("lr", float, 2e-3, "learning rate of U, s, V relative to each tensor's initial RMS"),
