@@ -84,6 +84,24 @@ def test_grid_writes_table_plots_and_reproducible_commands(capsys, tiny_llama_di
     assert s["ppl_dense"] == pytest.approx(float(dense["ppl"]), rel=1e-6)
 
 
+def test_latency_adds_decode_columns(capsys, tiny_llama_dir, text_file, tmp_path):
+    out = tmp_path / "bench"
+    code, stdout, err = run(capsys, "bench", "--model", tiny_llama_dir, "--data", text_file, "--recipes", "svd",
+                            "--keep", "0.5", "--output", out, *FAST, "--gen-prompts", "0", "--latency",
+                            "--latency-shapes", "1x8", "--latency-reps", "1", "--decode-tokens", "6x4")
+    assert code == 0, err
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    cell = rows[1]
+    assert rows[0]["decode_speedup"] == "" and cell["status"] == "ok", cell["error"]
+    assert math.isfinite(float(cell["decode_speedup"])) and float(cell["decode_speedup"]) > 0
+    assert 1 < float(cell["decode_limit"]) < float(cell["flop_limit"])
+    md = (out / "results.md").read_text()
+    assert "decode speed-up (batch 1)" in md and "| svd | 0.5 | 6 | 4 |" in md
+    code, stdout, err = run(capsys, "bench", "--model", tiny_llama_dir, "--data", text_file, "--output", out,
+                            "--overwrite", "--decode-tokens", "6by4")
+    assert code == 2 and "bad --decode-tokens" in err
+
+
 def test_failing_cell_is_recorded_and_others_finish(capsys, tiny_llama_dir, text_file, tmp_path, monkeypatch):
     from ranklm.allocate import ALLOCATORS
     from ranklm.allocate.energy import EnergyAllocator

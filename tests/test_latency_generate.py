@@ -20,7 +20,17 @@ from ranklm.eval.generate import (
     quality_of,
     repeat_ngram_rate,
 )
-from ranklm.eval.latency import dense_counterpart, flop_ratio_limit, measure_latency, parse_shapes, target_macs
+from ranklm.eval.latency import (
+    _greedy_decode,
+    dense_counterpart,
+    flop_ratio_limit,
+    measure_decode,
+    measure_latency,
+    parse_decode_tokens,
+    parse_shapes,
+    target_macs,
+    weight_bytes_per_token,
+)
 from ranklm.targets import Target
 
 from conftest import make_model, random_ids
@@ -134,6 +144,67 @@ def test_parse_shapes():
         parse_shapes("8*512")
 
 
+# ---------------------------------------------------------------- decode (generation with a KV cache)
+
+
+def test_decode_feeds_one_token_per_step_through_the_kv_cache():
+    """Fails if the decode loop runs without the cache (use_cache off: whole sequences, no past)."""
+    dense, comp = _compressed(0.5)
+    seen: list[tuple[int, int]] = []  # (tokens fed, cached length) per forward of the compressed model
+
+    def spy(module, args, kwargs):
+        past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.x: cache
+        assert kwargs.get("use_cache") is True
+        seen.append((kwargs["input_ids"].shape[1], 0 if past is None else past.get_seq_length()))
+
+    handle = comp.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        res = measure_decode(dense, comp, prompt_len=6, new_tokens=5, reps=1, warmup=0)
+    finally:
+        handle.remove()
+    assert seen == [(6, 0)] + [(1, 6 + i) for i in range(5)]
+    assert res.new_tokens == 5 and res.prompt_len == 6 and res.reps == 1
+    assert all(math.isfinite(v) and v > 0 for v in (res.dense_tok_s, res.compressed_tok_s, res.speedup))
+    assert res.speedup == pytest.approx(res.compressed_tok_s / res.dense_tok_s)
+
+
+def test_greedy_decode_matches_transformers_generate():
+    model = make_model("llama")
+    prompt = random_ids(1, 7)
+    with torch.inference_mode():
+        tokens, seconds = _greedy_decode(model, prompt, 9)
+        ref = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    assert seconds > 0
+    assert tokens == ref[0, 8:].tolist()  # the first new token comes from the (untimed) prefill
+
+
+def test_weight_bytes_per_token_by_hand():
+    dense, comp = _compressed(0.5)
+    linear = sum(m.weight.numel() for m in dense.modules() if isinstance(m, torch.nn.Linear))  # no biases in Llama
+    assert weight_bytes_per_token(dense) == 4 * (linear + 64)  # float32, + one embedding row (hidden 64)
+    targets, rank_map = comp.ranklm.targets, comp.ranklm.rank_map
+    head = 4 * (dense.lm_head.weight.numel() + 64)
+    assert weight_bytes_per_token(comp) == 4 * target_macs(targets, rank_map) + head
+    assert weight_bytes_per_token(dense) == 4 * target_macs(targets) + head
+    limit = measure_decode(dense, comp, 4, 2, reps=1, warmup=0).limit
+    assert limit == pytest.approx(weight_bytes_per_token(dense) / weight_bytes_per_token(comp))
+    assert 1 < limit < flop_ratio_limit(targets, rank_map)  # the dense LM head is read every token
+
+
+def test_parse_decode_tokens():
+    assert parse_decode_tokens("128x64") == (128, 64)
+    assert parse_decode_tokens("0") is None
+    for bad in ("128", "0x5", "ax5"):
+        with pytest.raises(ranklm.RanklmError):
+            parse_decode_tokens(bad)
+
+
+def test_decode_longer_than_positions_refused():
+    dense, comp = _compressed(0.5)
+    with pytest.raises(ranklm.RanklmError, match="positions"):
+        measure_decode(dense, comp, 200, 100, reps=1, warmup=0)
+
+
 # ---------------------------------------------------------------- CLI: evaluate --latency, generate
 
 
@@ -150,9 +221,14 @@ def tiny_ckpt(tmp_path_factory, tiny_llama_dir):
 
 def test_evaluate_latency_json(capsys, tiny_ckpt, text_file):
     code, out, err = run(capsys, "evaluate", tiny_ckpt, "--data", text_file, "--seq-len", "32", "--windows", "2",
-                         "--latency", "--latency-shapes", "1x16,8x64", "--latency-reps", "2", "--latency-warmup", "1", "--json")
+                         "--latency", "--latency-shapes", "1x16,8x64", "--latency-reps", "2", "--latency-warmup", "1",
+                         "--decode-tokens", "8x6", "--json")
     assert code == 0, err
     res = json.loads(out)
+    assert math.isfinite(res["decode_speedup"]) and res["decode_speedup"] > 0
+    assert math.isfinite(res["decode_limit"]) and 1 < res["decode_limit"] < res["flop_ratio_limit"]
+    dec = res["latency"]["decode"]
+    assert (dec["prompt_len"], dec["new_tokens"], dec["speedup"]) == (8, 6, res["decode_speedup"])
     assert math.isfinite(res["speedup"]) and res["speedup"] > 0
     assert res["flop_ratio_limit"] == pytest.approx(1 / res["keep_achieved"]) and res["flop_ratio_limit"] > 1.9
     assert [tuple(p[k] for k in ("batch", "seq_len")) for p in res["latency"]["points"]] == [(1, 16), (8, 64)]
@@ -161,9 +237,14 @@ def test_evaluate_latency_json(capsys, tiny_ckpt, text_file):
 
 def test_evaluate_latency_text_and_dense_model_refused(capsys, tiny_ckpt, tiny_llama_dir, text_file):
     code, out, err = run(capsys, "evaluate", tiny_ckpt, "--data", text_file, "--seq-len", "32", "--windows", "1",
-                         "--latency", "--latency-shapes", "1x8", "--latency-reps", "1")
+                         "--latency", "--latency-shapes", "1x8", "--latency-reps", "1", "--decode-tokens", "4x3")
     assert code == 0, err
     assert "FLOP-ratio limit" in out and "speed-up" in out
+    assert "decode (batch 1, KV cache, 3 new tokens after a 4-token prompt)" in out and "weight-bytes limit" in out
+    code, out, err = run(capsys, "evaluate", tiny_ckpt, "--data", text_file, "--seq-len", "32", "--windows", "1",
+                         "--latency", "--latency-shapes", "1x8", "--latency-reps", "1", "--decode-tokens", "0", "--json")
+    assert code == 0, err
+    assert "decode_speedup" not in json.loads(out) and "decode" not in json.loads(out)["latency"]
     code, out, err = run(capsys, "evaluate", tiny_llama_dir, "--data", text_file, "--seq-len", "32", "--windows", "1",
                          "--latency", "--latency-shapes", "1x8", "--latency-reps", "1")
     assert code == 2 and "is not compressed" in err

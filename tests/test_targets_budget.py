@@ -114,3 +114,75 @@ def test_kept_fraction_is_the_budget_cost_over_dense():
     for rank in [1, 7, max_factored_rank(t), max_factored_rank(t) + 1, DENSE]:
         assert kept_fraction(48, 80, rank) == target_cost(t, rank) / t.dense_params
     assert kept_fraction(48, 80, DENSE) == 1.0 and kept_fraction(48, 80, 3) == 3 * 128 / (48 * 80)
+
+
+# ---------------------------------------------------------------- ranks rounded to GEMM-friendly multiples
+
+
+def _smollm2_like_targets(blocks: int = 30) -> list[Target]:
+    shapes = [("q", 576, 576), ("k", 192, 576), ("v", 192, 576), ("o", 576, 576), ("gate", 1536, 576), ("up", 1536, 576),
+              ("down", 576, 1536)]
+    return [Target(f"b{b}.{n}", m, k, "linear", b) for b in range(blocks) for n, m, k in shapes]
+
+
+@pytest.mark.parametrize("multiple", [8, 16, 32, 64])
+@pytest.mark.parametrize("keep", [0.8, 0.6, 0.5, 0.3])
+def test_rounded_ranks_keep_the_budget_rules(keep, multiple):
+    from ranklm.budget import fit_budget, meets_budget, round_ranks
+
+    targets = _smollm2_like_targets()
+    g = torch.Generator().manual_seed(int(keep * 100) + multiple)
+    weight = {t.name: float(w) for t, w in zip(targets, torch.rand(len(targets), generator=g) + 0.1)}
+    # non-uniform allocation: decaying "spectra" of different scales, some targets left dense
+    rank_map = fit_budget(targets, {t.name: 1 for t in targets}, keep, lambda t, k: weight[t.name] * 0.99**k)
+    rank_map.update({t.name: DENSE for t in targets[3::40]})
+    rank_map = fit_budget(targets, rank_map, keep, lambda t, k: weight[t.name] * 0.99**k if t.block % 4 else 1e9)
+    rounded = round_ranks(targets, rank_map, keep, multiple)
+    assert meets_budget(keep_ratio(targets, rounded), keep), keep_ratio(targets, rounded)
+    for t in targets:
+        r, r0 = rounded[t.name], rank_map[t.name]
+        assert (r == DENSE) == (r0 == DENSE), t.name
+        if r != DENSE:
+            assert r % multiple == 0 and multiple <= r <= max_factored_rank(t)
+            assert abs(r - r0) < 2 * multiple, (t.name, r0, r)  # stays next to the allocator's choice
+
+
+def test_round_ranks_one_is_identity_and_too_coarse_is_refused():
+    from ranklm.budget import round_ranks
+
+    model = make_model("llama")
+    targets = find_targets(model)
+    rank_map = {t.name: 13 for t in targets}
+    assert round_ranks(targets, rank_map, 0.5, 1) == rank_map
+    # every step of 8 ranks costs a multiple of 256 parameters; the gap to fill is not, and the 0.5 % window is 145
+    with pytest.raises(ValueError, match="smaller multiple"):
+        round_ranks(targets, rank_map, keep_ratio(targets, rank_map), 8)
+
+
+def test_compress_round_to_installs_multiples_within_budget():
+    import ranklm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ranklm.layers import LowRankLinear
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=640, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    ranklm.compress(model, None, ranklm.CompressConfig(keep=0.5, recipe="svd", round_to=16), progress=False)
+    ranks = [m.rank for m in model.modules() if isinstance(m, LowRankLinear)]
+    assert ranks and all(r % 16 == 0 for r in ranks)
+    state = model.ranklm
+    assert 0.5 * (1 - TOLERANCE) <= state.keep_achieved <= 0.5
+    assert state.config["round_to"] == 16 and all(state.rank_map[n] == DENSE or state.rank_map[n] % 16 == 0 for n in state.rank_map)
+
+
+def test_round_to_too_coarse_is_one_error_line(capsys, tiny_llama_dir, text_file, tmp_path):
+    # tiny Llama: every 16-rank step costs a multiple of 512 parameters; 0.45 of 86016 is 307 past one, window 193
+    from ranklm.cli import main
+
+    code = main(["compress", "--model", str(tiny_llama_dir), "--data", str(text_file), "--recipe", "svd", "--keep", "0.45",
+                 "--round-to", "16", "--no-eval", "--output", str(tmp_path / "o")])
+    out, err = capsys.readouterr()
+    assert code == 2 and "--round-to 16" in err and "smaller multiple" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

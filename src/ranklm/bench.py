@@ -53,7 +53,7 @@ from .config import RECIPES, CompressConfig, parse_option_value, resolve_keep
 from .decompose import get_base
 from .errors import RanklmError
 from .eval.generate import generation_quality, prompts_from_stream
-from .eval.latency import DEFAULT_SHAPES, flop_ratio_limit, measure_latency
+from .eval.latency import DEFAULT_DECODE, DEFAULT_SHAPES, flop_ratio_limit, measure_decode, measure_latency
 from .eval.perplexity import perplexity, require_causal_lm
 from .pipeline import FactorCache, calibration_info, make_plan
 from .pipeline import run as run_pipeline
@@ -206,6 +206,7 @@ class BenchOptions:
     latency_shapes: list[tuple[int, int]] = field(default_factory=lambda: list(DEFAULT_SHAPES))
     latency_reps: int = 5
     latency_warmup: int = 1
+    decode: tuple[int, int] | None = DEFAULT_DECODE  # with latency: (prompt, new) tokens of the decode column; None = skip
     auto: bool = False
     auto_windows: int = 8  # held-out calibration windows for --auto
     save_best: str | None = None
@@ -380,6 +381,10 @@ def run_bench(
             bar.set_postfix_str(f"{row['method']}@{row['keep']:g}: latency")
             lat = measure_latency(model, m, opts.latency_shapes, opts.latency_reps, opts.latency_warmup)
             row["speedup"] = lat.speedup
+            if opts.decode is not None:
+                bar.set_postfix_str(f"{row['method']}@{row['keep']:g}: decode")
+                lat.decode = measure_decode(model, m, *opts.decode, reps=opts.latency_reps, warmup=opts.latency_warmup)
+                row.update(decode_speedup=lat.decode.speedup, decode_limit=lat.decode.limit)
             row["latency"] = lat.to_dict()
         row["flop_limit"] = flop_ratio_limit(targets, m.ranklm.rank_map) if not dense else 1.0
 
@@ -522,7 +527,7 @@ def run_bench(
 CSV_COLUMNS = [
     "method", "base", "allocator", "keep", "keep_achieved", "keep_model", "ppl", "keep_learned", "prefix_fraction",
     "eval_windows", "eval_tokens",
-    "seq_len", "distinct2", "repeat4", "calib_ppl", "speedup", "flop_limit", "compress_s", "cell_s",
+    "seq_len", "distinct2", "repeat4", "calib_ppl", "speedup", "flop_limit", "decode_speedup", "decode_limit", "compress_s", "cell_s",
     "rss_shared_mib", "rss_cell_mib", "status", "error", "command",
 ]
 
@@ -532,8 +537,9 @@ def _columns(result: BenchResult) -> list[str]:
     cols = CSV_COLUMNS[:7] + extra + CSV_COLUMNS[7:]
     if not any("calib_ppl" in r for r in result.rows):
         cols.remove("calib_ppl")
-    if not any("speedup" in r for r in result.rows):
-        cols.remove("speedup")
+    for c in ("speedup", "decode_speedup", "decode_limit"):
+        if not any(c in r for r in result.rows):
+            cols.remove(c)
     if not any("distinct2" in r for r in result.rows):
         cols.remove("distinct2")
         cols.remove("repeat4")
@@ -592,7 +598,10 @@ def results_markdown(result: BenchResult, command: str | None = None) -> str:
     if "speedup" in cols:
         hl = next((r["latency"]["headline"] for r in result.rows if r.get("latency")), None)
         head += [f"speed-up (batch {hl[0]}, seq {hl[1]})" if hl else "speed-up"]
-    head += ["FLOP limit", "compress s", "RSS MiB shared / cell", "status"]
+    head += ["FLOP limit"]
+    if "decode_speedup" in cols:
+        head += ["decode speed-up (batch 1)", "decode limit (weight bytes)"]
+    head += ["compress s", "RSS MiB shared / cell", "status"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result.rows:
         cells = [r["method"], r.get("base", "-"), r.get("allocator", "-"), f"{r['keep']:g}",
@@ -608,7 +617,11 @@ def results_markdown(result: BenchResult, command: str | None = None) -> str:
             cells += [_fmt(r.get("calib_ppl"))]
         if "speedup" in cols:
             cells += [_fmt(r.get("speedup")) + ("x" if r.get("speedup") is not None else "")]
-        cells += [_fmt(r.get("flop_limit")), _fmt(r.get("compress_s"), 1),
+        cells += [_fmt(r.get("flop_limit"))]
+        if "decode_speedup" in cols:
+            cells += [_fmt(r.get("decode_speedup")) + ("x" if r.get("decode_speedup") is not None else ""),
+                      _fmt(r.get("decode_limit"))]
+        cells += [_fmt(r.get("compress_s"), 1),
                   f"{_fmt(r.get('rss_shared_mib'), 0)} / {_fmt(r.get('rss_cell_mib'), 0)}" if r["method"] != "dense" else "-",
                   r["status"] + (f": {r['error']}" if r.get("error") else "")]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
@@ -625,6 +638,16 @@ def results_markdown(result: BenchResult, command: str | None = None) -> str:
             for p in r["latency"]["points"]:
                 lines.append(f"| {r['method']} | {r['keep']:g} | {p['batch']} | {p['seq_len']} | {p['dense_ms']:.1f} | "
                              f"{p['compressed_ms']:.1f} | {p['speedup']:.2f}x | {r['latency']['flop_ratio_limit']:.2f}x |")
+    dec = [r for r in lat if r["latency"].get("decode")]
+    if dec:
+        lines += ["", "Decode (batch 1, KV cache, greedy, fixed length; median tokens/s of the cached one-token steps, "
+                  "interleaved runs; limit = weight bytes read per token, dense / compressed):", "",
+                  "| method | keep | prompt | new tokens | dense tok/s | compressed tok/s | speed-up | limit |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in dec:
+            d = r["latency"]["decode"]
+            lines.append(f"| {r['method']} | {r['keep']:g} | {d['prompt_len']} | {d['new_tokens']} | {d['dense_tok_s']:.1f} | "
+                         f"{d['compressed_tok_s']:.1f} | {d['speedup']:.2f}x | {d['limit']:.2f}x |")
     lines += ["", "Reproduce a cell:", ""]
     for r in result.rows:
         lines.append(f"- {r['method']} @ {r['keep']:g}: `{r['command']}`")

@@ -156,3 +156,57 @@ def fit_budget(
         if k + 1 <= max_factored_rank(t):
             heapq.heappush(heap, (-priority(t, k + 1) / max(_step_cost(t, k + 1), 1), name))
     return {t.name: normalize_rank(t, ranks[t.name]) for t in targets}
+
+
+def round_ranks(targets: list[Target], rank_map: RankMap, keep: float, multiple: int) -> RankMap:
+    """The factored ranks of ``rank_map`` moved to multiples of ``multiple``, budget rules kept.
+
+    Why: a rank that is a multiple of 8/16/32 gives GEMM shapes the kernels tile well, so the
+    factored layers run closer to their FLOP ratio. Allocator-independent: the allocator's ranks
+    are the reference. Each factored rank starts at its multiple below (at least one multiple);
+    while over budget the target furthest above its allocated rank drops a multiple; then, while
+    a step fits, the target furthest below its allocated rank gains one. Dense targets stay
+    dense, and a target whose largest factored rank is below ``multiple`` keeps its rank.
+    Raises ``ValueError`` when the result cannot meet :func:`meets_budget` (steps too coarse
+    for the budget: a smaller multiple is needed).
+    """
+    if multiple <= 1:
+        return dict(rank_map)
+    budget = budget_params(targets, keep)
+    out = dict(rank_map)
+    movable: dict[str, tuple[Target, int, int]] = {}  # name -> (target, allocated rank, largest multiple allowed)
+    for t in targets:
+        top = max_factored_rank(t) // multiple * multiple
+        if rank_map[t.name] != DENSE and top > 0:
+            movable[t.name] = (t, int(rank_map[t.name]), top)
+            out[t.name] = max(multiple, int(rank_map[t.name]) // multiple * multiple)
+    cost = targets_cost(targets, out)
+
+    def off(name: str) -> int:  # rounded minus allocated rank
+        return int(out[name]) - movable[name][1]
+
+    def step(name: str) -> int:
+        t = movable[name][0]
+        return multiple * (t.out_features + t.in_features)
+
+    while cost > budget:
+        shrinkable = [n for n in movable if int(out[n]) > multiple]
+        if not shrinkable:
+            break
+        n = max(shrinkable, key=off)
+        out[n] = int(out[n]) - multiple
+        cost -= step(n)
+    while True:
+        growable = [n for n in movable if int(out[n]) + multiple <= movable[n][2] and cost + step(n) <= budget]
+        if not growable:
+            break
+        n = min(growable, key=off)
+        out[n] = int(out[n]) + multiple
+        cost += step(n)
+    achieved = cost / targets_dense_params(targets)
+    if not meets_budget(achieved, keep):
+        raise ValueError(
+            f"ranks rounded to multiples of {multiple} reach keep {achieved:.4f}, not within {TOLERANCE:.1%} "
+            f"below {keep}: use a smaller multiple"
+        )
+    return out

@@ -103,6 +103,7 @@ def compress(
     alloc_opt: list[str] = typer.Option([], "--alloc-opt", help="Allocator option KEY=VALUE (see `ranklm methods`), e.g. steps=300; repeatable."),
     train_opt: list[str] = typer.Option([], "--train-opt", help="Trainer option KEY=VALUE (see `ranklm methods`), e.g. steps=100, lr=1e-4; repeatable."),
     fisher_windows: int = typer.Option(32, "--fisher-windows", help="Calibration windows used for Fisher statistics (fwsvd/tfwsvd)."),
+    round_to: int = typer.Option(1, "--round-to", help="Round factored ranks to multiples of this (e.g. 8, 16, 32: GEMM-friendly shapes) after allocation, keep ratio still within 0.5 % below --keep [default 1: off]."),
     sequential: Optional[bool] = typer.Option(None, "--sequential/--whole-model", help="Block-by-block calibration (memory ~ model + one block's statistics) and refit of the allocated ranks on compressed activations [default: on for whiten/asvd]."),
     propagate: str = typer.Option("compressed", "--propagate", help="With --sequential: later blocks see the 'compressed' (refit) or 'dense' outputs."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="accelerate device map for big models: auto, a device, or JSON {module: device} (CPU/disk offload allowed; offloaded layers are compressed and run on the CPU)."),
@@ -134,6 +135,7 @@ def compress(
         batch_size=batch_size,
         seed=seed,
         fisher_windows=fisher_windows,
+        round_to=round_to,
         sequential=sequential,
         propagate=propagate,
         base_options=parse_options(base_opt, "--base-opt"),
@@ -248,6 +250,7 @@ def evaluate(
     latency_shapes: str = typer.Option("1x128,1x512,8x128,8x512", "--latency-shapes", help="With --latency: BATCHxSEQ list."),
     latency_reps: int = typer.Option(10, "--latency-reps", help="With --latency: timed repetitions per model and shape (interleaved)."),
     latency_warmup: int = typer.Option(2, "--latency-warmup", help="With --latency: untimed warm-up passes per model and shape."),
+    decode_tokens: str = typer.Option("128x128", "--decode-tokens", help="With --latency: decode speed at batch 1 with a KV cache, PROMPTxNEW tokens (0 = skip)."),
     lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="Comma-separated lm-evaluation-harness tasks (needs pip install 'ranklm[eval]')."),
     lm_eval_include: Optional[Path] = typer.Option(None, "--lm-eval-include", help="With --lm-eval: folder of custom task YAMLs."),
     lm_eval_limit: Optional[float] = typer.Option(None, "--lm-eval-limit", help="With --lm-eval: at most this many documents per task."),
@@ -269,9 +272,10 @@ def evaluate(
     src = default_corpus()[1] if data is None or data == "default" else read_text_source(data)
     shapes = None
     if latency:
-        from .eval.latency import parse_shapes
+        from .eval.latency import parse_decode_tokens, parse_shapes
 
         shapes = parse_shapes(latency_shapes)
+        decode = parse_decode_tokens(decode_tokens)
         if latency_reps < 1 or latency_warmup < 0:
             raise RanklmError("--latency-reps must be >= 1 and --latency-warmup >= 0")
     if lm_eval is not None:
@@ -293,12 +297,16 @@ def evaluate(
         out.update(method=state.method, keep_achieved=state.keep_achieved, keep_achieved_model=state.keep_achieved_model)
     lat = None
     if shapes is not None:
-        from .eval.latency import dense_counterpart, measure_latency
+        from .eval.latency import dense_counterpart, measure_decode, measure_latency
         from .layers import LowRankLinear
 
         if not any(isinstance(x, LowRankLinear) for x in m.modules()):
             raise RanklmError(f"--latency compares a ranklm checkpoint with its dense counterpart; {info['name_or_path']} is not compressed")
-        lat = measure_latency(dense_counterpart(m), m, shapes, latency_reps, latency_warmup)
+        dense = dense_counterpart(m)
+        lat = measure_latency(dense, m, shapes, latency_reps, latency_warmup)
+        if decode is not None:
+            lat.decode = measure_decode(dense, m, *decode, reps=latency_reps, warmup=latency_warmup)
+            out.update(decode_speedup=lat.decode.speedup, decode_limit=lat.decode.limit)
         out.update(speedup=lat.speedup, flop_ratio_limit=lat.flop_ratio_limit, latency=lat.to_dict())
     if lm_eval is not None:
         from .eval.lm_eval_bridge import lm_eval_tasks
@@ -612,6 +620,7 @@ def bench(
     latency_shapes: str = typer.Option("1x128,1x512,8x128,8x512", "--latency-shapes", help="With --latency: BATCHxSEQ list."),
     latency_reps: int = typer.Option(5, "--latency-reps", help="With --latency: timed repetitions per model and shape."),
     latency_warmup: int = typer.Option(1, "--latency-warmup", help="With --latency: warm-up passes per model and shape."),
+    decode_tokens: str = typer.Option("128x128", "--decode-tokens", help="With --latency: decode column at batch 1 with a KV cache, PROMPTxNEW tokens (0 = skip)."),
     auto: bool = typer.Option(False, "--auto", help="Pick the method with the best held-out calibration perplexity (one --keep)."),
     save_best: Optional[Path] = typer.Option(None, "--save-best", help="With --auto: save the chosen model here as a ranklm checkpoint."),
     auto_windows: int = typer.Option(8, "--auto-windows", help="With --auto: held-out calibration windows."),
@@ -624,7 +633,7 @@ def bench(
     from .bench import (BenchOptions, command_line, parse_keeps, parse_methods, parse_scoped_options, results_markdown,
                         run_bench, write_outputs)
     from .calibration import read_text_source
-    from .eval.latency import parse_shapes
+    from .eval.latency import parse_decode_tokens, parse_shapes
     from .io import check_output_dir
     from .models import load_model, require_tokenizer
 
@@ -644,6 +653,7 @@ def bench(
     if rank_plot_keep is not None and rank_plot_keep not in keeps:
         raise RanklmError(f"--rank-plot-keep {rank_plot_keep} is not one of the --keep ratios {keeps}")
     shapes = parse_shapes(latency_shapes)
+    decode = parse_decode_tokens(decode_tokens)
     check_output_dir(output, overwrite)
     if save_best is not None:
         check_output_dir(save_best, overwrite)
@@ -667,7 +677,7 @@ def bench(
         fisher_windows=fisher_windows, include=list(include), exclude=list(exclude),
         base_options=parse_scoped_options(base_opt, "--base-opt"), allocator_options=parse_scoped_options(alloc_opt, "--alloc-opt"),
         gen_prompts=gen_prompts, gen_prompt_len=gen_prompt_len, gen_new_tokens=gen_tokens, latency=latency,
-        latency_shapes=shapes, latency_reps=latency_reps, latency_warmup=latency_warmup, auto=auto,
+        latency_shapes=shapes, latency_reps=latency_reps, latency_warmup=latency_warmup, decode=decode, auto=auto,
         auto_windows=auto_windows, save_best=str(save_best) if save_best else None, rank_plot_keep=rank_plot_keep,
     )
     t0 = time.perf_counter()

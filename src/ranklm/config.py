@@ -75,6 +75,8 @@ class CompressConfig:
     batch_size: int = 4
     seed: int = 0
     min_rank: int = 1
+    # Factored ranks rounded to multiples of this after allocation (GEMM-friendly shapes; budget rules kept); 1 = off.
+    round_to: int = 1
     fisher_windows: int = 32  # windows (one per backward pass) for Fisher statistics
     # Layer-by-layer calibration (docs/design.md §6). None = automatic: on for activation-statistics bases
     # (whiten, asvd) with the uniform allocator, where per-block allocation equals the global one and
@@ -118,7 +120,7 @@ class CompressConfig:
             self.recipe = None  # explicit axes override the recipe's name
         if self.propagate not in ("compressed", "dense"):
             raise RanklmError(f"unknown propagate mode {self.propagate!r}; valid: compressed, dense")
-        for name in ("calib_windows", "seq_len", "batch_size", "min_rank", "fisher_windows"):
+        for name in ("calib_windows", "seq_len", "batch_size", "min_rank", "fisher_windows", "round_to"):
             if int(getattr(self, name)) < 1:
                 raise RanklmError(f"{name.replace('_', '-')} must be a positive integer")
         self.validate_options()

@@ -11,13 +11,19 @@ The limit to compare against is the FLOP ratio of the targets: per token a dense
 kept dense costs ``m*n``). The rest of the model (attention scores, norms,
 embeddings, LM head) is not compressed, so the whole-model speed-up stays below
 that limit, and more so the larger the LM head is relative to the blocks.
+
+Decode (generation with a KV cache, :func:`measure_decode`) is memory-bound at batch 1:
+each new token reads every weight once, so its limit is the ratio of weight bytes
+read per decoded token (:func:`weight_bytes_per_token`), not of FLOPs.
 """
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +32,7 @@ from ..budget import DENSE, RankMap, target_cost
 from ..targets import Target
 
 DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((1, 128), (1, 512), (8, 128), (8, 512))
+DEFAULT_DECODE: tuple[int, int] = (128, 128)  # prompt tokens, new tokens
 
 
 def target_macs(targets: list[Target], rank_map: RankMap | None = None) -> int:
@@ -61,6 +68,45 @@ def linear_macs(model: nn.Module) -> int:
     return sum(int(weight_matrix(m).numel()) for m in model.modules() if is_linear_like(m))
 
 
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights one decoded token reads at batch 1 (the decode limit is the dense/compressed ratio).
+
+    Counted: weight and bias of every linear layer (``nn.Linear``/``Conv1D``; a LowRankLinear as its two
+    factors; the LM head in full, tied to the embedding or not) and one row of each ``nn.Embedding``
+    (the lookup). Not counted: norms (tiny), the KV cache and attention (not weights; the same in both
+    models, so the measured speed-up stays below the limit, more so at long contexts).
+    """
+    from ..targets import is_linear_like
+
+    total = 0
+    for m in model.modules():
+        if is_linear_like(m):
+            total += sum(p.numel() * p.element_size() for p in (m.weight, getattr(m, "bias", None)) if p is not None)
+        elif isinstance(m, nn.Embedding):
+            total += m.weight.shape[1] * m.weight.element_size()
+    return total
+
+
+@dataclass
+class DecodeResult:
+    """Greedy generation at batch 1 with a KV cache: median decode tokens/s, dense vs compressed."""
+
+    prompt_len: int
+    new_tokens: int
+    dense_tok_s: float
+    compressed_tok_s: float
+    speedup: float
+    limit: float  # weight bytes per token, dense / compressed
+    dense_bytes_per_token: int
+    compressed_bytes_per_token: int
+    reps: int
+
+    def line(self) -> str:
+        return (f"decode (batch 1, KV cache, {self.new_tokens} new tokens after a {self.prompt_len}-token prompt): "
+                f"dense {self.dense_tok_s:.1f} tok/s, compressed {self.compressed_tok_s:.1f} tok/s, "
+                f"speed-up {self.speedup:.2f}x vs weight-bytes limit {self.limit:.2f}x")
+
+
 @dataclass
 class LatencyPoint:
     batch: int
@@ -78,6 +124,7 @@ class LatencyResult:
     threads: int
     device: str
     extra: dict = field(default_factory=dict)
+    decode: DecodeResult | None = None
 
     def point(self, batch: int, seq_len: int) -> LatencyPoint | None:
         return next((p for p in self.points if p.batch == batch and p.seq_len == seq_len), None)
@@ -100,6 +147,7 @@ class LatencyResult:
             "threads": self.threads,
             "device": self.device,
             **self.extra,
+            **({"decode": asdict(self.decode)} if self.decode is not None else {}),
         }
 
     def table(self) -> str:
@@ -110,6 +158,8 @@ class LatencyResult:
             lines.append(f"FLOP ratio of all linear layers (LM head included): {self.extra['flop_ratio_linear_layers']:.2f}x")
         lines.append(f"FLOP-ratio limit of the targets: {self.flop_ratio_limit:.2f}x  "
                      f"({self.threads} threads, {self.device}, medians of {self.points[0].reps} interleaved runs)")
+        if self.decode is not None:
+            lines.append(self.decode.line())
         return "\n".join(lines)
 
 
@@ -164,6 +214,105 @@ def measure_latency(
     # All linear layers, LM head included: a tighter limit for the whole forward (attention scores still excluded).
     model_ratio = linear_macs(dense) / max(linear_macs(compressed), 1)
     return LatencyResult(points, limit, torch.get_num_threads(), str(device), extra={"flop_ratio_linear_layers": model_ratio})
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """The forward's KV-cache argument: ``cache`` in newer transformers, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def _greedy_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int], float]:
+    """Prefill ``prompt`` (untimed), then ``new_tokens`` one-token steps through the KV cache (timed).
+
+    A fixed number of steps, no EOS stop, so both models do the same work whatever they generate.
+    """
+    from ..errors import RanklmError
+
+    device, key = prompt.device, _cache_kwarg(model)
+    out = model(input_ids=prompt, use_cache=True)
+    if _cache_of(out) is None:
+        raise RanklmError(f"{type(model).__name__} returned no KV cache: decode speed needs a causal LM with use_cache")
+    nxt = out.logits[:, -1:].argmax(-1)
+    tokens = []
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(input_ids=nxt, use_cache=True, **{key: _cache_of(out)})
+        nxt = out.logits[:, -1:].argmax(-1)
+        tokens.append(nxt)
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    return torch.cat(tokens, 1)[0].tolist(), elapsed
+
+
+def _check_context(model: nn.Module, length: int) -> None:
+    """Refuse a prompt + generation longer than the model's position range (it would fail mid-run)."""
+    from ..errors import RanklmError
+
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if limit and length > limit:
+        raise RanklmError(f"decode of {length} tokens (prompt + new) exceeds the model's {limit} positions: lower --decode-tokens")
+
+
+def measure_decode(
+    dense: nn.Module,
+    compressed: nn.Module,
+    prompt_len: int = DEFAULT_DECODE[0],
+    new_tokens: int = DEFAULT_DECODE[1],
+    reps: int = 10,
+    warmup: int = 2,
+    seed: int = 0,
+) -> DecodeResult:
+    """Median decode tokens/s at batch 1 of ``dense`` vs ``compressed``, interleaved as in :func:`measure_latency`.
+
+    Only the ``new_tokens`` cached one-token steps are timed (the prompt's prefill is what
+    :func:`measure_latency` measures); tokens/s = ``new_tokens / median(seconds)``.
+    """
+    if reps < 1 or warmup < 0 or prompt_len < 1 or new_tokens < 1:
+        raise ValueError("reps, prompt_len and new_tokens must be >= 1 and warmup >= 0")
+    _check_context(compressed, prompt_len + new_tokens)
+    device = next(compressed.parameters()).device
+    vocab = int(getattr(getattr(compressed, "config", None), "vocab_size", 0) or 100)
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(seed)).to(device)
+    models = (dense, compressed)
+    modes = [m.training for m in models]
+    times: dict[int, list[float]] = {0: [], 1: []}
+    try:
+        for m in models:
+            m.eval()
+        with torch.inference_mode():
+            for _ in range(warmup):
+                for m in models:
+                    _greedy_decode(m, prompt, new_tokens)
+            for r in range(reps):
+                for which in ((0, 1) if r % 2 == 0 else (1, 0)):
+                    times[which].append(_greedy_decode(models[which], prompt, new_tokens)[1])
+    finally:
+        for m, was in zip(models, modes):
+            m.train(was)
+    d, c = statistics.median(times[0]), statistics.median(times[1])
+    bd, bc = weight_bytes_per_token(dense), weight_bytes_per_token(compressed)
+    return DecodeResult(prompt_len, new_tokens, new_tokens / d, new_tokens / c, d / c if c > 0 else float("inf"),
+                        bd / max(bc, 1), bd, bc, reps)
+
+
+def parse_decode_tokens(spec: str) -> tuple[int, int] | None:
+    """``"128x128"`` -> ``(128, 128)`` (prompt tokens, new tokens); ``"0"`` -> None (no decode measurement)."""
+    from ..errors import RanklmError
+
+    spec = spec.strip().lower()
+    if spec == "0":
+        return None
+    p, sep, n = spec.partition("x")
+    if not sep or not p.isdigit() or not n.isdigit() or int(p) < 1 or int(n) < 1:
+        raise RanklmError(f"bad --decode-tokens {spec!r}: expected PROMPTxNEW, e.g. 128x128, or 0 to skip decode")
+    return int(p), int(n)
 
 
 def dense_counterpart(compressed: nn.Module) -> nn.Module:
