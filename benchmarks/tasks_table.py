@@ -14,11 +14,11 @@ for f in sorted(root.glob("*.json")):
     if "accuracy" not in d:
         continue
     rows.append((f.stem, d))
-print("| run | method | keep req. | keep (targets) | keep (whole model) | test acc. | test macro-F1 | val. acc. | steps (dense/alloc/ft) | train s | eval s | comebacks |")
+print("| run | method | keep req. | keep (targets) | keep (whole model) | test acc. | test macro-F1 | val. acc. | steps (head; dense/alloc/ft) | train s | eval s | comebacks |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for name, d in sorted(rows, key=lambda r: (-r[1]["keep_requested"], r[0])):
     sp = d.get("steps_plan", {})
-    plan = f"{d['steps']} ({sp.get('dense', 0)}/{sp.get('allocator_steps', d['steps'] if d['allocator'] == 'rankdyna' else 0)}/{sp.get('finetune', 0)})"
+    plan = f"{d.get('head_steps', 0)}; {d['steps']} ({sp.get('dense', 0)}/{sp.get('allocator_steps', d['steps'] if d['allocator'] == 'rankdyna' else 0)}/{sp.get('finetune', 0)})"
     print(f"| {name} | {d['method']} | {d['keep_requested']:.2f} | {d['keep_achieved']:.4f} | {d['keep_achieved_model']:.4f} | "
           f"{d['accuracy']:.4f} | {d['macro_f1']:.4f} | {d['validation_accuracy']:.4f} | {plan} | {d['train_seconds']:.0f} | "
           f"{d.get('eval_seconds', 0):.0f} | {d.get('comebacks', '')} |")

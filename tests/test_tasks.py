@@ -173,3 +173,23 @@ def test_diagnose_encoder_uses_task_loss(capsys, tiny_bert_dir, task_file):
     r = run_json(["info", "--diagnose", str(tiny_bert_dir), "--data", str(task_file), "--windows", "1", "--seq-len", "64",
                   "--keep", "0.5", "--json"], capsys)
     assert "task loss" in r["fisher_data"] and r["overall"]["fisher_error_ratio"] >= 0.99
+
+
+def test_head_warmup_trains_only_the_head(tiny_bert_dir, task_file):
+    """The LP-FT stage: the classifier (and pooler) move, every encoder weight stays as loaded."""
+    from ranklm.models import load_classifier
+    from ranklm.tasks import load_task
+    from ranklm.train.task import TaskRunConfig, finetune_task, head_parameters
+
+    task = load_task(str(task_file))
+    model, tok, _ = load_classifier(str(tiny_bert_dir), task.label_names)
+    head = {n for n, _ in head_parameters(model)}
+    assert any(n.startswith("classifier") for n in head) and any(".pooler." in f".{n}" for n in head)
+    assert not any("encoder.layer" in n or "embeddings" in n for n in head)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # steps=1 of dense fine-tuning would move the encoder; keep=1 with a 1-step run and lr tiny isolates the head stage
+    s = finetune_task(model, tok, task, TaskRunConfig(keep=1.0, steps=1, lr=1e-12, head_steps=5, head_lr=1e-2, batch_size=8,
+                                                       max_length=16), progress=False, evaluate=False)
+    assert s["head_steps"] == 5 and model.ranklm.training[0]["trainer"] == "head"
+    moved = {n for n, p in model.named_parameters() if not torch.allclose(p, before[n], atol=1e-6, rtol=0)}
+    assert moved and moved <= head, moved - head

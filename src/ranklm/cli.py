@@ -502,6 +502,8 @@ def finetune(
     base: str = typer.Option("svd", "--base", help="Base decomposition: svd, fwsvd, tfwsvd, whiten, asvd (Fisher bases use the task loss)."),
     steps: int = typer.Option(200, "--steps", help="Total training steps (every method spends the same number)."),
     lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate."),
+    head_steps: int = typer.Option(50, "--head-steps", help="Steps training the new classification head alone (encoder frozen) before any method's --steps (LP-FT); 0 = off."),
+    head_lr: float = typer.Option(1e-3, "--head-lr", help="Adam learning rate of the head warm-up."),
     batch_size: int = typer.Option(16, "--batch-size", help="Examples per step (the global batch, split over processes)."),
     max_length: int = typer.Option(64, "--max-length", help="Tokens per example (longer ones are truncated; snippets are <= 53 words)."),
     calib_windows: int = typer.Option(64, "--calib-windows", help="Windows of train-split text for activation statistics (whiten, asvd)."),
@@ -534,7 +536,8 @@ def finetune(
         import torch
 
         torch.set_num_threads(threads)
-    cfg = TaskRunConfig(keep=ratio, allocator=allocator, base=base, steps=steps, lr=lr, batch_size=batch_size,
+    cfg = TaskRunConfig(keep=ratio, allocator=allocator, base=base, steps=steps, lr=lr, head_steps=head_steps, head_lr=head_lr,
+                        batch_size=batch_size,
                         max_length=max_length, seed=seed, calib_windows=calib_windows, fisher_examples=fisher_examples,
                         save_every=save_every, base_options=parse_options(base_opt, "--base-opt"),
                         allocator_options=parse_options(alloc_opt, "--alloc-opt"))
