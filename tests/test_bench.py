@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,3 +195,18 @@ def test_parsers():
     assert cmd == ("ranklm compress --model m --data d.txt --base asvd --allocator energy --keep 0.6 --calib-windows 7 "
                    "--seq-len 64 --eval-seq-len 512 --eval-windows 3 --batch-size 4 --seed 0 --whole-model --base-opt alpha=0.25 "
                    "--output out/asvd_energy-keep0.6")
+
+
+def test_save_dir_keeps_every_cell_as_a_checkpoint(capsys, tiny_llama_dir, text_file, tmp_path):
+    out, cells = tmp_path / "bench", tmp_path / "cells"
+    code, stdout, err = run(capsys, "bench", "--model", tiny_llama_dir, "--data", text_file, "--recipes", "svd,svd-llm",
+                            "--keep", "0.5", "--output", out, "--save-dir", cells, *FAST, "--gen-prompts", "0", "--json")
+    assert code == 0, err
+    rows = [r for r in json.loads(stdout)["rows"] if r["method"] != "dense"]
+    import ranklm
+
+    for r in rows:
+        meta = json.loads((Path(r["checkpoint"]) / "ranklm.json").read_text())
+        assert Path(r["checkpoint"]).parent == cells and meta["keep_achieved"] == pytest.approx(r["keep_achieved"])
+        model, _ = ranklm.load(r["checkpoint"])
+        assert model.ranklm.rank_map == meta["rank_map"]

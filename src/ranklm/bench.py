@@ -210,6 +210,7 @@ class BenchOptions:
     auto: bool = False
     auto_windows: int = 8  # held-out calibration windows for --auto
     save_best: str | None = None
+    save_dir: str | None = None  # save every cell's model as save_dir/<method>@<keep> (ranklm checkpoints)
     rank_plot_keep: float | None = None
     progress: bool = True
 
@@ -469,6 +470,12 @@ def run_bench(
                   "compressed": {"ppl": row.get("ppl"), "windows": row.get("eval_windows"),
                                  "tokens": row.get("eval_tokens"), "seq_len": opts.eval_seq_len}}
             cell_model.ranklm.evaluation = ev
+            if opts.save_dir:
+                from .io import save
+
+                cell_dir = Path(opts.save_dir) / f"{method.name}@{keep:g}"
+                save(cell_model, tokenizer, cell_dir, overwrite=True)
+                row["checkpoint"] = str(cell_dir)
             if opts.auto and math.isfinite(row.get("calib_ppl", math.inf)) and (
                 best is None or row["calib_ppl"] < best["calib_ppl"]
             ):

@@ -626,6 +626,7 @@ def bench(
     decode_tokens: str = typer.Option("128x128", "--decode-tokens", help="With --latency: decode column at batch 1 with a KV cache, PROMPTxNEW tokens (0 = skip)."),
     auto: bool = typer.Option(False, "--auto", help="Pick the method with the best held-out calibration perplexity (one --keep)."),
     save_best: Optional[Path] = typer.Option(None, "--save-best", help="With --auto: save the chosen model here as a ranklm checkpoint."),
+    save_dir: Optional[Path] = typer.Option(None, "--save-dir", help="Save every cell's model as a ranklm checkpoint in DIR/<method>@<keep> (e.g. to run `ranklm evaluate --latency` on one)."),
     auto_windows: int = typer.Option(8, "--auto-windows", help="With --auto: held-out calibration windows."),
     rank_plot_keep: Optional[float] = typer.Option(None, "--rank-plot-keep", help="Keep ratio drawn in ranks.png [default: the smallest]."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
@@ -681,7 +682,8 @@ def bench(
         base_options=parse_scoped_options(base_opt, "--base-opt"), allocator_options=parse_scoped_options(alloc_opt, "--alloc-opt"),
         gen_prompts=gen_prompts, gen_prompt_len=gen_prompt_len, gen_new_tokens=gen_tokens, latency=latency,
         latency_shapes=shapes, latency_reps=latency_reps, latency_warmup=latency_warmup, decode=decode, auto=auto,
-        auto_windows=auto_windows, save_best=str(save_best) if save_best else None, rank_plot_keep=rank_plot_keep,
+        auto_windows=auto_windows, save_best=str(save_best) if save_best else None,
+        save_dir=str(save_dir) if save_dir else None, rank_plot_keep=rank_plot_keep,
     )
     t0 = time.perf_counter()
     m, tok, info_ = load_model(model)
