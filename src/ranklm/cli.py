@@ -119,7 +119,7 @@ def compress(
     from .eval import perplexity
     from .io import check_output_dir, save
     from .models import load_model, require_tokenizer
-    from .pipeline import calibration_info, learning_summary, open_run_state
+    from .pipeline import calibration_info, learning_summary, numerics_warning, open_run_state
     from .pipeline import run as run_pipeline
 
     ratio = resolve_keep(keep, remove)
@@ -219,6 +219,9 @@ def compress(
             summary["prefix_fraction"] = learned[-1]["prefix_fraction"]
     for line in learning_summary(st):
         _echo_err(line)
+    warning = numerics_warning(st)
+    if warning:
+        _echo_err(warning)
     if as_json:
         typer.echo(json.dumps(summary))
         return
