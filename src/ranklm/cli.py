@@ -84,7 +84,7 @@ def compress(
     remove: Optional[float] = typer.Option(None, "--remove", help="Fraction to remove (= 1 - keep)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Named method (see `ranklm methods`): svd, svd-llm, svd-llm-v2, fwsvd, tfwsvd, asvd, svd-energy, svd-llm-energy [default svd-llm]."),
     base: Optional[str] = typer.Option(None, "--base", help="Base decomposition: svd, whiten, fwsvd, tfwsvd, asvd; overrides the recipe."),
-    allocator: Optional[str] = typer.Option(None, "--allocator", help="Rank allocator: uniform, energy, loss, sensitivity, ars, softlm; overrides the recipe."),
+    allocator: Optional[str] = typer.Option(None, "--allocator", help="Rank allocator: uniform, energy, loss, global, sensitivity, ars, softlm; overrides the recipe."),
     trainer: str = typer.Option("none", "--trainer", help="Training after installation: none or finetune."),
     model: Optional[str] = typer.Option(None, "--model", help="HF model folder, hub id or ranklm checkpoint [default: packaged SmolLM2-135M-Instruct]."),
     data: Optional[str] = typer.Option(None, "--data", help="Calibration text: file, folder or .jsonl [default: packaged convention speeches]."),

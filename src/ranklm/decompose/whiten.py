@@ -59,4 +59,4 @@ class WhitenBase:
         u, s, vt = thin_svd(w @ L)
         a, y = split_sqrt(u, s, vt, max_rank)  # W L ~= a @ y  =>  W ~= a @ (y L^{-1})
         b = solve_right(L, y, info["method"])
-        return Factorization(a.float(), b.float(), s.float(), meta={"numerics": info})
+        return Factorization(a.float(), b.float(), s.float(), meta={"numerics": info, "loss_scale": self.loss_scale})
