@@ -197,11 +197,13 @@ class FactorCache:
         self._facs: dict[tuple[str, bool], dict[str, Factorization]] = {}
 
     def _collect(self, needs: frozenset[str]) -> None:
-        for kind, want in (("act", set(needs) & ACTIVATION_NEEDS), ("fisher", set(needs) & {"fisher"})):
+        kinds = (("act", set(needs) & ACTIVATION_NEEDS), ("fisher", set(needs) & {"fisher"}),
+                 ("out_gram", set(needs) & {"out_gram"}))
+        for kind, want in kinds:
             if not want or kind in self.collected:
                 continue
             t0 = time.perf_counter()
-            st = collect_stats(self.model, self.targets, self.windows, ACTIVATION_NEEDS & set(needs) if kind == "act" else {"fisher"},
+            st = collect_stats(self.model, self.targets, self.windows, want,
                                self.batch_size, self.progress, fisher_windows=self.fisher_windows, loss_fn=self.loss_fn)
             for name, entry in st.items():
                 self.stats[name].update(entry)

@@ -89,5 +89,9 @@ def solve_left_transposed(L: torch.Tensor, a: torch.Tensor, method: str) -> torc
 
 
 def departs(info: dict[str, Any]) -> bool:
-    """Whether a factor record departs from plain Cholesky (jitter added, or the eigh fallback)."""
-    return info.get("method") != "cholesky" or float(info.get("jitter", 0.0)) > 0.0
+    """Whether a factor record departs from plain Cholesky (jitter added, or the eigh fallback).
+
+    kfac's ``"diagonal"`` output factor is a documented approximation chosen by size, not a
+    numerical fallback: it departs only if it needed its floor.
+    """
+    return info.get("method") not in ("cholesky", "diagonal") or float(info.get("jitter", 0.0)) > 0.0
