@@ -71,7 +71,7 @@ def _bad(capsys, tmp_path, *args, match):
         (["--remove", "1.0"], "bad ratio --remove"),
         (["--keep", "1.0"], "nothing to compress"),
         (["--recipe", "nope"], "unknown recipe 'nope'; valid recipes: "),
-        (["--base", "nope"], "unknown base 'nope'; valid bases: asvd, fwsvd, svd, tfwsvd, whiten"),
+        (["--base", "nope"], "unknown base 'nope'; valid bases: asvd, fwsvd, kfac, svd, tfwsvd, whiten"),
         (["--allocator", "nope"], "unknown allocator 'nope'; valid allocators: "),
         (["--include", "*nothing*"], "match no target module"),
         (["--seq-len", "100000"], "calibration text too short"),

@@ -170,7 +170,7 @@ def test_python_api_accepts_declared_options():
 @pytest.mark.parametrize(
     "flag, opt, match",
     [
-        ("--base-opt", "foo=1", "unknown option 'foo' for base whiten; base whiten takes no options"),
+        ("--base-opt", "foo=1", "unknown option 'foo' for base whiten; valid options: shrink"),
         ("--alloc-opt", "foo=1", "unknown option 'foo' for allocator uniform; allocator uniform takes no options"),
     ],
 )
@@ -245,7 +245,8 @@ def test_methods_lists_every_method_with_its_defaults(capsys):
     assert "default v2" in option_line("allocator", "loss", "mode")
     assert "default 4" in option_line("allocator", "sensitivity", "windows")
     assert "list[float]" in option_line("allocator", "sensitivity", "grid")
-    assert lines[lines.index("base whiten") + 1].strip() == "(no options)"
+    assert lines[lines.index("base svd") + 1].strip() == "(no options)"
+    assert "default 0.0" in option_line("base", "whiten", "shrink") and "(in [0, 1])" in option_line("base", "whiten", "shrink")
 
 
 # --------------------------------------------------------------------------- info validates like load

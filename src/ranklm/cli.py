@@ -83,8 +83,8 @@ def compress(
     keep: Optional[float] = typer.Option(None, "--keep", help="Fraction of the targets' parameters to keep, in (0, 1] [default 0.8]."),
     remove: Optional[float] = typer.Option(None, "--remove", help="Fraction to remove (= 1 - keep)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Named method (see `ranklm methods`): svd, svd-llm, svd-llm-v2, fwsvd, tfwsvd, asvd, svd-energy, svd-llm-energy [default svd-llm]."),
-    base: Optional[str] = typer.Option(None, "--base", help="Base decomposition: svd, whiten, fwsvd, tfwsvd, asvd; overrides the recipe."),
-    allocator: Optional[str] = typer.Option(None, "--allocator", help="Rank allocator: uniform, energy, loss, sensitivity, ars, softlm; overrides the recipe."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base decomposition: svd, whiten, kfac, fwsvd, tfwsvd, asvd; overrides the recipe."),
+    allocator: Optional[str] = typer.Option(None, "--allocator", help="Rank allocator: uniform, energy, loss, global, sensitivity, ars, softlm; overrides the recipe."),
     trainer: str = typer.Option("none", "--trainer", help="Training after installation: none or finetune."),
     model: Optional[str] = typer.Option(None, "--model", help="HF model folder, hub id or ranklm checkpoint [default: packaged SmolLM2-135M-Instruct]."),
     data: Optional[str] = typer.Option(None, "--data", help="Calibration text: file, folder or .jsonl [default: packaged convention speeches]."),
@@ -102,7 +102,7 @@ def compress(
     base_opt: list[str] = typer.Option([], "--base-opt", help="Base option KEY=VALUE (see `ranklm methods`), e.g. side=in; repeatable."),
     alloc_opt: list[str] = typer.Option([], "--alloc-opt", help="Allocator option KEY=VALUE (see `ranklm methods`), e.g. steps=300; repeatable."),
     train_opt: list[str] = typer.Option([], "--train-opt", help="Trainer option KEY=VALUE (see `ranklm methods`), e.g. steps=100, lr=1e-4; repeatable."),
-    fisher_windows: int = typer.Option(32, "--fisher-windows", help="Calibration windows used for Fisher statistics (fwsvd/tfwsvd)."),
+    fisher_windows: int = typer.Option(32, "--fisher-windows", help="Calibration windows used for gradient statistics (fwsvd/tfwsvd Fisher, kfac output gradients)."),
     round_to: int = typer.Option(1, "--round-to", help="Round factored ranks to multiples of this (e.g. 8, 16, 32: GEMM-friendly shapes) after allocation, keep ratio still within 0.5 % below --keep [default 1: off]."),
     sequential: Optional[bool] = typer.Option(None, "--sequential/--whole-model", help="Block-by-block calibration (memory ~ model + one block's statistics) and refit of the allocated ranks on compressed activations [default: on for whiten/asvd]."),
     propagate: str = typer.Option("compressed", "--propagate", help="With --sequential: later blocks see the 'compressed' (refit) or 'dense' outputs."),
@@ -119,7 +119,7 @@ def compress(
     from .eval import perplexity
     from .io import check_output_dir, save
     from .models import load_model, require_tokenizer
-    from .pipeline import calibration_info, learning_summary, open_run_state
+    from .pipeline import calibration_info, learning_summary, numerics_warning, open_run_state
     from .pipeline import run as run_pipeline
 
     ratio = resolve_keep(keep, remove)
@@ -219,6 +219,9 @@ def compress(
             summary["prefix_fraction"] = learned[-1]["prefix_fraction"]
     for line in learning_summary(st):
         _echo_err(line)
+    warning = numerics_warning(st)
+    if warning:
+        _echo_err(warning)
     if as_json:
         typer.echo(json.dumps(summary))
         return

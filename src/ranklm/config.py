@@ -107,6 +107,12 @@ class CompressConfig:
             raise RanklmError(
                 f"unknown allocator {self.allocator!r}; valid allocators: {', '.join(sorted(ALLOCATORS))}"
             )
+        if getattr(ALLOCATORS[self.allocator], "needs_loss_estimates", False) and getattr(BASES[self.base], "loss_scale", None) is None:
+            comparable = sorted(n for n, cls in BASES.items() if getattr(cls, "loss_scale", None) is not None)
+            raise RanklmError(
+                f"the {self.allocator} allocator needs a base whose spectra estimate loss comparably across targets "
+                f"({', '.join(comparable)}); {self.base}'s do not"
+            )
         from .train import TRAINER_NAMES
 
         self.trainer = self.trainer or "none"

@@ -51,12 +51,15 @@ class Opt:
     python_only: bool = False  # accepted from the Python API, refused from the CLI, hidden from listings
     item: type | None = None  # for list options: the type of each element (int, float, bool or str)
     nullable: bool = False  # None (JSON null) is accepted although the default is not None
+    bounds: tuple[float, float] | None = None  # closed interval an int/float value must lie in
 
     def __post_init__(self) -> None:
         if self.type not in _TYPE_WORDS:
             raise TypeError(f"option {self.name}: unsupported type {self.type!r}")
         if self.item is not None and (self.type is not list or self.item not in _TYPE_WORDS):
             raise TypeError(f"option {self.name}: item type only for list options, got {self.item!r}")
+        if self.bounds is not None and self.type not in (int, float):
+            raise TypeError(f"option {self.name}: bounds only for int/float options")
 
 
 class _Bad(Exception):
@@ -152,6 +155,9 @@ def validate_options(
             raise RanklmError(
                 f"option {key} of {kind} {method} must be one of {', '.join(map(str, opt.choices))}, got {_show(value)}"
             )
+        if opt.bounds is not None and v is not None and not opt.bounds[0] <= v <= opt.bounds[1]:
+            lo, hi = opt.bounds
+            raise RanklmError(f"option {key} of {kind} {method} must lie in [{lo:g}, {hi:g}], got {_show(value)}")
         out[key] = v
     return out
 
@@ -183,6 +189,8 @@ def describe_options(kind: str, method: str, spec: Sequence[Opt]) -> str:
     w_default = min(max([len(_default_text(o.default)) for o in shown] + [4]), 12)
     for o in shown:
         choices = f" (one of: {', '.join(map(str, o.choices))})" if o.choices else ""
+        if o.bounds is not None:
+            choices += f" (in [{o.bounds[0]:g}, {o.bounds[1]:g}])"
         lines.append(
             f"    {o.name:<{w_name}}  {_type_name(o):<{w_type}}  default {_default_text(o.default):<{w_default}}  "
             f"{o.help}{choices}"

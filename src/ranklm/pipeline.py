@@ -197,11 +197,13 @@ class FactorCache:
         self._facs: dict[tuple[str, bool], dict[str, Factorization]] = {}
 
     def _collect(self, needs: frozenset[str]) -> None:
-        for kind, want in (("act", set(needs) & ACTIVATION_NEEDS), ("fisher", set(needs) & {"fisher"})):
+        kinds = (("act", set(needs) & ACTIVATION_NEEDS), ("fisher", set(needs) & {"fisher"}),
+                 ("out_gram", set(needs) & {"out_gram"}))
+        for kind, want in kinds:
             if not want or kind in self.collected:
                 continue
             t0 = time.perf_counter()
-            st = collect_stats(self.model, self.targets, self.windows, ACTIVATION_NEEDS & set(needs) if kind == "act" else {"fisher"},
+            st = collect_stats(self.model, self.targets, self.windows, want,
                                self.batch_size, self.progress, fisher_windows=self.fisher_windows, loss_fn=self.loss_fn)
             for name, entry in st.items():
                 self.stats[name].update(entry)
@@ -292,16 +294,21 @@ def refine_factors(
         w = weight_matrix(model.get_submodule(t.name))
         k = int(rank_map[t.name])
         a, b = base.refine(w, _on_device(stats.get(t.name, {}), w.device), out[t.name], k)  # type: ignore[attr-defined]
-        out[t.name] = Factorization(a, b, out[t.name].s)
+        out[t.name] = Factorization(a, b, out[t.name].s, meta=out[t.name].meta)
     return out
 
 
 def refit_sequential(model: nn.Module, targets: list[Target], base: Base, windows: torch.Tensor, rank_map: RankMap,
-                     batch_size: int, progress: bool) -> None:
-    """Stage 4: block by block on compressed activations, factor again at the allocated ranks and install."""
+                     batch_size: int, progress: bool, numerics: dict[str, Any] | None = None) -> None:
+    """Stage 4: block by block on compressed activations, factor again at the allocated ranks and install.
+
+    ``numerics`` (if given) is updated with the refit factorizations' records: those are the installed ones.
+    """
 
     def on_block(block_targets: list[Target], facs: dict[str, Factorization], stats: dict[str, dict]) -> None:
         block_map = {t.name: rank_map[t.name] for t in block_targets}
+        if numerics is not None:
+            numerics.update(numerics_records(facs))
         if hasattr(base, "refine"):
             facs = refine_factors(model, block_targets, base, facs, stats, block_map, progress=False)
         install_rank_map(model, block_targets, facs, block_map)
@@ -310,6 +317,37 @@ def refit_sequential(model: nn.Module, targets: list[Target], base: Base, window
 
 
 # --------------------------------------------------------------------------- stage 7: record
+
+
+def numerics_records(factorizations: dict[str, Factorization]) -> dict[str, Any]:
+    """``{target: meta["numerics"]}`` of the bases that factor a Gram (whiten, kfac)."""
+    return {n: f.meta["numerics"] for n, f in factorizations.items() if "numerics" in f.meta}
+
+
+def _factor_records(record: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A target's numerics record as (side, factor record) pairs: the input side, and kfac's output side."""
+    out = [("input", record)] if "method" in record else []
+    return out + [(side, record[side]) for side in ("output",) if isinstance(record.get(side), dict)]
+
+
+def numerics_warning(state: CompressionState) -> str | None:
+    """One ``warning:`` line when any target's Gram needed jitter or the eigh fallback (else None)."""
+    from .decompose.psd import departs
+
+    record = (state.artifacts or {}).get("numerics") or {}
+    bad = [(name, side, r) for name, rec in record.items() for side, r in _factor_records(rec) if departs(r)]
+    if not bad:
+        return None
+    eigh = [b for b in bad if b[2].get("method") == "eigh"]
+    names = {b[0] for b in bad}
+    if eigh:
+        name, side, _ = eigh[0]
+        worst = f"eigh fallback at {name} ({side}), {len(eigh)} factor(s) in all"
+    else:
+        name, side, r = max(bad, key=lambda b: float(b[2].get("jitter", 0.0)))
+        worst = f"worst jitter {float(r['jitter']):.1e} x mean diagonal at {name} ({side})"
+    return (f"warning: {len(names)} of {len(record)} targets needed jitter or eigh to factor their Gram "
+            f"(their objective was changed to make it factorable); {worst}; see artifacts.numerics in ranklm.json")
 
 
 def compression_state(
@@ -396,6 +434,7 @@ def run(
     factorizations: dict[str, Factorization] = {}
     if plan.needs_pass1:
         factorizations = cache.factorizations(plan.base, plan.sequential)
+    numerics = numerics_records(factorizations)  # replaced per target by the refit's, which are installed
     timings["factorize_s"] = time.perf_counter() - t0
 
     # 3. allocate
@@ -411,7 +450,7 @@ def run(
         install_factors(model, targets, context.trained_factors, rank_map)
         context.trained_factors = None
     elif plan.refit:
-        refit_sequential(model, targets, plan.base, windows, rank_map, config.batch_size, progress)
+        refit_sequential(model, targets, plan.base, windows, rank_map, config.batch_size, progress, numerics)
     else:
         facs = factorizations
         if hasattr(plan.base, "refine"):
@@ -420,6 +459,8 @@ def run(
                 context.artifacts["base_report"] = plan.base.report
         install_rank_map(model, targets, facs, rank_map)
     timings["refit_install_s"] = time.perf_counter() - t2
+    if numerics:
+        context.artifacts["numerics"] = numerics
 
     # 6. train
     if plan.trainer is not None:
@@ -485,6 +526,7 @@ def learning_summary(state: CompressionState) -> list[str]:
 
 __all__ = [
     "FactorCache", "Plan", "allocate_ranks", "open_run_state", "calibration_info", "calibration_windows", "compression_state",
-    "decompose_targets", "install_factors", "install_rank_map", "learning_summary", "make_plan", "refine_factors",
+    "decompose_targets", "install_factors", "install_rank_map", "learning_summary", "make_plan", "numerics_records",
+    "numerics_warning", "refine_factors",
     "refit_sequential", "run", "windows_sha256",
 ]

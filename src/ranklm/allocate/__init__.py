@@ -6,6 +6,7 @@ from .rankdyna import RankDynaAllocator
 from .static import StaticAllocator
 from .base import AllocationContext, Allocator
 from .energy import EnergyAllocator
+from .knapsack import GlobalAllocator
 from .loss import LossAllocator
 from .sensitivity import SensitivityAllocator
 from .softlm import SoftLMAllocator
@@ -16,6 +17,7 @@ ALLOCATORS: dict[str, type] = {
     "energy": EnergyAllocator,
     "sensitivity": SensitivityAllocator,
     "loss": LossAllocator,
+    "global": GlobalAllocator,
     "ars": ARSAllocator,
     "rankdyna": RankDynaAllocator,
     "static": StaticAllocator,

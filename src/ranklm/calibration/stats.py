@@ -63,8 +63,12 @@ def collect_stats(
     fisher_windows: int | None = None,
     loss_fn=None,
 ) -> dict[str, dict[str, Any]]:
-    """All statistics a base needs: ``{target: {"gram"?, "abs_mean"?, "fisher"?, "tokens", "name"}}``."""
-    unknown = set(needs) - {"gram", "abs_mean", "fisher"}
+    """All statistics a base needs: ``{target: {"gram"?, "abs_mean"?, "fisher"?, "out_gram"?, "tokens", "name"}}``.
+
+    ``"out_gram"`` (kfac's output-gradient factor, ``output_grads``) runs backward passes on the
+    first ``fisher_windows`` windows, like Fisher; wide outputs get ``"out_sq"`` (diagonal) instead.
+    """
+    unknown = set(needs) - {"gram", "abs_mean", "fisher", "out_gram"}
     if unknown:
         raise ValueError(f"unknown statistics {sorted(unknown)}")
     out: dict[str, dict[str, Any]] = {t.name: {"name": t.name} for t in targets}
@@ -78,6 +82,12 @@ def collect_stats(
         fw = windows if fisher_windows is None else windows[:fisher_windows]
         for name, f in collect_fisher(model, targets, fw, loss_fn=loss_fn, progress=progress).items():
             out[name]["fisher"] = f
+    if "out_gram" in needs:
+        from .output_grads import collect_output_grams
+
+        fw = windows if fisher_windows is None else windows[:fisher_windows]
+        for name, st in collect_output_grams(model, targets, fw, loss_fn=loss_fn, batch_size=batch_size, progress=progress).items():
+            out[name].update(st)
     return out
 
 

@@ -4,6 +4,7 @@ from ..registry import build
 from .base import Base, Factorization
 from .asvd import ASVDBase
 from .fwsvd import FWSVDBase
+from .kfac import KFACBase
 from .svd import SVDBase
 from .tfwsvd import TFWSVDBase
 from .whiten import WhitenBase, whitening_factor
@@ -14,6 +15,7 @@ BASES: dict[str, type] = {
     "tfwsvd": TFWSVDBase,
     "asvd": ASVDBase,
     "whiten": WhitenBase,
+    "kfac": KFACBase,
 }
 
 

@@ -9,7 +9,7 @@ spectrum in the transformed space, which allocators read to score components.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -20,6 +20,9 @@ class Factorization:
     A: torch.Tensor  # out x r  (r = the largest rank worth factoring)
     B: torch.Tensor  # r x in
     s: torch.Tensor  # full spectrum (R = min(out, in)) in the base's space, descending
+    # What the base wants recorded about this target (JSON-able), e.g. "numerics": how its
+    # Gram was factored (cholesky/eigh, jitter); the pipeline writes it to ranklm.json.
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def max_rank(self) -> int:

@@ -1,0 +1,81 @@
+"""Kronecker-factored Fisher SVD (``kfac``): curvature on both sides of W.
+
+GFWSVD (Chekalina et al. 2025, "Generalized Fisher-Weighted SVD: Scalable Kronecker-Factored
+Fisher Approximation") and KFAC-SVD (ICML 2026) approximate the Fisher of a target W (out x in)
+by ``A ⊗ G`` with ``A = E[x x^T]`` (the input Gram that whitening uses) and ``G = E[g g^T]``,
+``g = dL/dy`` at the target's output per token (``calibration.output_grads``). The loss increase
+of replacing W by W' is then about ``½ ||L_G^T (W − W') L_A||_F²`` with ``A = L_A L_A^T`` and
+``G = L_G L_G^T``, so the truncated SVD of ``M = L_G^T W L_A`` is its optimum and each discarded
+component's ``½σ_i²`` estimates its loss increase (in mean per-token loss: A and G are means),
+comparable across targets (``loss_scale = ½``, read by the ``global`` allocator).
+Factors for rank k: ``A_k = L_G^{-T} U_k √Σ_k``, ``B_k = √Σ_k V_k^T L_A^{-1}`` by triangular solves.
+
+Numerics: each factor gets ``damping`` × its mean diagonal (= trace / size) before Cholesky;
+jitter beyond that, or the eigh fallback, is recorded per target (``meta["numerics"]``: the
+input side at the top level, the output side under ``"output"``). ``shrink`` moves both
+factors toward their diagonals as for ``whiten``. Wide outputs (``out > DENSE_OUT_MAX``) carry
+only the diagonal of G (recorded as ``method: "diagonal"``): the objective then weights output
+rows instead of a full output metric. The damping default (1e-6) is a floor, not a measured
+optimum; with ``G = I`` and no damping this base is exactly ``whiten``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import RanklmError
+from ..options import Opt
+from .base import Factorization, split_sqrt, thin_svd
+from .psd import psd_factor, solve_left_transposed, solve_right
+from .whiten import check_fraction
+
+
+def diagonal_factor(sq: torch.Tensor, damping: float) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``sqrt(diag(G) + damping·mean)`` for a diagonal G; zero entries get a recorded 1e-10 floor."""
+    d = sq.to(torch.float64)
+    scale = float(d.mean()) or 1.0
+    d = d + damping * scale
+    floor = 1e-10 * scale
+    info: dict[str, Any] = {"method": "diagonal", "jitter": floor / scale if bool((d < floor).any()) else 0.0}
+    if damping > 0:
+        info["damping"] = float(damping)
+    return d.clamp_min(floor).sqrt(), info
+
+
+class KFACBase:
+    name = "kfac"
+    needs: frozenset[str] = frozenset({"gram", "out_gram"})
+    loss_scale: float | None = 0.5  # ½σ² ≈ increase of the mean per-token loss
+    OPTIONS: tuple[Opt, ...] = (
+        Opt("damping", float, 1e-6, "added to each factor's diagonal, relative to its mean diagonal (trace/size)",
+            bounds=(0.0, 1e6)),
+        Opt("shrink", float, 0.0, "shrink both factors toward their diagonals, (1-λ)F + λ diag(F) (provisional default)",
+            bounds=(0.0, 1.0)),
+    )
+
+    def __init__(self, damping: float = 1e-6, shrink: float = 0.0) -> None:
+        if not damping >= 0.0:
+            raise RanklmError(f"kfac damping must be >= 0, got {damping}")
+        self.damping = float(damping)
+        self.shrink = check_fraction("kfac shrink", shrink)
+
+    def decompose(self, weight: torch.Tensor, stats: dict[str, Any], max_rank: int) -> Factorization:
+        name = stats.get("name", "")
+        w = weight.detach().to(torch.float64)
+        a_mean = stats["gram"] / max(int(stats.get("tokens", 1)), 1)
+        L_a, info_a = psd_factor(a_mean, name, shrink=self.shrink, damping=self.damping)
+        out_tokens = max(int(stats.get("out_tokens", 1)), 1)
+        if "out_gram" in stats:
+            L_g, info_g = psd_factor(stats["out_gram"] / out_tokens, name, shrink=self.shrink, damping=self.damping)
+            m = L_g.mT @ w @ L_a
+        else:
+            d_g, info_g = diagonal_factor(stats["out_sq"] / out_tokens, self.damping)
+            m = d_g[:, None] * (w @ L_a)
+        u, s, vt = thin_svd(m)
+        a, y = split_sqrt(u, s, vt, max_rank)  # M ~= a @ y  =>  W ~= (L_G^{-T} a) @ (y L_A^{-1})
+        a = solve_left_transposed(L_g, a, info_g["method"]) if "out_gram" in stats else a / d_g[:, None]
+        b = solve_right(L_a, y, info_a["method"])
+        meta = {"numerics": {**info_a, "output": info_g}, "loss_scale": self.loss_scale}
+        return Factorization(a.float(), b.float(), s.float(), meta=meta)
