@@ -325,6 +325,15 @@ def _check_weight_shapes(shapes: dict[str, tuple[int, ...]], model: nn.Module) -
             raise RanklmError(f"checkpoint weights do not fit the model: {k} is {tuple(shape)}, expected {tuple(expected[k].shape)}")
 
 
+def _open_checkpoint(p: Path, verify: bool) -> tuple[dict[str, Any], nn.Module, Any]:
+    """The shared prologue of ``check_checkpoint`` and ``load``: metadata, file hashes, the empty model."""
+    meta = read_metadata(p)
+    if verify:
+        verify_files(p, meta)
+    model, targets = _empty_model(p, meta)
+    return meta, model, targets
+
+
 def check_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
     """Validate a checkpoint as ``load`` does, without reading the weights into memory; returns its metadata.
 
@@ -333,10 +342,7 @@ def check_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict[str, 
     shapes (read from the safetensors header) fit it.
     """
     p = Path(path)
-    meta = read_metadata(p)
-    if verify:
-        verify_files(p, meta)
-    model, _ = _empty_model(p, meta)
+    meta, model, _ = _open_checkpoint(p, verify)
     try:
         with safetensors.safe_open(str(p / WEIGHTS_FILE), framework="pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -350,10 +356,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bo
     """Rebuild a compressed model from a checkpoint: ``(model, tokenizer)``; logits match the saved model bit for bit."""
 
     p = Path(path)
-    meta = read_metadata(p)
-    if verify:
-        verify_files(p, meta)
-    model, targets = _empty_model(p, meta)
+    meta, model, targets = _open_checkpoint(p, verify)
     try:
         state = safetensors.torch.load_file(str(p / WEIGHTS_FILE), device=str(device))
     except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as e:
