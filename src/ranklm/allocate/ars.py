@@ -72,7 +72,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..budget import RankMap, fit_budget, keep_ratio, max_factored_rank, target_cost, targets_dense_params
+from ..budget import RankMap, fit_budget, max_factored_rank, target_cost, targets_dense_params
 from ..decompose.base import Factorization
 from ..errors import RanklmError
 from ..layers import replace_module
@@ -82,10 +82,9 @@ from ..train.budget_control import BudgetController
 from ..train.loop import Hooks, LoopConfig, run_loop
 from ..train.masks import HyperNetwork, MaskedFactorized, gumbel_sigmoid_mask, logistic_noise, prefix_fraction
 from ..train.objective import Batch, Objective, as_objective
-from .base import AllocationContext, require_context
+from .base import LEARNED_KEEP_TOLERANCE, AllocationContext, require_context, training_record
 
 TENSOR_PREFIX = "ars."
-LEARNED_KEEP_TOLERANCE = 0.02  # a learned keep farther than this from the request is reported as not reached
 
 
 def monotone_logits(o: torch.Tensor, scale: float) -> torch.Tensor:
@@ -359,14 +358,8 @@ class ARSAllocator:
             "keep_learned": learned_keep, "prefix_fraction_final": prefix,
             "tensors": f"{TENSOR_PREFIX}hyper.*, {TENSOR_PREFIX}mask.<target> in allocator.safetensors",
         }
-        context.training.append({
-            "trainer": self.name, "stage": "allocate", "steps": self.steps, "options": self.options(),
-            "objective": objective.description or objective.name, "final_loss": result.final_loss,
-            "keep_requested": keep, "keep_learned": learned_keep, "keep_after_fit": keep_ratio(targets, rank_map),
-            "reached_budget": abs(learned_keep - keep) <= LEARNED_KEEP_TOLERANCE,
-            "prefix_fraction": prefix, "seconds": round(result.seconds, 2), "resumed_from_step": result.start_step,
-            "world_size": result.world_size,
-        })
+        context.training.append(training_record(self.name, "allocate", self.options(), objective, result, keep,
+                                                learned_keep, targets, rank_map, prefix_fraction=prefix))
         return rank_map
 
 

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..budget import RankMap
+from ..budget import RankMap, keep_ratio
 from ..decompose.base import Factorization
 from ..errors import RanklmError
 from ..targets import Target
@@ -65,3 +65,21 @@ class Allocator(Protocol):
         min_rank: int = 1,
         context: AllocationContext | None = None,
     ) -> RankMap: ...
+
+
+LEARNED_KEEP_TOLERANCE = 0.02  # a learned keep farther than this from the request is reported as not reached
+
+
+def training_record(name: str, stage: str, options: dict[str, Any], objective: Any, result: Any, keep: float,
+                    learned_keep: float, targets: list[Target], rank_map: RankMap, **extra: Any) -> dict[str, Any]:
+    """The ``ranklm.json`` training record of a learning allocator (ARS, SoftLMs, RankDyna): what it
+    reached on its own (``keep_learned``) next to the request and the keep after the exact fit."""
+    return {
+        "trainer": name, "stage": stage, "steps": int(options.get("steps", 0)), "options": options,
+        "objective": objective.description or objective.name, "final_loss": result.final_loss,
+        "first_loss": (result.history.get("loss") or [None])[0],
+        "keep_requested": keep, "keep_learned": learned_keep, "keep_after_fit": keep_ratio(targets, rank_map),
+        "reached_budget": abs(learned_keep - keep) <= LEARNED_KEEP_TOLERANCE, **extra,
+        "seconds": round(result.seconds, 2), "resumed_from_step": result.start_step, "world_size": result.world_size,
+    }
+

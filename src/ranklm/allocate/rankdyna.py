@@ -57,7 +57,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..budget import DENSE, RankMap, fit_budget, keep_ratio, max_factored_rank, target_cost, targets_dense_params
+from ..budget import DENSE, RankMap, fit_budget, max_factored_rank, target_cost, targets_dense_params
 from ..decompose.base import Factorization, thin_svd
 from ..errors import RanklmError
 from ..layers import replace_module
@@ -65,9 +65,8 @@ from ..options import Opt
 from ..targets import Target, weight_matrix
 from ..train.loop import Hooks, LoopConfig, run_loop
 from ..train.objective import Batch, Objective, as_objective
-from .base import AllocationContext, require_context
+from .base import AllocationContext, require_context, training_record
 
-LEARNED_KEEP_TOLERANCE = 0.02
 
 
 class DynaFactorized(nn.Module):
@@ -411,15 +410,9 @@ class RankDynaAllocator:
                          "budget_final": hooks.budget_final, "delta_t": self.delta_t},
             "trajectory": trajectory,
         }
-        context.training.append({
-            "trainer": self.name, "stage": "allocate+train", "steps": self.steps, "options": self.options(),
-            "objective": objective.description or objective.name, "final_loss": result.final_loss,
-            "first_loss": (result.history.get("loss") or [None])[0],
-            "keep_requested": keep, "keep_learned": learned_keep, "keep_after_fit": keep_ratio(targets, rank_map),
-            "reached_budget": abs(learned_keep - keep) <= LEARNED_KEEP_TOLERANCE, "comebacks": int(hooks.comebacks),
-            "seconds": round(result.seconds, 2), "resumed_from_step": result.start_step, "world_size": result.world_size,
-            "history": result.history,
-        })
+        context.training.append(training_record(self.name, "allocate+train", self.options(), objective, result, keep,
+                                                learned_keep, targets, rank_map, comebacks=int(hooks.comebacks),
+                                                history=result.history))
         return rank_map
 
 

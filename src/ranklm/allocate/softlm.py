@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..budget import RankMap, fit_budget, keep_ratio, max_factored_rank, target_cost, targets_dense_params
+from ..budget import RankMap, fit_budget, max_factored_rank, target_cost, targets_dense_params
 from ..decompose.base import Factorization
 from ..errors import RanklmError
 from ..layers import replace_module
@@ -61,9 +61,8 @@ from ..train.budget_control import BudgetController
 from ..train.loop import Hooks, LoopConfig, run_loop
 from ..train.objective import Batch, Objective, as_objective, is_causal_lm
 from ..train.soft_threshold import SoftThresholdFactorized
-from .base import AllocationContext, require_context
+from .base import AllocationContext, require_context, training_record
 
-LEARNED_KEEP_TOLERANCE = 0.02
 
 
 def _uniform_rank(t: Target, keep: float) -> int:
@@ -297,14 +296,8 @@ class SoftLMAllocator:
         }
         for n, m in hooks.mods.items():
             context.artifacts[f"softlm.alpha.{n}"] = m.alpha.detach().reshape(1).cpu().clone()
-        context.training.append({
-            "trainer": self.name, "stage": "allocate", "steps": self.steps, "options": self.options(),
-            "objective": objective.description or objective.name, "final_loss": result.final_loss,
-            "first_loss": (result.history.get("loss") or [None])[0],
-            "keep_requested": keep, "keep_learned": learned_keep, "keep_after_fit": keep_ratio(targets, rank_map),
-            "reached_budget": abs(learned_keep - keep) <= LEARNED_KEEP_TOLERANCE,
-            "seconds": round(result.seconds, 2), "resumed_from_step": result.start_step, "world_size": result.world_size,
-        })
+        context.training.append(training_record(self.name, "allocate", self.options(), objective, result, keep,
+                                                learned_keep, targets, rank_map))
         return rank_map
 
 
