@@ -66,8 +66,27 @@ def test_masked_triplet_comes_back(tiny_classifier):
     logs: dict = {}
     hooks.mask_update(11, logs)
     assert hooks.gate[masked] == 1.0 and hooks.comebacks.item() >= 1 and logs["comebacks"] >= 1
-    assert float((hooks.gate.double() * hooks.costs).sum()) <= hooks.budget_at(11) + 1e-6
+    assert hooks.cost_of(hooks.gate) <= hooks.budget_at(11) + 1e-6
     assert len(hooks.history_ranks) == 2
+
+
+def test_selection_fills_the_budget_at_installed_cost(tiny_classifier):
+    """A target whose active count passes its dense threshold is stored dense (docs/design.md §2): the
+    mask must count it at m*n, so the learned keep lands on the budget instead of below it."""
+    from ranklm.budget import max_factored_rank, target_cost
+
+    hooks, targets = _hooks(tiny_classifier, keep=0.5, steps=20, init_rank=1.0)
+    hooks.s_ubar.fill_(1.0)
+    first = torch.zeros(len(hooks.s_ibar))
+    first[hooks.offsets[0]:hooks.offsets[1]] = 10.0  # every triplet of target 0 beats every other one
+    hooks.s_ibar.copy_(first + torch.rand(len(first)))
+    gate = hooks.select(hooks.budget_final)
+    k0 = int(gate[hooks.offsets[0]:hooks.offsets[1]].sum())
+    assert k0 > max_factored_rank(targets[0])  # target 0 ends dense, at its dense cost
+    used = hooks.cost_of(gate)
+    assert used <= hooks.budget_final + 1e-6
+    assert hooks.budget_final - used < max(t.out_features + t.in_features for t in targets)
+    assert used == sum(target_cost(t, int(gate[lo:hi].sum())) for t, lo, hi in zip(targets, hooks.offsets[:-1], hooks.offsets[1:]))
 
 
 def test_masked_triplets_get_scores_from_the_gate_gradient(tiny_classifier, task_file):  # noqa: F811
