@@ -335,3 +335,10 @@ def test_learning_allocators_default_to_fewer_calibration_windows():
     assert CompressConfig(keep=0.6, base="whiten", allocator="ars").calib_windows == 32
     assert CompressConfig(keep=0.6, base="whiten", allocator="softlm").calib_windows == 32
     assert CompressConfig(keep=0.6, base="whiten", allocator="ars", calib_windows=8).calib_windows == 8
+
+
+def test_kfac_global_recipe_names_its_axes():
+    from ranklm.config import CompressConfig
+
+    c = CompressConfig(keep=0.8, recipe="kfac-global")
+    assert (c.base, c.allocator, c.method) == ("kfac", "global", "kfac-global")

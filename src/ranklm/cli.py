@@ -82,7 +82,7 @@ def _fmt_ppl(x: float) -> str:
 def compress(
     keep: Optional[float] = typer.Option(None, "--keep", help="Fraction of the targets' parameters to keep, in (0, 1] [default 0.8]."),
     remove: Optional[float] = typer.Option(None, "--remove", help="Fraction to remove (= 1 - keep)."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="Named method (see `ranklm methods`): svd, svd-llm, svd-llm-v2, fwsvd, tfwsvd, asvd, svd-energy, svd-llm-energy [default svd-llm]."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Named method (see `ranklm methods`): svd, svd-llm, svd-llm-v2, fwsvd, tfwsvd, asvd, svd-energy, svd-llm-energy, kfac-global [default svd-llm]."),
     base: Optional[str] = typer.Option(None, "--base", help="Base decomposition: svd, whiten, kfac, fwsvd, tfwsvd, asvd; overrides the recipe."),
     allocator: Optional[str] = typer.Option(None, "--allocator", help="Rank allocator: uniform, energy, loss, global, sensitivity, ars, softlm; overrides the recipe."),
     trainer: str = typer.Option("none", "--trainer", help="Training after installation: none or finetune."),

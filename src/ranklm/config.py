@@ -23,6 +23,7 @@ RECIPES: dict[str, tuple[str, str]] = {
     "asvd": ("asvd", "sensitivity"),
     "svd-energy": ("svd", "energy"),
     "svd-llm-energy": ("whiten", "energy"),
+    "kfac-global": ("kfac", "global"),  # GFWSVD / KFAC-SVD with an exact global knapsack over estimated loss
 }
 
 DEFAULT_RECIPE = "svd-llm"
