@@ -219,26 +219,23 @@ def finetune_task(model: nn.Module, tokenizer, task: TaskData, cfg: TaskRunConfi
     dense_params = model_params(model)
     t0 = time.perf_counter()
     records: list[dict[str, Any]] = []
+
+    def train_stage(hooks: Hooks, steps: int, lr: float, seed: int, stage: str, desc: str) -> None:
+        """One loop stage before compression (head warm-up, dense fine-tuning), recorded in ranklm.json."""
+        lc = LoopConfig(steps=steps, lr=lr, batch_size=cfg.batch_size, seed=seed, save_every=cfg.save_every,
+                        state_file=None if state_dir is None else Path(state_dir) / f"{hooks.name}.safetensors",
+                        resume=resume, progress=progress, desc=desc, max_grad_norm=1.0)
+        res = run_loop(model, objective, hooks, lc)
+        records.append({"trainer": hooks.name, "stage": stage, "steps": steps,
+                        "options": {"lr": lr, "batch_size": cfg.batch_size}, "objective": objective.description,
+                        "final_loss": res.final_loss, "first_loss": (res.history.get("loss") or [None])[0],
+                        "seconds": round(res.seconds, 2), "resumed_from_step": res.start_step, "world_size": res.world_size,
+                        "history": res.history})
+
     if cfg.head_steps > 0:  # LP-FT: a trained head first, so every method's steps (and RankDyna's scores) see a task signal
-        lc = LoopConfig(steps=cfg.head_steps, lr=cfg.head_lr, batch_size=cfg.batch_size, seed=cfg.seed + 1,
-                        save_every=cfg.save_every, state_file=None if state_dir is None else Path(state_dir) / "head.safetensors",
-                        resume=resume, progress=progress, desc="head warm-up", max_grad_norm=1.0)
-        res = run_loop(model, objective, HeadHooks(), lc)
-        records.append({"trainer": "head", "stage": "before compression (encoder frozen)", "steps": cfg.head_steps,
-                        "options": {"lr": cfg.head_lr, "batch_size": cfg.batch_size}, "objective": objective.description,
-                        "final_loss": res.final_loss, "first_loss": (res.history.get("loss") or [None])[0],
-                        "seconds": round(res.seconds, 2), "resumed_from_step": res.start_step, "world_size": res.world_size,
-                        "history": res.history})
+        train_stage(HeadHooks(), cfg.head_steps, cfg.head_lr, cfg.seed + 1, "before compression (encoder frozen)", "head warm-up")
     if steps_plan["dense"] > 0:
-        lc = LoopConfig(steps=steps_plan["dense"], lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                        save_every=cfg.save_every, state_file=None if state_dir is None else Path(state_dir) / "dense.safetensors",
-                        resume=resume, progress=progress, desc="dense fine-tune", max_grad_norm=1.0)
-        res = run_loop(model, objective, DenseHooks(), lc)
-        records.append({"trainer": "dense", "stage": "before compression", "steps": steps_plan["dense"],
-                        "options": {"lr": cfg.lr, "batch_size": cfg.batch_size}, "objective": objective.description,
-                        "final_loss": res.final_loss, "first_loss": (res.history.get("loss") or [None])[0],
-                        "seconds": round(res.seconds, 2), "resumed_from_step": res.start_step, "world_size": res.world_size,
-                        "history": res.history})
+        train_stage(DenseHooks(), steps_plan["dense"], cfg.lr, cfg.seed, "before compression", "dense fine-tune")
     if cfg.keep >= 1.0:
         targets = find_targets(model)
         rank_map = {t.name: DENSE for t in targets}
