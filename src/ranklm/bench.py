@@ -267,6 +267,8 @@ def reproduce_command(method: Method, keep: float, opts: BenchOptions, args: dic
         parts += ["--data", str(args["data"])]
     if args.get("eval_data"):
         parts += ["--eval-data", str(args["eval_data"])]
+    if args.get("dtype"):
+        parts += ["--dtype", str(args["dtype"])]
     if method.recipe:
         parts += ["--recipe", method.recipe]
     else:
@@ -402,6 +404,7 @@ def run_bench(
             + (["--data", str(command_args["eval_data"])] if command_args.get("eval_data") else [])
             + ["--seq-len", str(opts.eval_seq_len)] + (["--windows", str(opts.eval_windows)] if opts.eval_windows else [])
             + ["--batch-size", str(opts.batch_size)]
+            + (["--dtype", str(command_args["dtype"])] if command_args.get("dtype") else [])
         )
     else:  # the evaluation part of a split --data has no file of its own
         dense_row["command"] = "any cell's ranklm compress command prints it (dense perplexity, --json: ppl_dense)"

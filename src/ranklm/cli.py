@@ -37,6 +37,25 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _dtype(name: str):
+    """``--dtype`` value -> torch dtype or "auto" (a bad name is a RanklmError before any loading)."""
+    from .models import parse_dtype
+
+    return parse_dtype(name)
+
+
+def _torch_device(name: str):
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise RanklmError(f"unknown --device {name!r} (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RanklmError(f"--device {name}: no CUDA device is available here")
+    return dev
+
+
 def _echo_err(msg: str) -> None:
     typer.echo(msg, err=True)
 
@@ -106,6 +125,7 @@ def compress(
     round_to: int = typer.Option(1, "--round-to", help="Round factored ranks to multiples of this (e.g. 8, 16, 32: GEMM-friendly shapes) after allocation, keep ratio still within 0.5 % below --keep [default 1: off]."),
     sequential: Optional[bool] = typer.Option(None, "--sequential/--whole-model", help="Block-by-block calibration (memory ~ model + one block's statistics) and refit of the allocated ranks on compressed activations [default: on for whiten/asvd]."),
     propagate: str = typer.Option("compressed", "--propagate", help="With --sequential: later blocks see the 'compressed' (refit) or 'dense' outputs."),
+    dtype: str = typer.Option("auto", "--dtype", help="Model dtype while compressing/evaluating and in the saved checkpoint: auto (the model folder's own), float32, bfloat16, float16. Statistics and factorizations stay float32/float64."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="accelerate device map for big models: auto, a device, or JSON {module: device} (CPU/disk offload allowed; offloaded layers are compressed and run on the CPU)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
@@ -158,8 +178,8 @@ def compress(
     calib_src, eval_src = _eval_sources(data, eval_data)
 
     t0 = time.perf_counter()
-    m, tok, info = load_model(model, device_map=device_map)
-    _echo_err(f"loaded {info['name_or_path']} ({sum(p.numel() for p in m.parameters()):,} params) in {time.perf_counter() - t0:.1f}s")
+    m, tok, info = load_model(model, dtype=_dtype(dtype), device_map=device_map)
+    _echo_err(f"loaded {info['name_or_path']} ({sum(p.numel() for p in m.parameters()):,} params, {info['dtype']}) in {time.perf_counter() - t0:.1f}s")
     tok = require_tokenizer(tok, info.get("path", str(model)))
     from .targets import find_targets
 
@@ -254,6 +274,8 @@ def evaluate(
     latency_reps: int = typer.Option(10, "--latency-reps", help="With --latency: timed repetitions per model and shape (interleaved)."),
     latency_warmup: int = typer.Option(2, "--latency-warmup", help="With --latency: untimed warm-up passes per model and shape."),
     decode_tokens: str = typer.Option("128x128", "--decode-tokens", help="With --latency: decode speed at batch 1 with a KV cache, PROMPTxNEW tokens (0 = skip)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Run the model in this dtype: auto (as saved), float32, bfloat16, float16."),
+    device: str = typer.Option("cpu", "--device", help="torch device to evaluate on, e.g. cuda (perplexity and --latency)."),
     lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="Comma-separated lm-evaluation-harness tasks (needs pip install 'ranklm[eval]')."),
     lm_eval_include: Optional[Path] = typer.Option(None, "--lm-eval-include", help="With --lm-eval: folder of custom task YAMLs."),
     lm_eval_limit: Optional[float] = typer.Option(None, "--lm-eval-limit", help="With --lm-eval: at most this many documents per task."),
@@ -285,7 +307,7 @@ def evaluate(
         from .eval.lm_eval_bridge import _require_lm_eval
 
         _require_lm_eval()
-    m, tok, info = load_model(model)
+    m, tok, info = load_model(model, dtype=_dtype(dtype), device=_torch_device(device))
     tok = require_tokenizer(tok, str(model or "the default model"))
     ids = token_windows(tok, src, seq_len, windows, purpose="evaluation")
     res = perplexity(m, ids, batch_size)
@@ -294,6 +316,8 @@ def evaluate(
         "params": sum(p.numel() for p in m.parameters()),
         "model": info["name_or_path"],
         "data": src.description,
+        "dtype": info["dtype"],
+        "device": str(next(m.parameters()).device),
     }
     state = getattr(m, "ranklm", None)
     if state is not None:
@@ -632,6 +656,7 @@ def bench(
     save_dir: Optional[Path] = typer.Option(None, "--save-dir", help="Save every cell's model as a ranklm checkpoint in DIR/<method>@<keep> (e.g. to run `ranklm evaluate --latency` on one)."),
     auto_windows: int = typer.Option(8, "--auto-windows", help="With --auto: held-out calibration windows."),
     rank_plot_keep: Optional[float] = typer.Option(None, "--rank-plot-keep", help="Keep ratio drawn in ranks.png [default: the smallest]."),
+    dtype: str = typer.Option("auto", "--dtype", help="Model dtype while compressing/evaluating every cell and in the saved checkpoint: auto (the model folder's own), float32, bfloat16, float16. Statistics and factorizations stay float32/float64."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output (and --save-best) if they exist."),
     as_json: bool = typer.Option(False, "--json", help="Print the result rows as JSON on stdout."),
@@ -689,7 +714,7 @@ def bench(
         save_dir=str(save_dir) if save_dir else None, rank_plot_keep=rank_plot_keep,
     )
     t0 = time.perf_counter()
-    m, tok, info_ = load_model(model)
+    m, tok, info_ = load_model(model, dtype=_dtype(dtype))
     if getattr(m, "ranklm", None) is not None:
         raise RanklmError(f"{model} is already a ranklm checkpoint: bench starts from a dense model")
     tok = require_tokenizer(tok, info_.get("path", str(model)))
@@ -697,7 +722,8 @@ def bench(
     command = command_line(ctx)
     result = run_bench(
         m, tok, methods, keeps, calib_src, evals, opts, model_info=info_,
-        command_args={"model": model, "data": data, "eval_data": eval_data[0] if eval_data else None},
+        command_args={"model": model, "data": data, "eval_data": eval_data[0] if eval_data else None,
+                      "dtype": None if _dtype(dtype) == "auto" else info_["dtype"]},
         log=_echo_err,
     )
     write_outputs(result, output, command=command, overwrite=overwrite)

@@ -30,6 +30,25 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | str:
+    """``"auto"`` (the model folder's own dtype) or a torch dtype, from a ``--dtype`` value.
+
+    The model is loaded, run and saved in this dtype; statistics and factorizations are computed
+    in float32/float64 whatever it is (the hooks and bases upcast), so only the forward passes and
+    the stored weights are in the narrower type.
+    """
+    if name is None or isinstance(name, torch.dtype):
+        return "auto" if name is None else name
+    key = DTYPE_ALIASES.get(name.strip().lower(), name.strip().lower())
+    if key == "auto":
+        return "auto"
+    if key not in DTYPES:
+        raise RanklmError(f"unknown --dtype {name!r}: choose auto, {', '.join(DTYPES)}")
+    return DTYPES[key]
 
 
 def cache_dir() -> Path:
@@ -100,7 +119,7 @@ def resolve_model_path(model: str | None) -> tuple[str, bool]:
 
 def load_model(
     model: str | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     device_map: str | dict | None = None,
 ) -> tuple[nn.Module, object, dict]:
@@ -109,13 +128,17 @@ def load_model(
     ``device_map`` (e.g. ``"auto"``) spreads a model that does not fit one device over the
     available devices through accelerate (statistics accumulate in float64 in CPU memory).
     Weights it offloads to CPU or disk stay offloaded until ``compress`` onloads them
-    (``onload_offloaded``).
+    (``onload_offloaded``). ``dtype`` is a torch dtype or ``"auto"`` (the folder's own dtype; a
+    ranklm checkpoint always loads in the dtype it was saved in unless a torch dtype is given).
     """
+    dtype = parse_dtype(dtype)
     if model is not None and is_checkpoint(model):
         from .io import load
 
         m, tok = load(model, device=device)
-        return m, tok, {"name_or_path": str(model), "checkpoint": True}
+        if isinstance(dtype, torch.dtype) and next(m.parameters()).dtype != dtype:
+            m.to(dtype)
+        return m, tok, {"name_or_path": str(model), "checkpoint": True, "dtype": _dtype_name(m)}
     path, local = resolve_model_path(model)
     try:
         config = AutoConfig.from_pretrained(path)
@@ -136,10 +159,15 @@ def load_model(
         tok = AutoTokenizer.from_pretrained(path)
     except Exception:  # noqa: BLE001 - a tokenizer is only needed for text data
         tok = None
-    info: dict = {"name_or_path": DEFAULT_MODEL_NAME if model in (None, "default") else str(model), "path": path}
+    info: dict = {"name_or_path": DEFAULT_MODEL_NAME if model in (None, "default") else str(model), "path": path,
+                  "dtype": _dtype_name(m)}
     if local:
         info["weights_sha256"] = weights_sha256(Path(path))
     return m, tok, info
+
+
+def _dtype_name(model: nn.Module) -> str:
+    return str(next(model.parameters()).dtype).replace("torch.", "")
 
 
 def parse_device_map(device_map: str | dict) -> str | dict:
