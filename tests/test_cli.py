@@ -28,7 +28,7 @@ def test_compress_info_evaluate_export(capsys, tiny_llama_dir, text_file, tmp_pa
     assert (out_dir / "ranklm.json").is_file()
 
     code, out, err = run(capsys, "info", out_dir)
-    assert code == 0 and "svd-llm" in out and "model.layers.0.mlp.up_proj" in out
+    assert code == 0 and "kfac-global" in out and "model.layers.0.mlp.up_proj" in out
 
     code, out, err = run(capsys, "evaluate", out_dir, "--data", text_file, "--seq-len", "32", "--windows", "3", "--json")
     assert code == 0, err

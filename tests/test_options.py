@@ -170,8 +170,8 @@ def test_python_api_accepts_declared_options():
 @pytest.mark.parametrize(
     "flag, opt, match",
     [
-        ("--base-opt", "foo=1", "unknown option 'foo' for base whiten; valid options: shrink"),
-        ("--alloc-opt", "foo=1", "unknown option 'foo' for allocator uniform; allocator uniform takes no options"),
+        ("--base-opt", "foo=1", "unknown option 'foo' for base kfac; valid options: damping, shrink"),
+        ("--alloc-opt", "foo=1", "unknown option 'foo' for allocator global; valid options:"),
     ],
 )
 def test_cli_unknown_option_for_default_recipe(capsys, tiny_llama_dir, text_file, tmp_path, flag, opt, match):
@@ -342,3 +342,20 @@ def test_kfac_global_recipe_names_its_axes():
 
     c = CompressConfig(keep=0.8, recipe="kfac-global")
     assert (c.base, c.allocator, c.method) == ("kfac", "global", "kfac-global")
+
+
+def test_default_recipe_resolution():
+    """kfac-global by default; svd-llm where it cannot run (no LM head, --sequential); named recipes never change."""
+    from conftest import make_model
+
+    from ranklm.config import DEFAULT_RECIPE, LAYERWISE_DEFAULT_RECIPE, CompressConfig
+
+    cfg = CompressConfig(keep=0.6)
+    assert (cfg.recipe, cfg.base, cfg.allocator, cfg.default_recipe) == (DEFAULT_RECIPE, "kfac", "global", True)
+    assert cfg.for_model(make_model("llama")) is cfg
+    enc = cfg.for_model(make_model("bert"))
+    assert (enc.recipe, enc.base, enc.allocator, enc.keep) == (LAYERWISE_DEFAULT_RECIPE, "whiten", "uniform", 0.6)
+    assert CompressConfig(sequential=True).recipe == LAYERWISE_DEFAULT_RECIPE
+    assert (CompressConfig(base="svd").base, CompressConfig(base="svd").allocator) == ("svd", "uniform")
+    named = CompressConfig(recipe="kfac-global")
+    assert not named.default_recipe and named.for_model(make_model("bert")) is named

@@ -101,7 +101,7 @@ def _fmt_ppl(x: float) -> str:
 def compress(
     keep: Optional[float] = typer.Option(None, "--keep", help="Fraction of the targets' parameters to keep, in (0, 1] [default 0.8]."),
     remove: Optional[float] = typer.Option(None, "--remove", help="Fraction to remove (= 1 - keep)."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="Named method (see `ranklm methods`): svd, svd-llm, svd-llm-v2, fwsvd, tfwsvd, asvd, svd-energy, svd-llm-energy, kfac-global [default svd-llm]."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Named method (see `ranklm methods`): svd, svd-llm, svd-llm-v2, fwsvd, tfwsvd, asvd, svd-energy, svd-llm-energy, kfac-global [default kfac-global for models with an LM head; svd-llm for encoders or with --sequential]."),
     base: Optional[str] = typer.Option(None, "--base", help="Base decomposition: svd, whiten, kfac, fwsvd, tfwsvd, asvd; overrides the recipe."),
     allocator: Optional[str] = typer.Option(None, "--allocator", help="Rank allocator: uniform, energy, loss, global, sensitivity, ars, softlm; overrides the recipe."),
     trainer: str = typer.Option("none", "--trainer", help="Training after installation: none or finetune."),
@@ -135,7 +135,7 @@ def compress(
 ) -> None:
     """Compress a model to a keep ratio and save it as a ranklm checkpoint."""
     from .calibration import token_windows
-    from .config import DEFAULT_RECIPE, CompressConfig, resolve_keep
+    from .config import AUTO, CompressConfig, resolve_keep
     from .eval import perplexity
     from .io import check_output_dir, save
     from .models import load_model, require_tokenizer
@@ -145,7 +145,7 @@ def compress(
     ratio = resolve_keep(keep, remove)
     config = CompressConfig(
         keep=ratio,
-        recipe=recipe if recipe is not None else (None if (base or allocator) else DEFAULT_RECIPE),
+        recipe=recipe if recipe is not None else (None if (base or allocator) else AUTO),
         base=base,
         allocator=allocator,
         include=list(include),
@@ -183,6 +183,12 @@ def compress(
     tok = require_tokenizer(tok, info.get("path", str(model)))
     from .targets import find_targets
 
+    resolved = config.for_model(m)
+    if resolved is not config:
+        resolved.validate_options(from_cli=True)
+        _echo_err(f"default recipe: {resolved.recipe} ({type(m).__name__} has no LM head; "
+                  "kfac-global needs an LM loss through the whole model)")
+        config = resolved
     find_targets(m, config.include, config.exclude)  # fail on bad patterns before any long work
     calib = token_windows(tok, calib_src, config.seq_len, config.calib_windows, seed=config.seed)
     evaluation: dict[str, Any] = {}

@@ -26,7 +26,16 @@ RECIPES: dict[str, tuple[str, str]] = {
     "kfac-global": ("kfac", "global"),  # GFWSVD / KFAC-SVD with an exact global knapsack over estimated loss
 }
 
-DEFAULT_RECIPE = "svd-llm"
+# The default method: curvature on both sides of every target plus the exact global knapsack (zero training).
+# Measured on the packaged SmolLM2 (one `ranklm bench`, 32 x 512 calibration, 16 x 512 evaluation windows;
+# benchmarks/README.md §1b): perplexity 28.78 / 55.05 / 135.27 at keep 0.8 / 0.6 / 0.4 against svd-llm's
+# 55.12 / ... (dense 23.19), and 1.94x dense on Hamlet at keep 0.8 against svd-llm's 7.6x.
+DEFAULT_RECIPE = "kfac-global"
+# It needs end-to-end gradients of an LM loss over the whole model, so where that does not fit the run
+# (a model without an LM head, or --sequential: block-by-block memory) the default is the layer-by-layer
+# whitened SVD instead.
+LAYERWISE_DEFAULT_RECIPE = "svd-llm"
+AUTO = "default"  # CompressConfig(recipe="default"): DEFAULT_RECIPE, or LAYERWISE_DEFAULT_RECIPE where it cannot run
 DEFAULT_KEEP = 0.8
 DEFAULT_CALIB_WINDOWS = 128
 DEFAULT_SEQ_LEN = 512
@@ -64,7 +73,7 @@ class CompressConfig:
     """Everything that decides a compression run (recorded in ranklm.json)."""
 
     keep: float = DEFAULT_KEEP
-    recipe: str | None = DEFAULT_RECIPE
+    recipe: str | None = AUTO
     base: str | None = None
     allocator: str | None = None
     include: list[str] = field(default_factory=list)
@@ -89,11 +98,20 @@ class CompressConfig:
     # The training axis after installation: "none" or a trainer of ranklm.train.TRAINERS.
     trainer: str = "none"
     trainer_options: dict[str, Any] = field(default_factory=dict)
+    # True when the recipe came from the default (recipe="default"), so ``for_model`` may switch it to the
+    # layer-by-layer default for a model the default cannot run on; an explicitly named recipe never changes.
+    default_recipe: bool = False
 
     def __post_init__(self) -> None:
         self.keep = resolve_keep(self.keep, None)
         from .allocate import ALLOCATORS
         from .decompose import BASES
+
+        if self.recipe == AUTO:
+            self.default_recipe = True
+            # an explicit axis keeps the old meaning (the missing one from svd-llm); --sequential needs it too
+            layerwise = self.base is not None or self.allocator is not None or bool(self.sequential)
+            self.recipe = LAYERWISE_DEFAULT_RECIPE if layerwise else DEFAULT_RECIPE
 
         if self.recipe is not None and self.recipe not in RECIPES:
             raise RanklmError(
@@ -131,6 +149,20 @@ class CompressConfig:
             if int(getattr(self, name)) < 1:
                 raise RanklmError(f"{name.replace('_', '-')} must be a positive integer")
         self.validate_options()
+
+    def for_model(self, model: Any) -> "CompressConfig":
+        """This config, or (for a defaulted recipe the model cannot run) the same with the layer-by-layer default.
+
+        ``kfac-global`` needs an LM loss through the whole model: a model without an LM head (an encoder
+        without a task objective) gets ``svd-llm``.
+        """
+        if not (self.default_recipe and self.recipe == DEFAULT_RECIPE):
+            return self
+        if getattr(model, "get_output_embeddings", lambda: None)() is not None:
+            return self
+        from dataclasses import replace
+
+        return replace(self, recipe=LAYERWISE_DEFAULT_RECIPE, base=None, allocator=None)
 
     def validate_options(self, from_cli: bool = False) -> None:
         """Refuse unknown or ill-typed method options now, before any long work (one error line)."""

@@ -403,7 +403,7 @@ def run(
     dense model (bench). ``objective`` (a ``train.Objective``) replaces the default training
     loss of learning allocators and trainers. ``state_dir`` keeps resumable training state.
     """
-    config = config or CompressConfig()
+    config = (config or CompressConfig()).for_model(model)
     # 1. prepare
     if any(isinstance(m, LowRankLinear) for m in model.modules()):
         raise RanklmError("this model is already compressed by ranklm (it has LowRankLinear layers)")

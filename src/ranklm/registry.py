@@ -77,7 +77,7 @@ def _axes(axes: Any) -> list[str]:
 
 def list_methods() -> str:
     """Every base, allocator, trainer and recipe with its options, defaults and help (``ranklm methods``)."""
-    from .config import RECIPES
+    from .config import DEFAULT_RECIPE, LAYERWISE_DEFAULT_RECIPE, RECIPES
 
     sections = []
     for kind, title in (("base", "Bases"), ("allocator", "Allocators"), ("trainer", "Trainers")):
@@ -93,6 +93,8 @@ def list_methods() -> str:
         sections.append(f"{title} (options: {flag} KEY=VALUE)\n\n" + "\n\n".join(blocks))
     width = max(len(r) for r in RECIPES)
     recipes = [f"    {name:<{width}}  = {' + '.join(_axes(axes))}" for name, axes in sorted(RECIPES.items())]
+    recipes.append(f"\n    default: {DEFAULT_RECIPE} for models with an LM head; {LAYERWISE_DEFAULT_RECIPE} for encoders "
+                   "(no LM loss) and with --sequential")
     sections.append("Recipes (--recipe NAME; --base/--allocator override an axis)\n\n" + "\n".join(recipes))
     return "\n\n".join(sections)
 
