@@ -77,13 +77,28 @@ def test_cli_warns_once_only_when_needed(broken, capsys, tiny_llama_dir, tiny_to
         tiny_tokenizer.save_pretrained(model_dir)
     # The MLP's down_proj reads 160 channels: 8 x 32 tokens keep its Gram full rank when healthy.
     code, out, err = _cli(capsys, "compress", "--model", model_dir, "--data", text_file, "--keep", "0.6", *FAST,
-                          "--no-eval", "--json", "--output", tmp_path / "ckpt")
+                          "--recipe", "svd-llm", "--no-eval", "--json", "--output", tmp_path / "ckpt")
     assert code == 0, err
     warnings = [ln for ln in err.splitlines() if ln.startswith("warning:")]
     assert len(warnings) == (1 if broken else 0), err
     meta = json.loads((tmp_path / "ckpt" / "ranklm.json").read_text())
     methods = {(r["method"], r["jitter"] > 0) for r in meta["artifacts"]["numerics"].values()}
     assert (("cholesky", True) in methods) == broken and all(m == "cholesky" for m, _ in methods)
+
+
+def test_kfac_damping_absorbs_a_rank_deficient_gram(capsys, tiny_tokenizer, text_file, tmp_path):
+    """The default kfac-global adds damping x mean diagonal to both factors before Cholesky, so the
+    rank-deficient Gram that makes whitening jitter factors cleanly: no warning, damping recorded."""
+    model_dir = tmp_path / "broken"
+    _rank_deficient_llama().save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    code, out, err = _cli(capsys, "compress", "--model", model_dir, "--data", text_file, "--keep", "0.6", *FAST,
+                          "--no-eval", "--json", "--output", tmp_path / "ckpt")
+    assert code == 0, err
+    assert json.loads(out)["method"] == "kfac-global"
+    assert not [ln for ln in err.splitlines() if ln.startswith("warning:")], err
+    records = json.loads((tmp_path / "ckpt" / "ranklm.json").read_text())["artifacts"]["numerics"].values()
+    assert records and all(r["method"] == "cholesky" and r["jitter"] == 0 and r["damping"] > 0 for r in records)
 
 
 def _weights_inputs(seed=0):
