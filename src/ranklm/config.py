@@ -29,7 +29,7 @@ RECIPES: dict[str, tuple[str, str]] = {
 # The default method: curvature on both sides of every target plus the exact global knapsack (zero training).
 # Measured on the packaged SmolLM2 (one `ranklm bench`, 32 x 512 calibration, 16 x 512 evaluation windows;
 # benchmarks/README.md §1b): perplexity 28.78 / 55.05 / 135.27 at keep 0.8 / 0.6 / 0.4 against svd-llm's
-# 55.12 / ... (dense 23.19), and 1.94x dense on Hamlet at keep 0.8 against svd-llm's 7.6x.
+# 55.12 / 116.66 / 283.84 (dense 23.19), and 1.94x dense on Hamlet at keep 0.8 against svd-llm's 7.6x.
 DEFAULT_RECIPE = "kfac-global"
 # It needs end-to-end gradients of an LM loss over the whole model, so where that does not fit the run
 # (a model without an LM head, or --sequential: block-by-block memory) the default is the layer-by-layer
