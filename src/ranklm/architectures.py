@@ -17,3 +17,9 @@ def model_class_for(config) -> type:
         return AutoModelForCausalLM
     except KeyError:
         return AutoModel
+
+
+def has_lm_head(model) -> bool:
+    """Whether ``model`` ends in an LM head (a causal LM), i.e. has an LM loss to evaluate or differentiate."""
+    get = getattr(model, "get_output_embeddings", None)
+    return callable(get) and get() is not None

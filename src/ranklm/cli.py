@@ -193,7 +193,9 @@ def compress(
     calib = token_windows(tok, calib_src, config.seq_len, config.calib_windows, seed=config.seed)
     evaluation: dict[str, Any] = {}
     eval_windows_t = None
-    is_lm = getattr(m, "get_output_embeddings", lambda: None)() is not None
+    from .architectures import has_lm_head
+
+    is_lm = has_lm_head(m)
     if not no_eval and eval_src is not None and not is_lm:
         _echo_err(f"{type(m).__name__} has no LM head: skipping perplexity (encoders are evaluated by task accuracy)")
     if not no_eval and eval_src is not None and is_lm:

@@ -158,9 +158,12 @@ class CompressConfig:
         """
         if not (self.default_recipe and self.recipe == DEFAULT_RECIPE):
             return self
-        if getattr(model, "get_output_embeddings", lambda: None)() is not None:
-            return self
         from dataclasses import replace
+
+        from .architectures import has_lm_head
+
+        if has_lm_head(model):
+            return self
 
         return replace(self, recipe=LAYERWISE_DEFAULT_RECIPE, base=None, allocator=None)
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..architectures import has_lm_head
 from ..errors import RanklmError
 from ..targets import Conv1D, Target
 from ..train.freeze import training_only
@@ -29,7 +30,7 @@ LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL of a causal LM on ``ids``."""
-    if getattr(model, "get_output_embeddings", lambda: None)() is None:
+    if not has_lm_head(model):
         raise RanklmError(
             f"Fisher statistics need a loss; {type(model).__name__} has no LM head (an encoder?): give a task loss"
         )

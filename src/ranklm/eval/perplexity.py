@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..architectures import has_lm_head
 from ..errors import RanklmError
 
 
@@ -35,7 +36,7 @@ class PerplexityResult:
 
 
 def require_causal_lm(model: nn.Module) -> None:
-    if not callable(getattr(model, "get_output_embeddings", None)) or model.get_output_embeddings() is None:
+    if not has_lm_head(model):
         raise RanklmError(
             f"perplexity needs a causal language model; {type(model).__name__} has no LM head (an encoder?)"
         )
