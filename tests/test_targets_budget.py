@@ -189,3 +189,82 @@ def test_round_to_too_coarse_is_one_error_line(capsys, tiny_llama_dir, text_file
     out, err = capsys.readouterr()
     assert code == 2 and "--round-to 16" in err and "smaller multiple" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("keep,max_ratio", [(0.8, 0.6), (0.8, 0.7), (0.6, 0.5), (0.5, 0.45), (0.3, 0.6)])
+def test_latency_rule_never_raises_keep_and_leaves_nothing_slow(keep, max_ratio):
+    from ranklm.budget import fast_rank, fit_budget, latency_dense_rule, meets_budget
+
+    targets = _smollm2_like_targets()
+    g = torch.Generator().manual_seed(int(keep * 100))
+    weight = {t.name: float(w) for t, w in zip(targets, torch.rand(len(targets), generator=g) * 3 + 0.1)}
+    # a global-style allocation: some targets near dense, some low
+    rank_map = fit_budget(targets, {t.name: 1 for t in targets}, keep, lambda t, k: weight[t.name] * 0.995**k)
+    before = keep_ratio(targets, rank_map)
+    ruled = latency_dense_rule(targets, rank_map, keep, max_ratio)
+    after = keep_ratio(targets, ruled)
+    assert after <= keep + 1e-12 and meets_budget(after, keep), (before, after)
+    slow_before = [t for t in targets if rank_map[t.name] != DENSE and target_cost(t, rank_map[t.name]) > max_ratio * t.dense_params]
+    for t in targets:
+        r = ruled[t.name]
+        assert r == DENSE or target_cost(t, r) <= max_ratio * t.dense_params, (t.name, r)
+        if rank_map[t.name] == DENSE:
+            assert r == DENSE  # the rule never takes density away from a target the allocator kept dense
+        elif r != DENSE:
+            assert r <= fast_rank(t, max_ratio)
+    if keep > max_ratio:  # uniform-ish allocations above the ratio: some targets must go dense to spend the budget
+        assert any(ruled[t.name] == DENSE for t in slow_before)
+    assert latency_dense_rule(targets, rank_map, keep, 1.0) == rank_map
+
+
+def test_latency_rule_on_uniform_ranks_makes_dense_the_targets_nearest_dense():
+    from ranklm.budget import latency_dense_rule
+
+    targets = _smollm2_like_targets(blocks=4)
+    uniform = {t.name: int(0.8 * t.dense_params) // (t.out_features + t.in_features) for t in targets}
+    ruled = latency_dense_rule(targets, uniform, 0.8, 0.6)
+    dense = [t for t in targets if ruled[t.name] == DENSE]
+    assert 0 < len(dense) < len(targets)
+    assert keep_ratio(targets, ruled) <= 0.8
+
+
+def test_compress_max_flop_ratio_with_round_to(tmp_path):
+    import ranklm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=640, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    ranklm.compress(model, None, ranklm.CompressConfig(keep=0.8, recipe="svd", max_flop_ratio=0.6), progress=False)
+    state = model.ranklm
+    assert 0.8 * (1 - TOLERANCE) <= state.keep_achieved <= 0.8
+    targets = {t.name: t for t in find_targets(LlamaForCausalLM(cfg))}
+    ranks = state.rank_map
+    assert any(r == DENSE for r in ranks.values()) and any(r != DENSE for r in ranks.values())
+    for n, r in ranks.items():
+        if r != DENSE:
+            assert target_cost(targets[n], r) <= 0.6 * targets[n].dense_params
+    assert state.config["max_flop_ratio"] == 0.6
+
+
+def test_rounding_after_the_latency_rule_stays_under_the_ratio():
+    from ranklm.budget import latency_dense_rule, meets_budget, round_ranks
+
+    targets = _smollm2_like_targets()
+    uniform = {t.name: int(0.8 * t.dense_params) // (t.out_features + t.in_features) for t in targets}
+    ruled = latency_dense_rule(targets, uniform, 0.8, 0.6, multiple=16)
+    rounded = round_ranks(targets, ruled, 0.8, 16, max_ratio=0.6)
+    assert meets_budget(keep_ratio(targets, rounded), 0.8)
+    for t in targets:
+        r = rounded[t.name]
+        assert (r == DENSE) == (ruled[t.name] == DENSE)
+        if r != DENSE:
+            assert r % 16 == 0 and target_cost(t, r) <= 0.6 * t.dense_params
+
+
+def test_max_flop_ratio_out_of_range_is_refused():
+    import ranklm
+
+    with pytest.raises(RanklmError, match="max-flop-ratio"):
+        ranklm.CompressConfig(keep=0.5, max_flop_ratio=0.0)

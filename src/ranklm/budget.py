@@ -158,7 +158,7 @@ def fit_budget(
     return {t.name: normalize_rank(t, ranks[t.name]) for t in targets}
 
 
-def round_ranks(targets: list[Target], rank_map: RankMap, keep: float, multiple: int) -> RankMap:
+def round_ranks(targets: list[Target], rank_map: RankMap, keep: float, multiple: int, max_ratio: float = 1.0) -> RankMap:
     """The factored ranks of ``rank_map`` moved to multiples of ``multiple``, budget rules kept.
 
     Why: a rank that is a multiple of 8/16/32 gives GEMM shapes the kernels tile well, so the
@@ -168,7 +168,8 @@ def round_ranks(targets: list[Target], rank_map: RankMap, keep: float, multiple:
     a step fits, the target furthest below its allocated rank gains one. Dense targets stay
     dense, and a target whose largest factored rank is below ``multiple`` keeps its rank.
     Raises ``ValueError`` when the result cannot meet :func:`meets_budget` (steps too coarse
-    for the budget: a smaller multiple is needed).
+    for the budget: a smaller multiple is needed). With ``max_ratio`` < 1 no rank grows past
+    :func:`fast_rank` (the latency rule's ceiling).
     """
     if multiple <= 1:
         return dict(rank_map)
@@ -176,7 +177,7 @@ def round_ranks(targets: list[Target], rank_map: RankMap, keep: float, multiple:
     out = dict(rank_map)
     movable: dict[str, tuple[Target, int, int]] = {}  # name -> (target, allocated rank, largest multiple allowed)
     for t in targets:
-        top = max_factored_rank(t) // multiple * multiple
+        top = rank_ceiling(t, max_ratio, multiple) // multiple * multiple
         if rank_map[t.name] != DENSE and top > 0:
             movable[t.name] = (t, int(rank_map[t.name]), top)
             out[t.name] = max(multiple, int(rank_map[t.name]) // multiple * multiple)
@@ -208,5 +209,97 @@ def round_ranks(targets: list[Target], rank_map: RankMap, keep: float, multiple:
         raise ValueError(
             f"ranks rounded to multiples of {multiple} reach keep {achieved:.4f}, not within {TOLERANCE:.1%} "
             f"below {keep}: use a smaller multiple"
+        )
+    return out
+
+
+def fast_rank(t: Target, max_ratio: float) -> int:
+    """Largest factored rank whose cost (= FLOPs per token) is at most ``max_ratio`` of the dense matrix's."""
+    return min(int(max_ratio * t.dense_params) // (t.out_features + t.in_features), max_factored_rank(t))
+
+
+def rank_ceiling(t: Target, max_ratio: float = 1.0, multiple: int = 1) -> int:
+    """Largest factored rank allowed under the latency rule's ``max_ratio``, on a multiple of ``multiple`` when one fits."""
+    top = max_factored_rank(t) if max_ratio >= 1.0 else fast_rank(t, max_ratio)
+    return top // multiple * multiple if multiple > 1 and top >= multiple else top
+
+
+def latency_dense_rule(targets: list[Target], rank_map: RankMap, keep: float, max_ratio: float,
+                       multiple: int = 1) -> RankMap:
+    """No target left factored above ``max_ratio`` of its dense FLOPs: such a target goes dense or below the ratio.
+
+    Why: ``x V^T U^T`` costs ``r (m+n)`` multiply-adds per token against ``m n`` for ``x W^T``,
+    but two thin GEMMs run below the throughput of one square one; near the break-even rank
+    the factored layer is *slower* than the dense one while still costing budget. Allocator-
+    independent (the allocator's ranks are the reference, as in :func:`round_ranks`):
+
+    1. every factored target above the ratio is cut to its ceiling (:func:`rank_ceiling`);
+    2. in the order of how close to dense the allocator put them, cut targets go dense while
+       the budget pays for it (the allocator valued those most);
+    3. parameters still free go, one rank at a time, to the factored targets furthest below
+       their allocated rank in relative terms (none past its fast rank);
+    4. if that still misses the budget window (every factored target at its ceiling, no cut
+       target fits dense: few, coarse targets), the cut target cheapest to densify goes dense
+       and single ranks are taken back from the factored targets furthest above their share.
+
+    The keep ratio never rises above the request; ``ValueError`` when the result falls short of
+    :func:`meets_budget` (only with very coarse targets). ``multiple``: the ceilings are
+    multiples of it, so that :func:`round_ranks` afterwards has room to land the budget.
+    """
+    if max_ratio >= 1.0:
+        return dict(rank_map)
+    if max_ratio <= 0.0:
+        raise ValueError("the latency rule's FLOP ratio must lie in (0, 1]")
+    budget = budget_params(targets, keep)
+    out: RankMap = dict(rank_map)
+    cut: list[Target] = []
+    for t in targets:
+        r = rank_map[t.name]
+        if r != DENSE and int(r) > rank_ceiling(t, max_ratio, multiple):
+            out[t.name] = rank_ceiling(t, max_ratio, multiple)
+            cut.append(t)
+    cost = targets_cost(targets, out)
+    cut.sort(key=lambda t: -target_cost(t, rank_map[t.name]) / t.dense_params)
+    for t in cut:
+        extra = t.dense_params - target_cost(t, out[t.name])
+        if cost + extra <= budget:
+            out[t.name] = DENSE
+            cost += extra
+    allocated = {t.name: max(int(rank_map[t.name]), 1) for t in targets if out[t.name] != DENSE}
+    heap = [(int(out[t.name]) / allocated[t.name], t.name) for t in targets
+            if out[t.name] != DENSE and int(out[t.name]) < rank_ceiling(t, max_ratio, multiple)]
+    heapq.heapify(heap)
+    by_name = {t.name: t for t in targets}
+    while heap:
+        _, name = heapq.heappop(heap)
+        t = by_name[name]
+        step = t.out_features + t.in_features
+        if cost + step > budget:
+            continue
+        out[name] = int(out[name]) + 1
+        cost += step
+        if int(out[name]) < rank_ceiling(t, max_ratio, multiple):
+            heapq.heappush(heap, (int(out[name]) / allocated[name], name))
+    if not meets_budget(cost / targets_dense_params(targets), keep):
+        # every factored target is at its ceiling and no cut target fits dense: make the cheapest one dense
+        # and pay for it by single ranks from the factored targets furthest above their share
+        left = [t for t in cut if out[t.name] != DENSE]
+        if left:
+            t = min(left, key=lambda t: t.dense_params - target_cost(t, out[t.name]))
+            cost += t.dense_params - target_cost(t, out[t.name])
+            out[t.name] = DENSE
+            shrink = [(-int(out[n]) / allocated[n], n) for n in allocated if out[n] != DENSE and int(out[n]) > 1]
+            heapq.heapify(shrink)
+            while cost > budget and shrink:
+                _, name = heapq.heappop(shrink)
+                out[name] = int(out[name]) - 1
+                cost -= by_name[name].out_features + by_name[name].in_features
+                if int(out[name]) > 1:
+                    heapq.heappush(shrink, (-int(out[name]) / allocated[name], name))
+    achieved = cost / targets_dense_params(targets)
+    if not meets_budget(achieved, keep):
+        raise ValueError(
+            f"with no target factored above {max_ratio} of its dense FLOPs the ranks reach keep {achieved:.4f}, "
+            f"not within {TOLERANCE:.1%} below {keep}"
         )
     return out

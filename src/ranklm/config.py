@@ -87,6 +87,9 @@ class CompressConfig:
     min_rank: int = 1
     # Factored ranks rounded to multiples of this after allocation (GEMM-friendly shapes; budget rules kept); 1 = off.
     round_to: int = 1
+    # Latency-aware rule: no target stays factored above this fraction of its dense FLOPs (it goes dense or
+    # below it; budget.latency_dense_rule); 1.0 = off.
+    max_flop_ratio: float = 1.0
     fisher_windows: int = 32  # windows (one per backward pass) for Fisher statistics
     # Layer-by-layer calibration (docs/design.md §6). None = automatic: on for activation-statistics bases
     # (whiten, asvd) with the uniform allocator, where per-block allocation equals the global one and
@@ -148,6 +151,8 @@ class CompressConfig:
         for name in ("calib_windows", "seq_len", "batch_size", "min_rank", "fisher_windows", "round_to"):
             if int(getattr(self, name)) < 1:
                 raise RanklmError(f"{name.replace('_', '-')} must be a positive integer")
+        if not 0.0 < float(self.max_flop_ratio) <= 1.0:
+            raise RanklmError(f"max-flop-ratio must lie in (0, 1], got {self.max_flop_ratio}")
         self.validate_options()
 
     def for_model(self, model: Any) -> "CompressConfig":

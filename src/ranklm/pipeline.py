@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from .allocate import AllocationContext, get_allocator
 from .budget import DENSE, TOLERANCE, RankMap, keep_ratio, max_factored_rank, meets_budget, model_keep_ratio, model_params
-from .budget import round_ranks, targets_cost, targets_dense_params
+from .budget import latency_dense_rule, round_ranks, targets_cost, targets_dense_params
 from .calibration import TextSource, collect_stats, default_corpus, read_text_source, token_windows
 from .config import CompressConfig
 from .decompose import Base, Factorization, get_base
@@ -247,13 +247,24 @@ def allocate_ranks(allocator, targets, factorizations, config: CompressConfig, c
         raise RanklmError(f"keep ratio {config.keep} cannot be met: {e}") from None
 
 
+def latency_ruled_rank_map(targets: list[Target], rank_map: RankMap, config: CompressConfig,
+                           context: AllocationContext) -> RankMap:
+    """``config.max_flop_ratio`` applied to an allocated rank map (budget.latency_dense_rule), errors as one line."""
+    if context.trained_factors is not None:
+        raise RanklmError(f"--max-flop-ratio does not apply to the {config.allocator} allocator: it trains factors at its own ranks")
+    try:
+        return latency_dense_rule(targets, rank_map, config.keep, config.max_flop_ratio, config.round_to)
+    except ValueError as e:
+        raise RanklmError(f"keep ratio {config.keep} with --max-flop-ratio {config.max_flop_ratio}: {e}") from None
+
+
 def rounded_rank_map(targets: list[Target], rank_map: RankMap, config: CompressConfig,
                      context: AllocationContext) -> RankMap:
     """``config.round_to`` applied to an allocated rank map (budget.round_ranks), errors as one line."""
     if context.trained_factors is not None:
         raise RanklmError(f"--round-to does not apply to the {config.allocator} allocator: it trains factors at its own ranks")
     try:
-        return round_ranks(targets, rank_map, config.keep, config.round_to)
+        return round_ranks(targets, rank_map, config.keep, config.round_to, config.max_flop_ratio)
     except ValueError as e:
         raise RanklmError(f"keep ratio {config.keep} with --round-to {config.round_to}: {e}") from None
 
@@ -440,6 +451,8 @@ def run(
     # 3. allocate
     t1 = time.perf_counter()
     rank_map = allocate_ranks(plan.allocator, targets, factorizations, config, context)
+    if config.max_flop_ratio < 1.0:
+        rank_map = latency_ruled_rank_map(targets, rank_map, config, context)
     if config.round_to > 1:
         rank_map = rounded_rank_map(targets, rank_map, config, context)
     timings["allocate_s"] = time.perf_counter() - t1

@@ -218,6 +218,9 @@ class SoftLMAllocator:
         Opt("acmp_p", float, 20.0, "proportional gain: c also holds acmp_p x the current relative excess"),
         Opt("acmp_max", float, 100.0, "bound on |c|"),
         Opt("lr_schedule", str, "cosine", "learning-rate schedule of every trained tensor", choices=("cosine", "constant")),
+        Opt("factors", str, "trained", "what gets installed at the learned ranks: the trained factors, or the base's "
+            "block-by-block refit (the thresholds only choose ranks; the trained U, s, V are discarded)",
+            choices=("trained", "refit")),
         Opt("distill", bool, False, "add KL(dense || compressed) on next-token distributions (causal LMs)"),
         Opt("distill_weight", float, 1.0, "with distill: loss = (1 - w) LM + w KL (1 = the dense model's distributions replace the labels)"),
         Opt("loss_fn", object, None, "an Objective or loss_fn(model, ids) [the run's objective]", python_only=True),
@@ -228,7 +231,7 @@ class SoftLMAllocator:
     def __init__(self, steps: int = 150, lr: float = 2e-3, alpha_lr: float = 5e-3, batch_size: int = 1,
                  train_seq_len: int | None = 256, kappa: float = 10.0, kappa_final: float | None = None, gate: str = "hard",
                  init_keep: float | None = None, acmp_init: float = 0.0, acmp_eta: float = 0.2, acmp_p: float = 20.0, acmp_max: float = 100.0,
-                 lr_schedule: str = "cosine", distill: bool = False, distill_weight: float = 1.0,
+                 lr_schedule: str = "cosine", factors: str = "trained", distill: bool = False, distill_weight: float = 1.0,
                  loss_fn: Any = None, state_file: Any = None, resume: bool = False) -> None:
         if not 0.0 <= distill_weight <= 1.0:
             raise RanklmError("softlm distill_weight must lie in [0, 1]")
@@ -236,6 +239,8 @@ class SoftLMAllocator:
             raise RanklmError("softlm needs steps >= 0, lr > 0, alpha_lr > 0, batch_size >= 1, kappa > 0")
         if not (acmp_eta > 0 and acmp_max > 0):
             raise RanklmError("softlm needs acmp_eta > 0 and acmp_max > 0")
+        if factors not in ("trained", "refit"):
+            raise RanklmError("softlm factors must be 'trained' or 'refit'")
         if init_keep is not None and not 0 < init_keep <= 1:
             raise RanklmError("softlm init_keep must lie in (0, 1]")
         self.steps, self.lr, self.alpha_lr, self.batch_size = int(steps), float(lr), float(alpha_lr), int(batch_size)
@@ -243,12 +248,13 @@ class SoftLMAllocator:
         self.init_keep = init_keep
         self.acmp_init, self.acmp_eta, self.acmp_p, self.acmp_max = float(acmp_init), float(acmp_eta), float(acmp_p), float(acmp_max)
         self.distill, self.distill_weight, self.lr_schedule = bool(distill), float(distill_weight), lr_schedule
+        self.factors = factors
         self.loss_fn, self.state_file, self.resume = loss_fn, state_file, bool(resume)
 
     def options(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in (
             "steps", "lr", "alpha_lr", "batch_size", "train_seq_len", "kappa", "kappa_final", "gate", "init_keep",
-            "acmp_init", "acmp_eta", "acmp_p", "acmp_max", "lr_schedule", "distill", "distill_weight")}
+            "acmp_init", "acmp_eta", "acmp_p", "acmp_max", "lr_schedule", "factors", "distill", "distill_weight")}
 
     def allocate(self, targets: list[Target], factorizations: dict[str, Factorization], keep: float, min_rank: int = 1,
                  context: AllocationContext | None = None) -> RankMap:
@@ -279,11 +285,13 @@ class SoftLMAllocator:
         start: RankMap = {t.name: max(min(learned[t.name], max_factored_rank(t)), min(min_rank, max_factored_rank(t)))
                           for t in targets}
         rank_map = fit_budget(targets, start, keep, priority, min_rank)
-        context.trained_factors = {
-            t.name: (ordered[t.name][0][:, : int(r)].detach().clone(), ordered[t.name][1][: int(r)].detach().clone())
-            for t in targets if (r := rank_map[t.name]) != "dense"
-        }
-        # a target the fit leaves dense keeps its original weight (the factors cover only r_max components)
+        if self.factors == "trained":
+            context.trained_factors = {
+                t.name: (ordered[t.name][0][:, : int(r)].detach().clone(), ordered[t.name][1][: int(r)].detach().clone())
+                for t in targets if (r := rank_map[t.name]) != "dense"
+            }
+        # a target the fit leaves dense keeps its original weight (the factors cover only r_max components);
+        # factors="refit" leaves trained_factors unset: the pipeline refits the base at rank_map as for any allocator
         learned_keep = sum(target_cost(t, learned[t.name]) for t in targets) / targets_dense_params(targets)
         if not math.isfinite(learned_keep):  # pragma: no cover - defensive
             raise RanklmError("softlm produced a non-finite keep ratio")
