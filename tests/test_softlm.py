@@ -93,7 +93,7 @@ def test_saved_checkpoint_holds_the_trained_factors(tmp_path):
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     ids = random_ids(8, 32)
-    full = _compress(make_model("llama"), ids, 0.5, steps=30)
+    full = _compress(make_model("llama"), ids, 0.5, steps=30, distill=False)  # the interrupted run's loss_fn is the LM loss
     state = tmp_path / "state"
 
     calls = {"n": 0}
@@ -112,6 +112,33 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     assert resumed.ranklm.rank_map == full.ranklm.rank_map
     for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+def test_distillation_is_the_default_for_a_causal_lm_only():
+    model, ids = make_model("llama"), random_ids(8, 32)
+    _compress(model, ids, 0.5, steps=4)
+    art = model.ranklm.artifacts["softlm"]
+    assert art["distill"] is True and art["options"]["distill"] is None and "distill" in art["history"]
+    model = make_model("llama")
+    _compress(model, ids, 0.5, steps=4, loss_fn=lambda m, b: m(input_ids=b, labels=b).loss)
+    assert model.ranklm.artifacts["softlm"]["distill"] is False
+    enc = make_model("bert")
+    _compress(enc, ids, 0.5, steps=4)
+    assert enc.ranklm.artifacts["softlm"]["distill"] is False
+
+
+def test_factors_refit_installs_the_base_refit_at_the_learned_ranks():
+    ids = random_ids(8, 32)
+    trained, refit = make_model("llama"), make_model("llama")
+    _compress(trained, ids, 0.5, steps=10, lr=2e-2)
+    _compress(refit, ids, 0.5, steps=10, lr=2e-2, factors="refit")
+    assert trained.ranklm.rank_map == refit.ranklm.rank_map  # same training, same ranks
+    name = next(n for n, r in refit.ranklm.rank_map.items() if r != "dense")
+    w_t = trained.get_submodule(name).A.weight @ trained.get_submodule(name).B.weight
+    w_r = refit.get_submodule(name).A.weight @ refit.get_submodule(name).B.weight
+    assert not torch.allclose(w_t, w_r, atol=1e-4)
+    with pytest.raises(RanklmError, match="factors"):
+        get_allocator("softlm", factors="base")
 
 
 def test_options_are_checked():
