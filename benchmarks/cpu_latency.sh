@@ -25,8 +25,8 @@ compress() {
   OMP_NUM_THREADS=1 ranklm compress --recipe svd-llm $args --calib-windows 32 --no-eval --output "$C/$name" --overwrite --json \
     > "$R/compress-$name.json" 2> "$R/compress-$name.log"
 }
-: > "$R/commands.txt"
 if [ -z "${SKIP_COMPRESS:-}" ]; then
+  : > "$R/commands.txt"
   for ((i = 0; i < ${#cells[@]}; i += 2)); do
     compress "${cells[i]}" &
     if [ $((i + 1)) -lt ${#cells[@]} ]; then compress "${cells[i + 1]}" & fi
@@ -35,6 +35,7 @@ if [ -z "${SKIP_COMPRESS:-}" ]; then
 fi
 # learned checkpoints made elsewhere (EXTRA="dir1 dir2"; e.g. the SoftLMs keep-0.5 checkpoint of learned.sh)
 for ck in ${EXTRA:-}; do cells+=("$(basename "$ck")|"); ln -sfn "$(realpath "$ck")" "$C/$(basename "$ck")"; done
+sed -i '/^ranklm evaluate/d' "$R/commands.txt"
 for cell in "${cells[@]}"; do
   name=${cell%%|*}
   echo "ranklm evaluate $C/$name --windows 4 --latency --latency-reps 5 --latency-warmup 1 --json" >> "$R/commands.txt"

@@ -19,7 +19,7 @@ def main(folder: str) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in order:
         path = root / f"latency-{name}.json"
-        if not path.exists():
+        if not path.exists() or not path.stat().st_size:
             continue
         d = json.loads(path.read_text())
         lat = d["latency"]
@@ -31,7 +31,7 @@ def main(folder: str) -> None:
                   f"| {dec['speedup'] / dec['limit']:.0%}") if dec else "- | - | -"
         print(f"| {name} | {d['keep_achieved']:.4f} | {d['ppl']:.2f} | " + " | ".join(cells)
               + f" | {lat['flop_ratio_limit']:.2f}x / {lin:.2f}x | {pts.get((8, 512), float('nan')) / lin:.0%} | {decode} |")
-    threads = {json.loads(p.read_text())["latency"].get("threads") for p in root.glob("latency-*.json")}
+    threads = {json.loads(p.read_text())["latency"].get("threads") for p in root.glob("latency-*.json") if p.stat().st_size}
     print(f"\ntorch threads: {', '.join(str(t) for t in sorted(threads))}")
 
 

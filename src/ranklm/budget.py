@@ -235,7 +235,8 @@ def latency_dense_rule(targets: list[Target], rank_map: RankMap, keep: float, ma
 
     1. every factored target above the ratio is cut to its ceiling (:func:`rank_ceiling`);
     2. in the order of how close to dense the allocator put them, cut targets go dense while
-       the budget pays for it (the allocator valued those most);
+       the budget pays for it (the allocator valued those most; ties, as in a uniform
+       allocation, go in model order, so the first blocks stay dense);
     3. parameters still free go, one rank at a time, to the factored targets furthest below
        their allocated rank in relative terms (none past its fast rank);
     4. if that still misses the budget window (every factored target at its ceiling, no cut
