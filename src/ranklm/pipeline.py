@@ -247,26 +247,24 @@ def allocate_ranks(allocator, targets, factorizations, config: CompressConfig, c
         raise RanklmError(f"keep ratio {config.keep} cannot be met: {e}") from None
 
 
-def latency_ruled_rank_map(targets: list[Target], rank_map: RankMap, config: CompressConfig,
-                           context: AllocationContext) -> RankMap:
-    """``config.max_flop_ratio`` applied to an allocated rank map (budget.latency_dense_rule), errors as one line."""
-    if context.trained_factors is not None:
-        raise RanklmError(f"--max-flop-ratio does not apply to the {config.allocator} allocator: it trains factors at its own ranks")
-    try:
-        return latency_dense_rule(targets, rank_map, config.keep, config.max_flop_ratio, config.round_to)
-    except ValueError as e:
-        raise RanklmError(f"keep ratio {config.keep} with --max-flop-ratio {config.max_flop_ratio}: {e}") from None
-
-
-def rounded_rank_map(targets: list[Target], rank_map: RankMap, config: CompressConfig,
-                     context: AllocationContext) -> RankMap:
-    """``config.round_to`` applied to an allocated rank map (budget.round_ranks), errors as one line."""
-    if context.trained_factors is not None:
-        raise RanklmError(f"--round-to does not apply to the {config.allocator} allocator: it trains factors at its own ranks")
-    try:
-        return round_ranks(targets, rank_map, config.keep, config.round_to, config.max_flop_ratio)
-    except ValueError as e:
-        raise RanklmError(f"keep ratio {config.keep} with --round-to {config.round_to}: {e}") from None
+def adjusted_rank_map(targets: list[Target], rank_map: RankMap, config: CompressConfig,
+                      context: AllocationContext) -> RankMap:
+    """The allocated rank map after ``config.max_flop_ratio`` (budget.latency_dense_rule), then ``config.round_to``
+    (budget.round_ranks, under the rule's ceilings); either failure is one error line naming its option."""
+    steps = [(f"--max-flop-ratio {config.max_flop_ratio}", config.max_flop_ratio < 1.0,
+              lambda m: latency_dense_rule(targets, m, config.keep, config.max_flop_ratio, config.round_to)),
+             (f"--round-to {config.round_to}", config.round_to > 1,
+              lambda m: round_ranks(targets, m, config.keep, config.round_to, config.max_flop_ratio))]
+    for option, active, adjust in steps:
+        if not active:
+            continue
+        if context.trained_factors is not None:
+            raise RanklmError(f"{option.split()[0]} does not apply to the {config.allocator} allocator: it trains factors at its own ranks")
+        try:
+            rank_map = adjust(rank_map)
+        except ValueError as e:
+            raise RanklmError(f"keep ratio {config.keep} with {option}: {e}") from None
+    return rank_map
 
 
 def install_rank_map(
@@ -451,10 +449,7 @@ def run(
     # 3. allocate
     t1 = time.perf_counter()
     rank_map = allocate_ranks(plan.allocator, targets, factorizations, config, context)
-    if config.max_flop_ratio < 1.0:
-        rank_map = latency_ruled_rank_map(targets, rank_map, config, context)
-    if config.round_to > 1:
-        rank_map = rounded_rank_map(targets, rank_map, config, context)
+    rank_map = adjusted_rank_map(targets, rank_map, config, context)
     timings["allocate_s"] = time.perf_counter() - t1
 
     # 4-5. refit / refine, install
