@@ -1,3 +1,4 @@
+import copy
 import json
 from pathlib import Path
 
@@ -46,6 +47,33 @@ def test_dtype_is_kept():
     assert layer.A.weight.dtype == torch.bfloat16 and layer.B.weight.dtype == torch.bfloat16
 
 
+def _column_major(layer):
+    """A.weight (out x k) is a transposed view of a contiguous k x out tensor (docs in ranklm.layers)."""
+    w = layer.A.weight
+    return w.stride() == (1, w.shape[0])
+
+
+def test_second_factor_is_stored_column_major_and_stays_so():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 6)
+    a, b = torch.randn(6, 3), torch.randn(3, 8)
+    layer = LowRankLinear.from_factors(lin, a, b)
+    assert _column_major(layer) and layer.B.weight.is_contiguous()
+    assert torch.equal(layer.A.weight, a)  # same values, other layout
+    assert _column_major(copy.deepcopy(layer).to(torch.float64))
+    # a load that assigns the saved (contiguous) tensors gets the fast layout back, same outputs
+    saved = {k: v.contiguous() for k, v in layer.state_dict().items()}
+    assert saved["A.weight"].is_contiguous()
+    fresh = LowRankLinear(8, 6, 3, device="meta")
+    fresh.load_state_dict(saved, assign=True)
+    assert _column_major(fresh)
+    x = torch.randn(4, 8)
+    assert torch.equal(fresh(x), layer(x))
+    # training keeps working: gradients reach A in its own layout
+    fresh(x).sum().backward()
+    assert fresh.A.weight.grad is not None and fresh.A.weight.grad.shape == (6, 3)
+
+
 def _compress(family, base="whiten", allocator="uniform", keep=0.5):
     model = make_model(family)
     ids = random_ids(8, 32)
@@ -62,6 +90,7 @@ def test_save_load_bit_identical(family, tmp_path):
     assert not list(tmp_path.glob("*.tmp-*"))
     loaded, _ = ranklm.load(ckpt)
     assert torch.equal(outputs(model, ids), outputs(loaded, ids))
+    assert all(_column_major(m) for m in loaded.modules() if isinstance(m, LowRankLinear))
     meta = json.loads((ckpt / "ranklm.json").read_text())
     for key in ("keep_requested", "keep_achieved", "keep_achieved_model", "rank_map", "files", "recipe",
                 "torch_version", "transformers_version", "ranklm_version", "calibration"):
