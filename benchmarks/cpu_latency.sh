@@ -18,6 +18,7 @@ cells=(
   "svd-llm-0.6-ratio0.45|--keep 0.6 --max-flop-ratio 0.45"
   "svd-llm-0.5|--keep 0.5"
   "svd-llm-0.5-round32|--keep 0.5 --round-to 32"
+  "svd-llm-0.5-ratio0.4-round32|--keep 0.5 --max-flop-ratio 0.4 --round-to 32"
 )
 compress() {
   local name=${1%%|*} args=${1#*|}
