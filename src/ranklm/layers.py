@@ -10,7 +10,7 @@ Memory layout: ``A.weight`` is an ``out x k`` parameter stored column-major (a
 transposed view of a contiguous ``k x out`` tensor). ``F.linear`` then hands MKL a
 row-major ``k x out`` operand, whose long rows stream at full memory bandwidth;
 in the default layout each output is a dot product of only ``k`` numbers (on CPU,
-svd-llm keep 0.5 decoded 1.12x faster than dense with it, 1.41x with this one:
+svd-llm keep 0.5 decoded 1.12x faster than dense with it, 1.32-1.41x with this one:
 benchmarks §3b). ``B`` (``k x in``, long rows already) stays row-major.
 The layout survives ``copy_``, ``.to()`` and ``load_state_dict`` (a post-hook
 restores it after ``assign=True`` loads); values and the saved format do not change.
