@@ -251,19 +251,19 @@ def adjusted_rank_map(targets: list[Target], rank_map: RankMap, config: Compress
                       context: AllocationContext) -> RankMap:
     """The allocated rank map after ``config.max_flop_ratio`` (budget.latency_dense_rule), then ``config.round_to``
     (budget.round_ranks, under the rule's ceilings); either failure is one error line naming its option."""
-    steps = [(f"--max-flop-ratio {config.max_flop_ratio}", config.max_flop_ratio < 1.0,
+    steps = [("--max-flop-ratio", config.max_flop_ratio, config.max_flop_ratio < 1.0,
               lambda m: latency_dense_rule(targets, m, config.keep, config.max_flop_ratio, config.round_to)),
-             (f"--round-to {config.round_to}", config.round_to > 1,
+             ("--round-to", config.round_to, config.round_to > 1,
               lambda m: round_ranks(targets, m, config.keep, config.round_to, config.max_flop_ratio))]
-    for option, active, adjust in steps:
+    for flag, value, active, adjust in steps:
         if not active:
             continue
         if context.trained_factors is not None:
-            raise RanklmError(f"{option.split()[0]} does not apply to the {config.allocator} allocator: it trains factors at its own ranks")
+            raise RanklmError(f"{flag} does not apply to the {config.allocator} allocator: it trains factors at its own ranks")
         try:
             rank_map = adjust(rank_map)
         except ValueError as e:
-            raise RanklmError(f"keep ratio {config.keep} with {option}: {e}") from None
+            raise RanklmError(f"keep ratio {config.keep} with {flag} {value}: {e}") from None
     return rank_map
 
 
