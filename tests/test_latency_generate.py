@@ -22,6 +22,7 @@ from ranklm.eval.generate import (
 )
 from ranklm.eval.latency import (
     _greedy_decode,
+    _greedy_decode_static,
     dense_counterpart,
     flop_ratio_limit,
     measure_decode,
@@ -176,6 +177,38 @@ def test_greedy_decode_matches_transformers_generate():
         ref = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False)
     assert seconds > 0
     assert tokens == ref[0, 8:].tolist()  # the first new token comes from the (untimed) prefill
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_static_cache_decode_gives_the_dynamic_cache_tokens(arch):
+    """The step that --cuda-graphs captures (fixed token/position tensors, static KV cache), run eagerly:
+    fails if it feeds the wrong position or token back, or misses the cache (logits compared per step)."""
+    model = make_model(arch)
+    prompt = random_ids(1, 7)
+    logits: list[torch.Tensor] = []
+    handle = model.register_forward_hook(lambda mod, args, out: logits.append(out.logits[:, -1].clone()))
+    try:
+        with torch.inference_mode():
+            ref, _ = _greedy_decode(model, prompt, 9)
+            n = len(logits)
+            tokens, seconds = _greedy_decode_static(model, prompt, 9)
+    finally:
+        handle.remove()
+    assert seconds > 0 and tokens == ref
+    assert n == 10 and len(logits) == 20  # prefill + 9 steps each
+    for a, b in zip(logits[:n], logits[n:]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_graphs_refused_off_gpu(capsys, tiny_ckpt, text_file):
+    dense, comp = _compressed(0.5)
+    with pytest.raises(ranklm.RanklmError, match="CUDA device"):
+        measure_latency(dense, comp, [(1, 8)], reps=1, warmup=0, cuda_graphs=True)
+    with pytest.raises(ranklm.RanklmError, match="CUDA device"):
+        measure_decode(dense, comp, 4, 2, reps=1, warmup=0, cuda_graphs=True)
+    code, out, err = run(capsys, "evaluate", tiny_ckpt, "--data", text_file, "--seq-len", "32", "--windows", "1",
+                         "--latency", "--cuda-graphs")
+    assert code == 2 and "--cuda-graphs needs --latency and --device cuda" in err
 
 
 def test_weight_bytes_per_token_by_hand():

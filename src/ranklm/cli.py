@@ -284,6 +284,7 @@ def evaluate(
     latency_reps: int = typer.Option(10, "--latency-reps", help="With --latency: timed repetitions per model and shape (interleaved)."),
     latency_warmup: int = typer.Option(2, "--latency-warmup", help="With --latency: untimed warm-up passes per model and shape."),
     decode_tokens: str = typer.Option("128x128", "--decode-tokens", help="With --latency: decode speed at batch 1 with a KV cache, PROMPTxNEW tokens (0 = skip)."),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="With --latency on a GPU: time forwards and decode steps replayed from CUDA graphs (static KV cache), free of launch and Python overhead."),
     dtype: str = typer.Option("auto", "--dtype", help="Run the model in this dtype: auto (as saved), float32, bfloat16, float16."),
     device: str = typer.Option("cpu", "--device", help="torch device to evaluate on, e.g. cuda (perplexity and --latency)."),
     lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="Comma-separated lm-evaluation-harness tasks (needs pip install 'ranklm[eval]')."),
@@ -313,6 +314,8 @@ def evaluate(
         decode = parse_decode_tokens(decode_tokens)
         if latency_reps < 1 or latency_warmup < 0:
             raise RanklmError("--latency-reps must be >= 1 and --latency-warmup >= 0")
+    if cuda_graphs and (not latency or _torch_device(device).type != "cuda"):
+        raise RanklmError("--cuda-graphs needs --latency and --device cuda")
     if lm_eval is not None:
         from .eval.lm_eval_bridge import _require_lm_eval
 
@@ -340,9 +343,9 @@ def evaluate(
         if not any(isinstance(x, LowRankLinear) for x in m.modules()):
             raise RanklmError(f"--latency compares a ranklm checkpoint with its dense counterpart; {info['name_or_path']} is not compressed")
         dense = dense_counterpart(m)
-        lat = measure_latency(dense, m, shapes, latency_reps, latency_warmup)
+        lat = measure_latency(dense, m, shapes, latency_reps, latency_warmup, cuda_graphs=cuda_graphs)
         if decode is not None:
-            lat.decode = measure_decode(dense, m, *decode, reps=latency_reps, warmup=latency_warmup)
+            lat.decode = measure_decode(dense, m, *decode, reps=latency_reps, warmup=latency_warmup, cuda_graphs=cuda_graphs)
             out.update(decode_speedup=lat.decode.speedup, decode_limit=lat.decode.limit)
         out.update(speedup=lat.speedup, flop_ratio_limit=lat.flop_ratio_limit, latency=lat.to_dict())
     if lm_eval is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -100,9 +101,11 @@ class DecodeResult:
     dense_bytes_per_token: int
     compressed_bytes_per_token: int
     reps: int
+    cuda_graphs: bool = False
 
     def line(self) -> str:
-        return (f"decode (batch 1, KV cache, {self.new_tokens} new tokens after a {self.prompt_len}-token prompt): "
+        how = ", static KV cache, CUDA graphs" if self.cuda_graphs else ", KV cache"
+        return (f"decode (batch 1{how}, {self.new_tokens} new tokens after a {self.prompt_len}-token prompt): "
                 f"dense {self.dense_tok_s:.1f} tok/s, compressed {self.compressed_tok_s:.1f} tok/s, "
                 f"speed-up {self.speedup:.2f}x vs weight-bytes limit {self.limit:.2f}x")
 
@@ -154,6 +157,8 @@ class LatencyResult:
         lines = [f"{'batch':>5} {'seq':>5} {'dense ms':>10} {'compressed ms':>14} {'speed-up':>9}"]
         for p in self.points:
             lines.append(f"{p.batch:>5} {p.seq_len:>5} {p.dense_ms:>10.2f} {p.compressed_ms:>14.2f} {p.speedup:>8.2f}x")
+        if self.extra.get("cuda_graphs"):
+            lines.append("each forward replayed from a CUDA graph (no per-kernel launch cost)")
         if "flop_ratio_linear_layers" in self.extra:
             lines.append(f"FLOP ratio of all linear layers (LM head included): {self.extra['flop_ratio_linear_layers']:.2f}x")
         lines.append(f"FLOP-ratio limit of the targets: {self.flop_ratio_limit:.2f}x  "
@@ -168,6 +173,37 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _require_cuda(device: torch.device) -> None:
+    from ..errors import RanklmError
+
+    if device.type != "cuda":
+        raise RanklmError(f"CUDA graphs need a CUDA device; the model is on {device} (use --device cuda)")
+
+
+def _graphed(fn: Callable[[], Any], warmup: int) -> tuple[Callable[[], None], Any]:
+    """Capture ``fn`` in a CUDA graph; returns its replay and the graph (keep it alive while replaying).
+
+    A small model on a large GPU is bound by kernel launches and Python, not by FLOPs or bytes;
+    replaying a captured graph removes both, so the timing shows what the kernels themselves cost.
+    Warm-up runs on a side stream first, as capture requires (lazy inits, cuBLAS workspaces).
+    """
+    from ..errors import RanklmError
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(warmup, 1)):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as e:  # e.g. a host sync inside the forward: the model cannot be captured
+        raise RanklmError(f"this model's forward cannot be captured in a CUDA graph: {str(e).splitlines()[0]}") from e
+    return graph.replay, graph
+
+
 def measure_latency(
     dense: nn.Module,
     compressed: nn.Module,
@@ -176,11 +212,17 @@ def measure_latency(
     warmup: int = 2,
     seed: int = 0,
     flop_limit: float | None = None,
+    cuda_graphs: bool = False,
 ) -> LatencyResult:
-    """Median forward latency of ``dense`` vs ``compressed`` per ``(batch, seq_len)``, interleaved runs."""
+    """Median forward latency of ``dense`` vs ``compressed`` per ``(batch, seq_len)``, interleaved runs.
+
+    ``cuda_graphs``: time replays of each model's forward captured in a CUDA graph (GPU only).
+    """
     if reps < 1 or warmup < 0:
         raise ValueError("reps must be >= 1 and warmup >= 0")
     device = next(compressed.parameters()).device
+    if cuda_graphs:
+        _require_cuda(device)
     vocab = int(getattr(getattr(compressed, "config", None), "vocab_size", 0) or 100)
     g = torch.Generator().manual_seed(seed)
     modes = [(dense, dense.training), (compressed, compressed.training)]
@@ -192,19 +234,25 @@ def measure_latency(
         with torch.inference_mode():
             for batch, seq in shapes:
                 ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+                runs: list[Callable[[], Any]] = [lambda m=m: m(input_ids=ids, **kw) for m in (dense, compressed)]
+                graphs = []
+                if cuda_graphs:
+                    for i, run in enumerate(runs):
+                        runs[i], graph = _graphed(run, warmup)
+                        graphs.append(graph)
                 for _ in range(warmup):
-                    dense(input_ids=ids, **kw)
-                    compressed(input_ids=ids, **kw)
+                    for run in runs:
+                        run()
                 times: dict[int, list[float]] = {0: [], 1: []}
                 for r in range(reps):
                     order = (0, 1) if r % 2 == 0 else (1, 0)  # alternate who goes first too
                     for which in order:
-                        m = dense if which == 0 else compressed
                         _sync(device)
                         t0 = time.perf_counter()
-                        m(input_ids=ids, **kw)
+                        runs[which]()
                         _sync(device)
                         times[which].append(time.perf_counter() - t0)
+                del runs, graphs  # free the graphs' memory pools before the next shape
                 d, c = statistics.median(times[0]), statistics.median(times[1])
                 points.append(LatencyPoint(batch, seq, d * 1e3, c * 1e3, d / c if c > 0 else float("inf"), reps))
     finally:
@@ -213,7 +261,10 @@ def measure_latency(
     limit = flop_ratio_of_model(compressed) if flop_limit is None else flop_limit
     # All linear layers, LM head included: a tighter limit for the whole forward (attention scores still excluded).
     model_ratio = linear_macs(dense) / max(linear_macs(compressed), 1)
-    return LatencyResult(points, limit, torch.get_num_threads(), str(device), extra={"flop_ratio_linear_layers": model_ratio})
+    extra: dict[str, Any] = {"flop_ratio_linear_layers": model_ratio}
+    if cuda_graphs:
+        extra["cuda_graphs"] = True
+    return LatencyResult(points, limit, torch.get_num_threads(), str(device), extra=extra)
 
 
 def _cache_kwarg(model: nn.Module) -> str:
@@ -250,6 +301,61 @@ def _greedy_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> t
     return torch.cat(tokens, 1)[0].tolist(), elapsed
 
 
+def _static_cache(model: nn.Module, max_len: int, prompt: torch.Tensor) -> Any:
+    """A fixed-size KV cache (``transformers.StaticCache``): the tensors a CUDA graph needs to stay in place."""
+    from transformers import StaticCache
+
+    from ..errors import RanklmError
+
+    if not getattr(model, "_can_compile_fullgraph", getattr(model, "_supports_static_cache", False)):
+        raise RanklmError(f"{type(model).__name__} does not support a static KV cache: decode with CUDA graphs needs one")
+    try:
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    except TypeError:  # transformers 4.x spells out batch, device and dtype
+        dtype = next(model.parameters()).dtype
+        return StaticCache(config=model.config, max_batch_size=1, max_cache_len=max_len, device=prompt.device, dtype=dtype)
+
+
+def _greedy_decode_static(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
+                          cuda_graph: bool = False, warmup_steps: int = 2) -> tuple[list[int], float]:
+    """:func:`_greedy_decode` through a static KV cache, each step optionally replayed from a CUDA graph.
+
+    One step reads its input token and position from fixed tensors and writes the next ones back
+    (greedy argmax, position + 1), so a captured step replays with no host work at all. With
+    ``cuda_graph``, ``warmup_steps`` eager steps run first (capture needs them; untimed, and their
+    tokens are not returned); without it the steps run eagerly and give the same tokens as
+    :func:`_greedy_decode`.
+    """
+    device, key = prompt.device, _cache_kwarg(model)
+    warm = warmup_steps if cuda_graph else 0
+    cache = _static_cache(model, prompt.shape[1] + new_tokens + warm, prompt)
+    # transformers >= 5 keeps the write position in the static cache itself (a tensor, so replays advance
+    # it); older versions take it as ``cache_position``, which the step then advances in place.
+    pos = torch.arange(prompt.shape[1], device=device)
+    where = (lambda: {"cache_position": pos}) if "cache_position" in inspect.signature(model.forward).parameters else dict
+    out = model(input_ids=prompt, use_cache=True, **where(), **{key: cache})
+    ids = out.logits[:, -1:].argmax(-1)
+    pos = pos[-1:] + 1
+
+    def step() -> None:
+        o = model(input_ids=ids, use_cache=True, **where(), **{key: cache})
+        ids.copy_(o.logits[:, -1:].argmax(-1))
+        pos.add_(1)
+
+    run: Callable[[], Any] = step
+    if cuda_graph:
+        run, graph = _graphed(step, warm)  # noqa: F841 (the graph must outlive its replays)
+    tokens = torch.empty(1, new_tokens, dtype=ids.dtype, device=device)
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(new_tokens):
+        run()
+        tokens[:, i : i + 1].copy_(ids)
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    return tokens[0].tolist(), elapsed
+
+
 def _check_context(model: nn.Module, length: int) -> None:
     """Refuse a prompt + generation longer than the model's position range (it would fail mid-run)."""
     from ..errors import RanklmError
@@ -268,16 +374,26 @@ def measure_decode(
     reps: int = 10,
     warmup: int = 2,
     seed: int = 0,
+    cuda_graphs: bool = False,
 ) -> DecodeResult:
     """Median decode tokens/s at batch 1 of ``dense`` vs ``compressed``, interleaved as in :func:`measure_latency`.
 
     Only the ``new_tokens`` cached one-token steps are timed (the prompt's prefill is what
     :func:`measure_latency` measures); tokens/s = ``new_tokens / median(seconds)``.
+    ``cuda_graphs``: a static KV cache and each step replayed from a CUDA graph (GPU only).
     """
     if reps < 1 or warmup < 0 or prompt_len < 1 or new_tokens < 1:
         raise ValueError("reps, prompt_len and new_tokens must be >= 1 and warmup >= 0")
-    _check_context(compressed, prompt_len + new_tokens)
+    _check_context(compressed, prompt_len + new_tokens + (2 if cuda_graphs else 0))
     device = next(compressed.parameters()).device
+    if cuda_graphs:
+        _require_cuda(device)
+
+    def decode(m: nn.Module) -> float:
+        if cuda_graphs:
+            return _greedy_decode_static(m, prompt, new_tokens, cuda_graph=True)[1]
+        return _greedy_decode(m, prompt, new_tokens)[1]
+
     vocab = int(getattr(getattr(compressed, "config", None), "vocab_size", 0) or 100)
     prompt = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(seed)).to(device)
     models = (dense, compressed)
@@ -289,17 +405,17 @@ def measure_decode(
         with torch.inference_mode():
             for _ in range(warmup):
                 for m in models:
-                    _greedy_decode(m, prompt, new_tokens)
+                    decode(m)
             for r in range(reps):
                 for which in ((0, 1) if r % 2 == 0 else (1, 0)):
-                    times[which].append(_greedy_decode(models[which], prompt, new_tokens)[1])
+                    times[which].append(decode(models[which]))
     finally:
         for m, was in zip(models, modes):
             m.train(was)
     d, c = statistics.median(times[0]), statistics.median(times[1])
     bd, bc = weight_bytes_per_token(dense), weight_bytes_per_token(compressed)
     return DecodeResult(prompt_len, new_tokens, new_tokens / d, new_tokens / c, d / c if c > 0 else float("inf"),
-                        bd / max(bc, 1), bd, bc, reps)
+                        bd / max(bc, 1), bd, bc, reps, cuda_graphs)
 
 
 def parse_decode_tokens(spec: str) -> tuple[int, int] | None:
