@@ -14,8 +14,10 @@ RANKLM=${RANKLM:-ranklm}
 CK=${CKPT_DIR:-out/gpu}
 REPS=${REPS:-"--latency-reps 5 --latency-warmup 1"}
 DTYPES=${DTYPES:-"float32 bfloat16"}
-# name=compress flags, separated by ';'
-CELLS=${CELLS:-"svd-llm-0.5=--keep 0.5;svd-llm-0.5-ratio0.4-round32=--keep 0.5 --max-flop-ratio 0.4 --round-to 32;svd-llm-0.8=--keep 0.8"}
+MODES=${MODES:-"graphs eager"}
+# name=compress flags, separated by ';'. Name the recipe in the flags: without --recipe the default
+# pipeline runs (kfac-global since issue 13), whatever the cell is called.
+CELLS=${CELLS:-"default-0.5=--keep 0.5;default-0.5-ratio0.4-round32=--keep 0.5 --max-flop-ratio 0.4 --round-to 32;svd-llm-0.5=--recipe svd-llm --keep 0.5"}
 mkdir -p "$OUT" "$CK"
 : > "$OUT/compress.jsonl"; : > "$OUT/latency.jsonl"; : > "$OUT/latency-graphs.jsonl"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/device.txt" 2>&1
@@ -37,7 +39,9 @@ for cell in "${cells[@]}"; do
     >> "$OUT/compress.jsonl" || { echo "compress $name failed" >&2; continue; }
   echo "compress $name wall $(( ($(date +%s%N) - start) / 1000000 )) ms" >&2
   for dt in $DTYPES; do
-    evaluate "$name" "$dt" "$OUT/latency-graphs.jsonl" --cuda-graphs
-    evaluate "$name" "$dt" "$OUT/latency.jsonl"
+    for mode in $MODES; do
+      if [ "$mode" = graphs ]; then evaluate "$name" "$dt" "$OUT/latency-graphs.jsonl" --cuda-graphs
+      else evaluate "$name" "$dt" "$OUT/latency.jsonl"; fi
+    done
   done
 done
