@@ -47,3 +47,25 @@ def test_float32_products_give_the_float64_grams_and_factors(monkeypatch):
         a64, b64 = base.decompose(w, r, k).factors(k)
         approx, approx64 = (a.double() @ b.double()), (a64.double() @ b64.double())
         assert torch.linalg.norm(approx - approx64) <= FACTOR_RTOL * torch.linalg.norm(approx64), t.name
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
+def test_output_covariance_is_w_gram_wt_without_the_bias(family):
+    """out_cov of a target = W G W^T (its input Gram seen through W; the bias is not part of it)."""
+    model = make_model(family)
+    targets = find_targets(model)
+    wide = [t for t in targets if t.out_features < t.in_features]
+    assert wide
+    windows = random_ids(8, 32)
+    ref = collect_activation_stats(model, targets, windows, 4, progress=False)
+    got = collect_activation_stats(model, targets, windows, 4, progress=False, out_cov={t.name for t in wide})
+    for t in targets:
+        if t in wide:
+            assert "gram" not in got[t.name] and got[t.name]["tokens"] == ref[t.name]["tokens"] == 8 * 32
+            w = weight_matrix(model.get_submodule(t.name)).double()
+            expected = w @ ref[t.name]["gram"] @ w.T
+            assert torch.linalg.norm(got[t.name]["out_cov"] - expected) <= 1e-5 * torch.linalg.norm(expected), t.name
+        else:
+            torch.testing.assert_close(got[t.name]["gram"], ref[t.name]["gram"], rtol=0, atol=0)
+    if family != "llama":  # biased outputs: the bias must have been taken off
+        assert any(getattr(model.get_submodule(t.name), "bias", None) is not None for t in wide)

@@ -49,6 +49,54 @@ def test_whiten_is_the_output_error_optimum():
         assert float(err) < float(torch.linalg.norm((w - plain) @ x) ** 2)
 
 
+@pytest.mark.parametrize("dead", [0, 3])
+def test_whiten_from_the_output_covariance_is_the_same_factorization(dead):
+    """A wide target factored from C = W G W^T (out x out) gives the whitened SVD's spectrum and W_k,
+    also when inputs are rank-deficient (where the Gram route needs jitter and this one is exact)."""
+    m, n, tokens = 8, 14, 200
+    w, x = _rand(m, n, 5), _correlated_inputs(n, tokens, 6)
+    if dead:
+        x[-dead:] = 0
+    gram = x @ x.T
+    base = get_base("whiten")
+    via_gram = base.decompose(w, {"gram": gram}, max_rank=m)
+    via_out = base.decompose(w, {"out_cov": w @ gram @ w.T}, max_rank=m)
+    assert via_out.meta["numerics"]["method"] == "output-eigh"
+    torch.testing.assert_close(via_out.s.double(), via_gram.s.double(), atol=1e-4 * float(via_gram.s[0]), rtol=1e-4)
+    y = w @ x
+    uy, sy, _ = torch.linalg.svd(y, full_matrices=False)
+    for k in (1, 4, m):
+        wk = via_out.approx(k).double()
+        torch.testing.assert_close(wk, uy[:, :k] @ uy[:, :k].T @ w, atol=1e-5, rtol=1e-5)
+        assert float(torch.linalg.norm((w - wk) @ x) ** 2) == pytest.approx(float((sy[k:] ** 2).sum()), rel=1e-4, abs=1e-8 * float((sy**2).sum()))
+        a, b = via_out.factors(k)
+        ag, bg = via_gram.factors(k)  # balanced the same way: |A| and |B| as in the whitened SVD
+        assert float(a.norm()) == pytest.approx(float(ag.norm()), rel=1e-3)
+        assert float(b.norm()) == pytest.approx(float(bg.norm()), rel=1e-3)
+
+
+def test_whiten_output_side_with_more_rank_than_output_energy_stays_bounded():
+    """Rank-3 inputs, rank 8 asked: the 5 directions without output energy get B = 0 (no division by ~0),
+    A stays U sqrt(s) (what SoftLMs divides back out), and the output error is still the optimum (~0)."""
+    w, x = _rand(8, 14, 7), _rand(3, 200, 8)
+    x = torch.cat([x, torch.zeros(11, 200, dtype=torch.float64)])
+    f = get_base("whiten").decompose(w, {"out_cov": w @ x @ x.T @ w.T}, max_rank=8)
+    assert torch.isfinite(f.A).all() and torch.isfinite(f.B).all()
+    assert (f.B[3:] == 0).all() and (f.B[:3].norm(dim=1) > 0).all()
+    assert float(f.A.double().norm(dim=0)[3:].max()) <= 1e-2 * float(f.A.double().norm(dim=0)[0])
+    assert float(torch.linalg.norm((w - f.approx(8).double()) @ x)) <= 1e-5 * float(torch.linalg.norm(w @ x))
+
+
+def test_whiten_factors_from_output_only_where_out_le_in_and_not_with_shrink():
+    from ranklm.targets import Target
+
+    wide, square, tall = Target("down", 8, 20, "linear", 0), Target("o", 8, 8, "linear", 0), Target("up", 20, 8, "linear", 0)
+    assert get_base("whiten").factors_from_output(wide) and get_base("whiten").factors_from_output(square)
+    assert not get_base("whiten").factors_from_output(tall)
+    assert not get_base("whiten", shrink=0.1).factors_from_output(wide)
+    assert not get_base("whiten", output_side=False).factors_from_output(wide)
+
+
 def test_whiten_least_squares_given_B():
     """With B_k fixed, the best A by least squares is (close to) the returned A_k."""
     m, n, tokens = 9, 8, 100

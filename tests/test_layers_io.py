@@ -234,7 +234,9 @@ def test_sequential_with_dense_propagation_equals_whole_model(family):
     outs = {}
     for sequential in (False, True):
         model = make_model(family)
-        cfg = CompressConfig(keep=0.5, recipe="svd-llm", seq_len=32, calib_windows=8, sequential=sequential, propagate="dense")
+        # the input-Gram route on both sides (the whole-model pass has no output route): this test is about propagation
+        cfg = CompressConfig(keep=0.5, recipe="svd-llm", seq_len=32, calib_windows=8, sequential=sequential, propagate="dense",
+                             base_options={"output_side": False})
         ranklm.compress(model, None, cfg, data=ids, progress=False)
         outs[sequential] = (outputs(model, ids), model.ranklm.rank_map)
     assert outs[True][1] == outs[False][1]
@@ -250,6 +252,29 @@ def test_sequential_compressed_propagation_meets_budget_and_differs():
     ranklm.compress(model, None, cfg, data=ids, progress=False)
     assert 0.5 * 0.995 <= model.ranklm.keep_achieved <= 0.5
     assert not torch.allclose(outputs(model, ids), outputs(ref, ids))  # block 2 saw block 1's compressed outputs
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_sequential_whiten_factors_wide_targets_from_outputs_with_the_same_result(family):
+    """svd-llm's default: targets with out <= in (down projection, k/v, q/o) from their output covariance; the
+    compressed model matches the all-input-Gram route (output_side=False) and records the route."""
+    ids = random_ids(8, 32)
+    models = {}
+    for side in (True, False):
+        model = make_model(family)
+        cfg = CompressConfig(keep=0.5, recipe="svd-llm", seq_len=32, calib_windows=8, sequential=True,
+                             base_options={"output_side": side})
+        ranklm.compress(model, None, cfg, data=ids, progress=False)
+        models[side] = model
+    numerics = models[True].ranklm.artifacts["numerics"]
+    wide = {t.name for t in models[True].ranklm.targets if t.out_features <= t.in_features}
+    assert wide and {n for n, r in numerics.items() if r["method"] == "output-eigh"} == wide
+    assert all(r["method"] != "output-eigh" for r in models[False].ranklm.artifacts["numerics"].values())
+    assert models[True].ranklm.rank_map == models[False].ranklm.rank_map
+    torch.testing.assert_close(outputs(models[True], ids), outputs(models[False], ids), atol=1e-4, rtol=1e-4)
+    t = models[True].ranklm.timings  # where the block-by-block pass spent its time (ranklm.json)
+    split = [t["refit_statistics_s"], t["refit_on_block_s"], t["refit_propagate_s"]]
+    assert all(v > 0 for v in split) and sum(split) <= t["refit_install_s"]
 
 
 def test_sequential_refuses_gradient_bases():

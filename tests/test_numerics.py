@@ -46,7 +46,8 @@ def test_psd_factor_records_jitter_and_eigh():
 
 def test_rank_deficient_gram_is_recorded_saved_and_warned(tmp_path):
     model = _rank_deficient_llama()
-    cfg = CompressConfig(keep=0.6, recipe="svd-llm", calib_windows=8, seq_len=32)
+    # the input-Gram route (the default factors o_proj from its output side, which needs no jitter: below)
+    cfg = CompressConfig(keep=0.6, recipe="svd-llm", calib_windows=8, seq_len=32, base_options={"output_side": False})
     ranklm.compress(model, None, cfg, data=random_ids(8, 32), progress=False)
     rec = model.ranklm.artifacts["numerics"]
     assert set(rec) == {t.name for t in model.ranklm.targets}
@@ -58,6 +59,11 @@ def test_rank_deficient_gram_is_recorded_saved_and_warned(tmp_path):
     ckpt = ranklm.save(model, None, tmp_path / "ckpt")
     meta = json.loads((ckpt / "ranklm.json").read_text())
     assert meta["artifacts"]["numerics"]["model.layers.0.self_attn.o_proj"]["jitter"] == o["jitter"]
+    default = _rank_deficient_llama()
+    ranklm.compress(default, None, CompressConfig(keep=0.6, recipe="svd-llm", calib_windows=8, seq_len=32),
+                    data=random_ids(8, 32), progress=False)
+    assert default.ranklm.artifacts["numerics"]["model.layers.0.self_attn.o_proj"]["method"] == "output-eigh"
+    assert numerics_warning(default.ranklm) is None
 
 
 def _cli(capsys, *args):
@@ -77,7 +83,7 @@ def test_cli_warns_once_only_when_needed(broken, capsys, tiny_llama_dir, tiny_to
         tiny_tokenizer.save_pretrained(model_dir)
     # The MLP's down_proj reads 160 channels: 8 x 32 tokens keep its Gram full rank when healthy.
     code, out, err = _cli(capsys, "compress", "--model", model_dir, "--data", text_file, "--keep", "0.6", *FAST,
-                          "--recipe", "svd-llm", "--no-eval", "--json", "--output", tmp_path / "ckpt")
+                          "--recipe", "svd-llm", "--base-opt", "output_side=false", "--no-eval", "--json", "--output", tmp_path / "ckpt")
     assert code == 0, err
     warnings = [ln for ln in err.splitlines() if ln.startswith("warning:")]
     assert len(warnings) == (1 if broken else 0), err

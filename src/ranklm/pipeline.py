@@ -169,6 +169,7 @@ def decompose_targets(
 def _sequential_pass(
     model: nn.Module, targets: list[Target], base: Base, windows: torch.Tensor, batch_size: int, progress: bool,
     on_block: Callable[[list[Target], dict[str, Factorization], dict[str, dict]], None], desc: str,
+    seconds: dict[str, float] | None = None,
 ) -> None:
     from .calibration.sequential import run_sequential
 
@@ -176,7 +177,8 @@ def _sequential_pass(
         keep = {n: dict(s) for n, s in stats.items()} if hasattr(base, "refine") else {}
         on_block(block_targets, decompose_targets(model, block_targets, base, stats, progress=False), keep)
 
-    run_sequential(model, targets, windows, base.needs, block, batch_size, progress, desc=desc)
+    run_sequential(model, targets, windows, base.needs, block, batch_size, progress, desc=desc,
+                   by_output=getattr(base, "factors_from_output", None), seconds=seconds)
 
 
 class FactorCache:
@@ -308,10 +310,12 @@ def refine_factors(
 
 
 def refit_sequential(model: nn.Module, targets: list[Target], base: Base, windows: torch.Tensor, rank_map: RankMap,
-                     batch_size: int, progress: bool, numerics: dict[str, Any] | None = None) -> None:
+                     batch_size: int, progress: bool, numerics: dict[str, Any] | None = None,
+                     seconds: dict[str, float] | None = None) -> None:
     """Stage 4: block by block on compressed activations, factor again at the allocated ranks and install.
 
     ``numerics`` (if given) is updated with the refit factorizations' records: those are the installed ones.
+    ``seconds`` (if given) gets the pass's split (``run_sequential``).
     """
 
     def on_block(block_targets: list[Target], facs: dict[str, Factorization], stats: dict[str, dict]) -> None:
@@ -322,7 +326,8 @@ def refit_sequential(model: nn.Module, targets: list[Target], base: Base, window
             facs = refine_factors(model, block_targets, base, facs, stats, block_map, progress=False)
         install_rank_map(model, block_targets, facs, block_map)
 
-    _sequential_pass(model, targets, base, windows, batch_size, progress, on_block, desc="refit (block by block)")
+    _sequential_pass(model, targets, base, windows, batch_size, progress, on_block, desc="refit (block by block)",
+                     seconds=seconds)
 
 
 # --------------------------------------------------------------------------- stage 7: record
@@ -458,7 +463,9 @@ def run(
         install_factors(model, targets, context.trained_factors, rank_map)
         context.trained_factors = None
     elif plan.refit:
-        refit_sequential(model, targets, plan.base, windows, rank_map, config.batch_size, progress, numerics)
+        split: dict[str, float] = {}
+        refit_sequential(model, targets, plan.base, windows, rank_map, config.batch_size, progress, numerics, split)
+        timings.update({f"refit_{k}": v for k, v in split.items()})  # statistics / factorize+install / propagate
     else:
         facs = factorizations
         if hasattr(plan.base, "refine"):

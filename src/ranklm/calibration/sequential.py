@@ -16,6 +16,7 @@ unchanged to each block.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import torch
@@ -76,8 +77,19 @@ def run_sequential(
     batch_size: int = 4,
     progress: bool = True,
     desc: str = "sequential calibration",
+    by_output: Callable[[Target], bool] | None = None,
+    seconds: dict[str, float] | None = None,
 ) -> None:
-    """Stream statistics block by block; ``on_block(index, block_targets, stats)`` may compress the block."""
+    """Stream statistics block by block; ``on_block(index, block_targets, stats)`` may compress the block.
+
+    ``by_output(target)``: collect that target's output covariance instead of its input Gram
+    (:func:`~ranklm.calibration.stats.collect_activation_stats`). ``seconds`` (if given) gets where the
+    time went: ``statistics_s`` (the block run with hooks), ``on_block_s`` (the callback: factorize and
+    install) and ``propagate_s`` (the next block's inputs through the possibly compressed block).
+    """
+    seconds = {} if seconds is None else seconds
+    for key in ("statistics_s", "on_block_s", "propagate_s"):
+        seconds.setdefault(key, 0.0)
     found = find_blocks(model)
     assert found is not None
     prefix, blocks = found
@@ -86,15 +98,23 @@ def run_sequential(
         block = blocks[b]
         block_targets = [t for t in targets if t.block == b]
         if block_targets:
-            stats = _block_stats(model, block, block_targets, inputs, needs)
+            out_cov = {t.name for t in block_targets if by_output is not None and by_output(t)}
+            t0 = time.perf_counter()
+            stats = _block_stats(model, block, block_targets, inputs, needs, out_cov)
+            t1 = time.perf_counter()
             on_block(b, block_targets, stats)
             del stats
+            seconds["statistics_s"] += t1 - t0
+            seconds["on_block_s"] += time.perf_counter() - t1
         if b + 1 < len(blocks):  # next block's inputs from this (possibly compressed) block
+            t0 = time.perf_counter()
             inputs = [_with_hidden(a, k, _hidden(block(*a, **k))) for a, k in inputs]
+            seconds["propagate_s"] += time.perf_counter() - t0
 
 
 def _block_stats(
-    model: nn.Module, block: nn.Module, targets: list[Target], inputs: list[tuple[tuple, dict]], needs: frozenset[str]
+    model: nn.Module, block: nn.Module, targets: list[Target], inputs: list[tuple[tuple, dict]], needs: frozenset[str],
+    out_cov: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> dict[str, dict[str, Any]]:
     """Gram / |x| statistics of one block's targets over the cached inputs."""
     fake_windows = torch.arange(len(inputs))[:, None]  # one "window" per cached batch
@@ -113,7 +133,9 @@ def _block_stats(
 
     runner = Runner()
     local = [Target(f"block.{t.name.split(f'.{t.block}.', 1)[1]}", t.out_features, t.in_features, t.kind, t.block) for t in targets]
+    local_out = {lt.name for t, lt in zip(targets, local) if t.name in out_cov}
     stats = collect_activation_stats(
-        runner, local, fake_windows, batch_size=1, progress=False, gram="gram" in needs, abs_mean="abs_mean" in needs
+        runner, local, fake_windows, batch_size=1, progress=False, gram="gram" in needs, abs_mean="abs_mean" in needs,
+        out_cov=local_out,
     )
     return {t.name: {**stats[lt.name], "name": t.name} for t, lt in zip(targets, local)}

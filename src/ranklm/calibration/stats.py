@@ -15,6 +15,11 @@ Memory: one ``in x in`` float64 matrix per distinct input (about 1 GB for SmolLM
 The accumulators always live in CPU memory: on an accelerator each batch's product is
 computed where the activations are and added on the CPU, so device memory holds the
 model and one batch, never the statistics.
+
+``out_cov`` targets get the covariance of their *outputs*, ``C = sum_t y_t y_t^T``
+(``"out_cov"``), instead of the input Gram: a whitening base can factor a target with
+``out <= in`` (e.g. a down projection) from ``C = W G W^T`` alone, and the product costs
+``out^2`` per token instead of ``in^2``.
 """
 
 from __future__ import annotations
@@ -107,9 +112,14 @@ def collect_activation_stats(
     progress: bool = True,
     gram: bool = True,
     abs_mean: bool = False,
+    out_cov: frozenset[str] | set[str] = frozenset(),
 ) -> dict[str, dict[str, Any]]:
-    """Input statistics of every target over all windows, streamed (see module docstring)."""
+    """Input statistics of every target over all windows, streamed (see module docstring).
+
+    Targets named in ``out_cov`` get ``"out_cov"`` (their output covariance) instead of ``"gram"``.
+    """
     grams: dict[str, torch.Tensor] = {}
+    covs: dict[str, torch.Tensor] = {}
     abs_sums: dict[str, torch.Tensor] = {}
     tokens: dict[str, int] = {}
     alias: dict[str, str] = {}  # target -> target whose identical input it shares
@@ -142,7 +152,24 @@ def collect_activation_stats(
 
         return hook
 
-    handles = [model.get_submodule(t.name).register_forward_pre_hook(make_hook(t.name)) for t in targets]
+    def make_out_hook(name: str):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            y = out.detach().reshape(-1, out.shape[-1])
+            bias = getattr(module, "bias", None)
+            yp = y.to(product_dtype(y.dtype))
+            if bias is not None:  # the covariance of W x: the bias is kept as is, so it is not part of the error
+                yp = yp - bias.detach().to(yp.dtype)
+            c = (yp.T @ yp).to(device="cpu", dtype=torch.float64)
+            covs[name] = covs[name].add_(c) if name in covs else c
+            tokens[name] = tokens.get(name, 0) + y.shape[0]
+
+        return hook
+
+    by_output = {t.name for t in targets if t.name in out_cov}
+    if by_output and (abs_mean or not gram):
+        raise ValueError("out_cov replaces the input Gram only: not with abs_mean, and only where a Gram is asked for")
+    handles = [model.get_submodule(t.name).register_forward_hook(make_out_hook(t.name)) if t.name in by_output
+               else model.get_submodule(t.name).register_forward_pre_hook(make_hook(t.name)) for t in targets]
     try:
         for i in tqdm(range(0, len(windows), batch_size), desc="calibration", disable=not progress, unit="batch"):
             run_batches(model, windows[i : i + batch_size], batch_size, "", progress=False)
@@ -154,12 +181,15 @@ def collect_activation_stats(
     for t in targets:
         src = alias.get(t.name, t.name)
         entry: dict[str, Any] = {"tokens": tokens[src], "name": t.name}
-        if gram:
+        if t.name in by_output:
+            entry["out_cov"] = covs[src]
+        elif gram:
             entry["gram"] = grams[src]
         if abs_mean:
             entry["abs_mean"] = abs_sums[src] / tokens[src]
-        for key in ("gram", "abs_mean"):
+        for key in ("gram", "out_cov", "abs_mean"):
             if key in entry and not torch.isfinite(entry[key]).all():
-                raise RanklmError(f"non-finite calibration statistics (NaN/Inf activations) at the input of {t.name}")
+                side = "output" if key == "out_cov" else "input"
+                raise RanklmError(f"non-finite calibration statistics (NaN/Inf activations) at the {side} of {t.name}")
         out[t.name] = entry
     return out

@@ -94,4 +94,6 @@ def departs(info: dict[str, Any]) -> bool:
     kfac's ``"diagonal"`` output factor is a documented approximation chosen by size, not a
     numerical fallback: it departs only if it needed its floor.
     """
+    if info.get("method") == "output-eigh":  # whiten's output side: no factor to regularize
+        return False
     return info.get("method") not in ("cholesky", "diagonal") or float(info.get("jitter", 0.0)) > 0.0

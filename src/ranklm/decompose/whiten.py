@@ -12,6 +12,14 @@ correlations measured on one domain may not transfer to another). λ = 0 (the de
 SVD-LLM; λ = 1 is column-norm-weighted SVD. The default is provisional: it is to be chosen
 from measurements in domain and on *Hamlet* (issue 13), not yet made.
 
+Targets with ``out <= in`` (a down projection, GQA k/v, square q/o) are factored from the
+*output* side when their statistics hold ``"out_cov"`` (``C = W G W^T``, the covariance of ``W x``; the sequential pipeline
+collects it for them, see ``factors_from_output``): the best rank-k approximation of ``W X`` is
+``U_k U_k^T W X`` with ``U_k`` the top eigenvectors of ``C`` (Eckart-Young; its row space lies in
+that of ``X``), so ``W_k = U_k U_k^T W`` is the same optimum as the whitened SVD, and
+``eig(C) = σ²(W L)`` gives the same spectrum, from an ``out x out`` eigendecomposition instead of
+an ``in x in`` Gram, its Cholesky, the SVD of ``W L`` and a triangular solve.
+
 Loss estimates: each discarded σ_i² is exactly its contribution to ``||(W - W_k) X||_F²``
 (squared output error summed over calibration tokens), so ``loss_scale = 1``; comparable
 across targets as output errors, not as LM loss (the ``global`` allocator accepts it).
@@ -25,6 +33,7 @@ import torch
 
 from ..errors import RanklmError
 from ..options import Opt
+from ..targets import Target
 from .base import Factorization, split_sqrt, thin_svd
 from .psd import psd_factor, solve_right
 
@@ -48,15 +57,42 @@ class WhitenBase:
     OPTIONS: tuple[Opt, ...] = (
         Opt("shrink", float, 0.0, "shrink the Gram toward its diagonal, (1-λ)G + λ diag(G) "
             "(0 = SVD-LLM, 1 = column-norm-weighted SVD; provisional default, not yet measured)", bounds=(0.0, 1.0)),
+        Opt("output_side", bool, True, "factor targets with out <= in from their output covariance: the same "
+            "optimum from an out x out eigendecomposition (sequential calibration; not with shrink)"),
     )
 
-    def __init__(self, shrink: float = 0.0) -> None:
+    def __init__(self, shrink: float = 0.0, output_side: bool = True) -> None:
         self.shrink = check_fraction("whiten shrink", shrink)
+        self.output_side = bool(output_side)
+
+    def factors_from_output(self, target: Target) -> bool:
+        """Whether calibration should give ``target`` its output covariance instead of its input Gram."""
+        return self.output_side and self.shrink == 0.0 and target.out_features <= target.in_features
 
     def decompose(self, weight: torch.Tensor, stats: dict[str, Any], max_rank: int) -> Factorization:
+        if "out_cov" in stats:
+            return self._decompose_from_output(weight, stats["out_cov"], max_rank)
         w = weight.detach().to(torch.float64)
         L, info = psd_factor(stats["gram"], stats.get("name", ""), shrink=self.shrink)
         u, s, vt = thin_svd(w @ L)
         a, y = split_sqrt(u, s, vt, max_rank)  # W L ~= a @ y  =>  W ~= a @ (y L^{-1})
         b = solve_right(L, y, info["method"])
+        return Factorization(a.float(), b.float(), s.float(), meta={"numerics": info, "loss_scale": self.loss_scale})
+
+    def _decompose_from_output(self, weight: torch.Tensor, cov: torch.Tensor, max_rank: int) -> Factorization:
+        """``W_k = U_k U_k^T W`` with ``U`` the eigenvectors of the output covariance (module docstring)."""
+        w = weight.detach().to(torch.float64)
+        lam, u = torch.linalg.eigh(cov.to(device=w.device, dtype=torch.float64))
+        lam, u = lam.flip(0), u.flip(1)  # descending, like singular values
+        s = lam.clamp_min(0).sqrt()
+        k = min(max_rank, u.shape[1])
+        root = s[:k].sqrt()
+        # balanced factors U_k sqrt(S) and sqrt(S)^-1 U_k^T W (= sqrt(S) V_k^T L^-1 of the whitened SVD), so
+        # A / sqrt(s) stays U (SoftLMs reparametrises that way). A direction without output energy on the
+        # calibration data (σ <= 1e-6 σ_1, below what float32 products resolve) gets B = 0: it changes
+        # nothing the data can see, and dividing by its root would blow B up.
+        live = s[:k] > s[:1] * 1e-6
+        a = u[:, :k] * root
+        b = torch.where(live[:, None], (u[:, :k].mT @ w) / torch.where(live, root, 1.0)[:, None], 0.0)
+        info = {"method": "output-eigh", "jitter": 0.0, "clamped": int((lam < 0).sum())}
         return Factorization(a.float(), b.float(), s.float(), meta={"numerics": info, "loss_scale": self.loss_scale})
