@@ -114,7 +114,7 @@ def run_sequential(
 
 def _block_stats(
     model: nn.Module, block: nn.Module, targets: list[Target], inputs: list[tuple[tuple, dict]], needs: frozenset[str],
-    out_cov: set[str] = frozenset(),  # type: ignore[assignment]
+    out_cov: frozenset[str] | set[str] = frozenset(),
 ) -> dict[str, dict[str, Any]]:
     """Gram / |x| statistics of one block's targets over the cached inputs."""
     fake_windows = torch.arange(len(inputs))[:, None]  # one "window" per cached batch

@@ -13,12 +13,13 @@ SVD-LLM; λ = 1 is column-norm-weighted SVD. The default is provisional: it is t
 from measurements in domain and on *Hamlet* (issue 13), not yet made.
 
 Targets with ``out <= in`` (a down projection, GQA k/v, square q/o) are factored from the
-*output* side when their statistics hold ``"out_cov"`` (``C = W G W^T``, the covariance of ``W x``; the sequential pipeline
-collects it for them, see ``factors_from_output``): the best rank-k approximation of ``W X`` is
-``U_k U_k^T W X`` with ``U_k`` the top eigenvectors of ``C`` (Eckart-Young; its row space lies in
-that of ``X``), so ``W_k = U_k U_k^T W`` is the same optimum as the whitened SVD, and
-``eig(C) = σ²(W L)`` gives the same spectrum, from an ``out x out`` eigendecomposition instead of
-an ``in x in`` Gram, its Cholesky, the SVD of ``W L`` and a triangular solve.
+*output* side when their statistics hold ``"out_cov"`` (``C = W G W^T``, the covariance of
+``W x``; the sequential pipeline collects it for them, see ``factors_from_output``): the best
+rank-k approximation of ``W X`` is ``U_k U_k^T W X`` with ``U_k`` the top eigenvectors of ``C``
+(Eckart-Young; its row space lies in that of ``X``), so ``W_k = U_k U_k^T W`` is the same optimum
+as the whitened SVD, and ``eig(C) = σ²(W L)`` gives the same spectrum, from an ``out x out``
+eigendecomposition instead of an ``in x in`` Gram, its Cholesky, the SVD of ``W L`` and a
+triangular solve.
 
 Loss estimates: each discarded σ_i² is exactly its contribution to ``||(W - W_k) X||_F²``
 (squared output error summed over calibration tokens), so ``loss_scale = 1``; comparable
