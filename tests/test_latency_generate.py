@@ -30,6 +30,7 @@ from ranklm.eval.latency import (
     parse_decode_tokens,
     parse_shapes,
     target_macs,
+    tensor_core_note,
     weight_bytes_per_token,
 )
 from ranklm.targets import Target
@@ -209,6 +210,25 @@ def test_cuda_graphs_refused_off_gpu(capsys, tiny_ckpt, text_file):
     code, out, err = run(capsys, "evaluate", tiny_ckpt, "--data", text_file, "--seq-len", "32", "--windows", "1",
                          "--latency", "--cuda-graphs")
     assert code == 2 and "--cuda-graphs needs --latency and --device cuda" in err
+
+
+def test_tensor_core_note_only_for_half_precision_on_a_gpu_with_unaligned_ranks():
+    from ranklm.layers import LowRankLinear
+
+    _, comp = _compressed(0.5)
+    ranks = [m.rank for m in comp.modules() if isinstance(m, LowRankLinear)]
+    cuda = torch.device("cuda")
+    assert tensor_core_note(comp, torch.device("cpu"), torch.bfloat16) is None
+    assert tensor_core_note(comp, cuda, torch.float32) is None
+    odd = sum(r % 8 != 0 for r in ranks)
+    note = tensor_core_note(comp, cuda, torch.bfloat16)
+    assert (note is None) == (odd == 0)
+    if note:
+        assert f"{odd} of {len(ranks)} factored layers" in note and "--round-to 32" in note and "bfloat16" in note
+    for m in comp.modules():  # every rank a multiple of 8: no note
+        if isinstance(m, LowRankLinear):
+            m.rank = 8 * max(1, m.rank // 8)
+    assert tensor_core_note(comp, cuda, torch.float16) is None
 
 
 def test_weight_bytes_per_token_by_hand():

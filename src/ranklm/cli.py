@@ -337,11 +337,14 @@ def evaluate(
         out.update(method=state.method, keep_achieved=state.keep_achieved, keep_achieved_model=state.keep_achieved_model)
     lat = None
     if shapes is not None:
-        from .eval.latency import dense_counterpart, measure_decode, measure_latency
+        from .eval.latency import dense_counterpart, measure_decode, measure_latency, tensor_core_note
         from .layers import LowRankLinear
 
         if not any(isinstance(x, LowRankLinear) for x in m.modules()):
             raise RanklmError(f"--latency compares a ranklm checkpoint with its dense counterpart; {info['name_or_path']} is not compressed")
+        note = tensor_core_note(m, next(m.parameters()).device, next(m.parameters()).dtype)
+        if note:
+            _echo_err(note)
         dense = dense_counterpart(m)
         lat = measure_latency(dense, m, shapes, latency_reps, latency_warmup, cuda_graphs=cuda_graphs)
         if decode is not None:

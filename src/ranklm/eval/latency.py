@@ -449,6 +449,25 @@ def dense_counterpart(compressed: nn.Module) -> nn.Module:
     return dense
 
 
+def tensor_core_note(model: nn.Module, device: torch.device, dtype: torch.dtype) -> str | None:
+    """A hint when a GPU runs half precision on factor ranks that are not multiples of 8.
+
+    Tensor-core GEMMs want inner dimensions in multiples of 8; on the lent H100 an unrounded
+    keep-0.5 checkpoint ran 0.67-0.70x of dense in bfloat16 and 0.88-0.97x with ``--round-to 32``
+    (benchmarks §3c), at the same perplexity.
+    """
+    from ..layers import LowRankLinear
+
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    ranks = [m.rank for m in model.modules() if isinstance(m, LowRankLinear)]
+    odd = sum(r % 8 != 0 for r in ranks)
+    if not odd:
+        return None
+    return (f"note: {odd} of {len(ranks)} factored layers have ranks that are not multiples of 8, which "
+            f"{str(dtype).removeprefix('torch.')} GEMMs on a GPU run slowly; compress with --round-to 32 (benchmarks §3c)")
+
+
 def parse_shapes(spec: str) -> list[tuple[int, int]]:
     """``"1x128,8x512"`` -> ``[(1, 128), (8, 512)]``."""
     from ..errors import RanklmError
