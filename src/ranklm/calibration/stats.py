@@ -103,6 +103,15 @@ def collect_grams(
     return collect_activation_stats(model, targets, windows, batch_size, progress, gram=True)
 
 
+def _add_product(sums: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> None:
+    """``sums[name] += x^T x``: one batch's product where ``x`` lives, the running sum float64 on the CPU."""
+    if name in sums and x.dtype == torch.float64 and x.device.type == "cpu":
+        sums[name].addmm_(x.T, x)  # float64 forced: no temporary
+    else:
+        g = (x.T @ x).to(device="cpu", dtype=torch.float64)
+        sums[name] = sums[name].add_(g) if name in sums else g
+
+
 @torch.no_grad()
 def collect_activation_stats(
     model: nn.Module,
@@ -140,11 +149,7 @@ def collect_activation_stats(
                 fingerprints[key] = name
             xp = x.to(product_dtype(x.dtype))
             if gram:
-                if name in grams and xp.dtype == torch.float64 and xp.device.type == "cpu":
-                    grams[name].addmm_(xp.T, xp)  # float64 forced: no temporary
-                else:
-                    g = (xp.T @ xp).to(device="cpu", dtype=torch.float64)
-                    grams[name] = grams[name].add_(g) if name in grams else g
+                _add_product(grams, name, xp)
             if abs_mean:
                 a = xp.abs().sum(0).to(device="cpu", dtype=torch.float64)
                 abs_sums[name] = abs_sums[name] + a if name in abs_sums else a
@@ -159,8 +164,7 @@ def collect_activation_stats(
             yp = y.to(product_dtype(y.dtype))
             if bias is not None:  # the covariance of W x: the bias is kept as is, so it is not part of the error
                 yp = yp - bias.detach().to(yp.dtype)
-            c = (yp.T @ yp).to(device="cpu", dtype=torch.float64)
-            covs[name] = covs[name].add_(c) if name in covs else c
+            _add_product(covs, name, yp)
             tokens[name] = tokens.get(name, 0) + y.shape[0]
 
         return hook
