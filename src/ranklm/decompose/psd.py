@@ -92,8 +92,7 @@ def departs(info: dict[str, Any]) -> bool:
     """Whether a factor record departs from plain Cholesky (jitter added, or the eigh fallback).
 
     kfac's ``"diagonal"`` output factor is a documented approximation chosen by size, not a
-    numerical fallback: it departs only if it needed its floor.
+    numerical fallback: it departs only if it needed its floor. whiten's ``"output-eigh"`` (output
+    side) factors no Gram at all, so it has nothing to regularize.
     """
-    if info.get("method") == "output-eigh":  # whiten's output side: no factor to regularize
-        return False
-    return info.get("method") not in ("cholesky", "diagonal") or float(info.get("jitter", 0.0)) > 0.0
+    return info.get("method") not in ("cholesky", "diagonal", "output-eigh") or float(info.get("jitter", 0.0)) > 0.0

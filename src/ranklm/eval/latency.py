@@ -34,6 +34,7 @@ from ..targets import Target
 
 DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((1, 128), (1, 512), (8, 128), (8, 512))
 DEFAULT_DECODE: tuple[int, int] = (128, 128)  # prompt tokens, new tokens
+GRAPH_WARMUP_STEPS = 2  # eager decode steps before a step is captured (they use cache positions too)
 
 
 def target_macs(targets: list[Target], rank_map: RankMap | None = None) -> int:
@@ -317,7 +318,7 @@ def _static_cache(model: nn.Module, max_len: int, prompt: torch.Tensor) -> Any:
 
 
 def _greedy_decode_static(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
-                          cuda_graph: bool = False, warmup_steps: int = 2) -> tuple[list[int], float]:
+                          cuda_graph: bool = False, warmup_steps: int = GRAPH_WARMUP_STEPS) -> tuple[list[int], float]:
     """:func:`_greedy_decode` through a static KV cache, each step optionally replayed from a CUDA graph.
 
     One step reads its input token and position from fixed tensors and writes the next ones back
@@ -384,7 +385,7 @@ def measure_decode(
     """
     if reps < 1 or warmup < 0 or prompt_len < 1 or new_tokens < 1:
         raise ValueError("reps, prompt_len and new_tokens must be >= 1 and warmup >= 0")
-    _check_context(compressed, prompt_len + new_tokens + (2 if cuda_graphs else 0))
+    _check_context(compressed, prompt_len + new_tokens + (GRAPH_WARMUP_STEPS if cuda_graphs else 0))
     device = next(compressed.parameters()).device
     if cuda_graphs:
         _require_cuda(device)
