@@ -74,13 +74,13 @@ def _bad(capsys, tmp_path, *args, match):
         (["--base", "nope"], "unknown base 'nope'; valid bases: asvd, fwsvd, kfac, svd, tfwsvd, whiten"),
         (["--allocator", "nope"], "unknown allocator 'nope'; valid allocators: "),
         (["--include", "*nothing*"], "match no target module"),
-        (["--seq-len", "100000"], "calibration text too short"),
+        (["--seq-len", "100000"], "--seq-len 100000 is longer than the 256 positions"),
     ],
 )
 def test_bad_compress_arguments(capsys, tiny_llama_dir, text_file, tmp_path, extra, match):
     out_dir = tmp_path / "out"
     _bad(capsys, tmp_path, "compress", "--model", tiny_llama_dir, "--data", text_file, "--output", out_dir,
-         "--calib-windows", "2", "--eval-windows", "1", *extra, match=match)
+         "--calib-windows", "2", "--eval-windows", "1", "--seq-len", "32", "--eval-seq-len", "32", *extra, match=match)
 
 
 def test_output_exists(capsys, tiny_llama_dir, text_file, tmp_path):
@@ -109,7 +109,7 @@ def test_short_text_says_how_many_tokens(capsys, tiny_llama_dir, tmp_path):
     data = tmp_path / "short.txt"
     data.write_text("Just a few words.")
     line = _bad(capsys, tmp_path, "compress", "--model", tiny_llama_dir, "--data", data, "--seq-len", "64",
-                "--output", tmp_path / "o", match="too short")
+                "--eval-seq-len", "64", "--output", tmp_path / "o", match="too short")
     assert "needs 64 tokens" in line
 
 

@@ -6,25 +6,40 @@
     model = ranklm.compress(model, tokenizer, ranklm.CompressConfig(keep=0.8, recipe="svd-llm"))
     ranklm.save(model, tokenizer, "out/ckpt")
     model, tokenizer = ranklm.load("out/ckpt")
+
+The names below are imported on first use (PEP 562), so ``import ranklm.cli`` and ``ranklm --help``
+do not pay for importing torch and transformers.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from .api import CompressionState, compress  # noqa: E402
-from .config import RECIPES, CompressConfig  # noqa: E402
-from .errors import RanklmError  # noqa: E402
-from .io import export_dense, load, save  # noqa: E402
-from .layers import LowRankLinear  # noqa: E402
+import importlib
+from typing import Any
 
-__all__ = [
-    "RECIPES",
-    "CompressConfig",
-    "CompressionState",
-    "LowRankLinear",
-    "RanklmError",
-    "__version__",
-    "compress",
-    "export_dense",
-    "load",
-    "save",
-]
+from ._version import __version__
+
+_EXPORTS = {
+    "CompressionState": ".api",
+    "compress": ".api",
+    "RECIPES": ".config",
+    "CompressConfig": ".config",
+    "RanklmError": ".errors",
+    "export_dense": ".io",
+    "load": ".io",
+    "save": ".io",
+    "LowRankLinear": ".layers",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ranklm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -59,6 +59,10 @@ from .pipeline import FactorCache, calibration_info, make_plan
 from .pipeline import run as run_pipeline
 from .targets import Target, find_targets
 
+# Statistics computed from gradients on --fisher-windows windows (fwsvd/tfwsvd's Fisher, kfac's output-gradient Gram):
+# a base reading either needs --fisher-windows in its reproducing command.
+GRADIENT_STATISTICS = frozenset({"fisher", "out_gram"})
+
 
 # --------------------------------------------------------------------------- memory
 
@@ -265,8 +269,11 @@ def reproduce_command(method: Method, keep: float, opts: BenchOptions, args: dic
         parts += ["--model", str(args["model"])]
     if args.get("data") not in (None, "default"):
         parts += ["--data", str(args["data"])]
-    if args.get("eval_data"):
-        parts += ["--eval-data", str(args["eval_data"])]
+    evals = [str(e) for e in (args.get("eval_data") or [])]
+    if isinstance(args.get("eval_data"), str):
+        evals = [args["eval_data"]]
+    if evals:
+        parts += ["--eval-data", evals[0]]
     if args.get("dtype"):
         parts += ["--dtype", str(args["dtype"])]
     if method.recipe:
@@ -278,7 +285,7 @@ def reproduce_command(method: Method, keep: float, opts: BenchOptions, args: dic
     if opts.eval_windows is not None:
         parts += ["--eval-windows", str(opts.eval_windows)]
     parts += ["--batch-size", str(opts.batch_size), "--seed", str(opts.seed)]
-    if "fisher" in get_base(method.base).needs:
+    if get_base(method.base).needs & GRADIENT_STATISTICS:
         parts += ["--fisher-windows", str(opts.fisher_windows)]
     if opts.sequential is False and get_base(method.base).needs:
         parts += ["--whole-model"]
@@ -292,8 +299,16 @@ def reproduce_command(method: Method, keep: float, opts: BenchOptions, args: dic
         parts += ["--include", p]
     for p in opts.exclude:
         parts += ["--exclude", p]
-    parts += ["--output", f"{out_dir}/{method.name.replace('+', '_')}-keep{keep:g}"]
-    return shlex.join(parts)
+    if args.get("threads") is not None:
+        parts += ["--threads", str(args["threads"])]
+    out = f"{out_dir}/{method.name.replace('+', '_')}-keep{keep:g}"
+    parts += ["--output", out]
+    # The second and later evaluation texts: the same windows through `ranklm evaluate` on the saved cell.
+    extra = [["ranklm", "evaluate", out, "--data", e, "--seq-len", str(opts.eval_seq_len), "--batch-size", str(opts.batch_size)]
+             + (["--windows", str(opts.eval_windows)] if opts.eval_windows is not None else [])
+             + (["--threads", str(args["threads"])] if args.get("threads") is not None else [])
+             for e in evals[1:]]
+    return " && ".join(shlex.join(c) for c in [parts, *extra])
 
 
 # --------------------------------------------------------------------------- the grid

@@ -1,7 +1,9 @@
-"""``ranklm`` command line (typer): compress, evaluate, info, export.
+"""``ranklm`` command line (typer): compress, evaluate, info, export, bench, generate, finetune, plot.
 
 Every user mistake surfaces as ``error: <one line>`` on stderr with exit code 2
 and nothing written; progress bars go to stderr, ``--json`` output to stdout.
+Printing ``--help`` or ``--version`` imports neither torch nor transformers: every
+command imports what it needs inside its body.
 """
 
 from __future__ import annotations
@@ -17,24 +19,96 @@ from typing import Any, Optional
 
 import typer
 
-from .config import parse_option_value
+from ._version import __version__
+from .config import DEFAULT_KEEP, parse_option_value
 from .errors import RanklmError
 
 app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     no_args_is_help=True,
+    rich_markup_mode=None,  # plain click help: brackets in help strings stay text, defaults show as [default: ...]
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Low-rank compression of transformer language models with adaptive rank selection.",
 )
 
+DEFAULT_MODEL_HELP = "packaged SmolLM2-135M-Instruct"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"ranklm {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the ranklm version and exit.", is_eager=True,
+                                 callback=_print_version),
+) -> None:
+    """Low-rank compression of transformer language models with adaptive rank selection."""
+
+
+# ----------------------------------------------------------------------------- options shared by commands
+# One definition per option that several commands take, so the spelling, meaning and default cannot drift.
+
+
+def model_argument(what: str = "HF model folder, hub id or ranklm checkpoint") -> Any:
+    return typer.Argument(None, help=f"{what} (or give it as --model).", show_default=DEFAULT_MODEL_HELP,
+                          metavar="[MODEL]")
+
+
+def model_option(what: str = "HF model folder, hub id or ranklm checkpoint", default_help: str = DEFAULT_MODEL_HELP) -> Any:
+    return typer.Option(None, "--model", "-m", help=f"{what} (or give it as the first argument).", show_default=default_help)
+
+
+def threads_option() -> Any:
+    return typer.Option(None, "--threads", help="torch CPU threads; results can depend on it, so it is recorded in "
+                        "ranklm.json and in printed commands.", show_default="torch's default (the number of cores)")
+
+
+def device_option(what: str) -> Any:
+    return typer.Option("cpu", "--device", help=f"torch device to {what} on: cpu, cuda, cuda:1, ...")
+
+
+def dtype_option(what: str) -> Any:
+    return typer.Option("auto", "--dtype", help=f"{what}: auto (the folder's or checkpoint's own), float32, bfloat16, float16.")
+
+
+def _pick_model(positional: Optional[str], option: Optional[str]) -> Optional[str]:
+    """The model named either as the first argument or with ``--model`` (both: they must agree)."""
+    if positional is not None and option is not None and positional != option:
+        raise RanklmError(f"two models given: {positional!r} as the argument and --model {option!r}; give one")
+    return option if option is not None else positional
+
+
+def _given(ctx: typer.Context, name: str, value: Any) -> Any:
+    """``value`` if the user gave the option, else None (so ``--keep`` and ``--remove`` together can be refused)."""
+    source = ctx.get_parameter_source(name)
+    return None if source is not None and source.name == "DEFAULT" else value
+
+
+def _set_threads(threads: Optional[int]) -> int:
+    """Apply ``--threads`` (before any torch work) and return the thread count the run uses."""
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise RanklmError("--threads must be a positive integer")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
 
 def _quiet_libraries() -> None:
+    """Keep transformers' info logs and progress bars off stderr, without importing it just for that."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
-    from transformers.utils import logging as hf_logging
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
 
 def _dtype(name: str):
@@ -54,6 +128,19 @@ def _torch_device(name: str):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RanklmError(f"--device {name}: no CUDA device is available here")
     return dev
+
+
+def _check_positions(model, lengths: dict[str, Optional[int]]) -> None:
+    """Refuse a window length the model has no positions for (before any statistics or evaluation)."""
+    from .architectures import max_positions
+
+    limit = max_positions(model.config)
+    if limit is None:
+        return
+    for flag, n in lengths.items():
+        if n is not None and n > limit:
+            raise RanklmError(f"{flag} {n} is longer than the {limit} positions {type(model).__name__} has "
+                              f"(max_position_embeddings): use {flag} {limit} or less")
 
 
 def _echo_err(msg: str) -> None:
@@ -99,19 +186,21 @@ def _fmt_ppl(x: float) -> str:
 
 @app.command()
 def compress(
-    keep: Optional[float] = typer.Option(None, "--keep", help="Fraction of the targets' parameters to keep, in (0, 1] [default 0.8]."),
+    ctx: typer.Context,
+    model_arg: Optional[str] = model_argument(),
+    keep: float = typer.Option(DEFAULT_KEEP, "--keep", help="Fraction of the targets' parameters to keep, in (0, 1]."),
     remove: Optional[float] = typer.Option(None, "--remove", help="Fraction to remove (= 1 - keep)."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="Named method (see `ranklm methods`): svd, svd-llm, svd-llm-v2, fwsvd, tfwsvd, asvd, svd-energy, svd-llm-energy, kfac-global [default kfac-global for models with an LM head; svd-llm for encoders or with --sequential]."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Named method (see `ranklm methods`): svd, svd-llm, svd-llm-v2, fwsvd, tfwsvd, asvd, svd-energy, svd-llm-energy, kfac-global.", show_default="kfac-global for causal LMs; svd-llm for encoders or with --sequential"),
     base: Optional[str] = typer.Option(None, "--base", help="Base decomposition: svd, whiten, kfac, fwsvd, tfwsvd, asvd; overrides the recipe."),
     allocator: Optional[str] = typer.Option(None, "--allocator", help="Rank allocator: uniform, energy, loss, global, sensitivity, ars, softlm; overrides the recipe."),
     trainer: str = typer.Option("none", "--trainer", help="Training after installation: none or finetune."),
-    model: Optional[str] = typer.Option(None, "--model", help="HF model folder, hub id or ranklm checkpoint [default: packaged SmolLM2-135M-Instruct]."),
-    data: Optional[str] = typer.Option(None, "--data", help="Calibration text: file, folder or .jsonl [default: packaged convention speeches]."),
-    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Evaluation text: a file, folder, .jsonl, 'hamlet' (packaged) or 'default' [default: held-out part of --data]."),
+    model: Optional[str] = model_option("HF model folder or hub id to compress"),
+    data: Optional[str] = typer.Option(None, "--data", help="Calibration text: a text file, folder, .jsonl or .csv (its text column).", show_default="packaged convention speeches"),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Evaluation text: a file, folder, .jsonl, .csv, 'hamlet' (packaged) or 'default'.", show_default="held-out part of --data"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Checkpoint directory to write (atomically)."),
     include: list[str] = typer.Option([], "--include", help="Glob (or re:REGEX) on module names to compress; repeatable."),
     exclude: list[str] = typer.Option([], "--exclude", help="Glob (or re:REGEX) on module names to leave dense; repeatable."),
-    calib_windows: Optional[int] = typer.Option(None, "--calib-windows", help="Calibration windows [default: 128; 32 for the learning allocators ars and softlm, whose training dominates the run]."),
+    calib_windows: Optional[int] = typer.Option(None, "--calib-windows", help="Calibration windows.", show_default="128; 32 for the learning allocators ars and softlm, whose training dominates the run"),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration window."),
     eval_seq_len: int = typer.Option(512, "--eval-seq-len", help="Tokens per evaluation window."),
     eval_windows: int = typer.Option(40, "--eval-windows", help="Evaluation windows for the dense/compressed perplexity."),
@@ -122,12 +211,15 @@ def compress(
     alloc_opt: list[str] = typer.Option([], "--alloc-opt", help="Allocator option KEY=VALUE (see `ranklm methods`), e.g. steps=300; repeatable."),
     train_opt: list[str] = typer.Option([], "--train-opt", help="Trainer option KEY=VALUE (see `ranklm methods`), e.g. steps=100, lr=1e-4; repeatable."),
     fisher_windows: int = typer.Option(32, "--fisher-windows", help="Calibration windows used for gradient statistics (fwsvd/tfwsvd Fisher, kfac output gradients)."),
-    round_to: int = typer.Option(1, "--round-to", help="Round factored ranks to multiples of this (e.g. 8, 16, 32: GEMM-friendly shapes) after allocation, keep ratio still within 0.5 % below --keep [default 1: off]."),
-    max_flop_ratio: float = typer.Option(1.0, "--max-flop-ratio", help="Latency-aware rule: a target whose factored form would keep more than this fraction of its dense FLOPs (rank*(m+n) > ratio*m*n; two thin GEMMs near break-even are slower than one dense GEMM) is kept dense when the budget pays for it, else cut below the ratio; freed parameters go to the other targets; keep never rises above --keep [default 1: off; e.g. 0.6].", min=0.0, max=1.0),
-    sequential: Optional[bool] = typer.Option(None, "--sequential/--whole-model", help="Block-by-block calibration (memory ~ model + one block's statistics) and refit of the allocated ranks on compressed activations [default: on for whiten/asvd]."),
+    min_rank: int = typer.Option(1, "--min-rank", help="Smallest rank a factored target may get from the allocator."),
+    round_to: int = typer.Option(1, "--round-to", help="Round factored ranks to multiples of this (e.g. 8, 16, 32: GEMM-friendly shapes) after allocation, keep ratio still within 0.5 % below --keep; 1 = off."),
+    max_flop_ratio: float = typer.Option(1.0, "--max-flop-ratio", help="Latency-aware rule: a target whose factored form would keep more than this fraction of its dense FLOPs (rank*(m+n) > ratio*m*n; two thin GEMMs near break-even are slower than one dense GEMM) is kept dense when the budget pays for it, else cut below the ratio; freed parameters go to the other targets; keep never rises above --keep; 1 = off, e.g. 0.6.", min=0.0, max=1.0),
+    sequential: Optional[bool] = typer.Option(None, "--sequential/--whole-model", help="Block-by-block calibration (memory ~ model + one block's statistics) and refit of the allocated ranks on compressed activations.", show_default="on for whiten/asvd"),
     propagate: str = typer.Option("compressed", "--propagate", help="With --sequential: later blocks see the 'compressed' (refit) or 'dense' outputs."),
-    dtype: str = typer.Option("auto", "--dtype", help="Model dtype while compressing/evaluating and in the saved checkpoint: auto (the model folder's own), float32, bfloat16, float16. Statistics and factorizations stay float32/float64."),
-    device_map: Optional[str] = typer.Option(None, "--device-map", help="accelerate device map for big models: auto, a device, or JSON {module: device} (CPU/disk offload allowed; offloaded layers are compressed and run on the CPU)."),
+    dtype: str = dtype_option("Model dtype while compressing/evaluating and in the saved checkpoint (statistics and factorizations stay float32/float64)"),
+    device: str = device_option("load the model and compress"),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="accelerate device map for big models: auto, a device, or JSON {module: device} (CPU/disk offload allowed; offloaded layers are compressed and run on the CPU); replaces --device."),
+    threads: Optional[int] = threads_option(),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Save resumable training state (learning allocators, trainers) here every --save-every steps."),
@@ -139,11 +231,13 @@ def compress(
     from .config import AUTO, CompressConfig, resolve_keep
     from .eval import perplexity
     from .io import check_output_dir, save
-    from .models import load_model, require_tokenizer
-    from .pipeline import calibration_info, learning_summary, numerics_warning, open_run_state
+    from .models import is_checkpoint, load_model, require_tokenizer
+    from .pipeline import calibration_info, learning_summary, open_run_state, run_warnings
     from .pipeline import run as run_pipeline
 
-    ratio = resolve_keep(keep, remove)
+    model = _pick_model(model_arg, model)
+    threads_used = _set_threads(threads)
+    ratio = resolve_keep(_given(ctx, "keep", keep), remove)
     config = CompressConfig(
         keep=ratio,
         recipe=recipe if recipe is not None else (None if (base or allocator) else AUTO),
@@ -156,6 +250,7 @@ def compress(
         batch_size=batch_size,
         seed=seed,
         fisher_windows=fisher_windows,
+        min_rank=min_rank,
         round_to=round_to,
         max_flop_ratio=max_flop_ratio,
         sequential=sequential,
@@ -175,14 +270,23 @@ def compress(
         raise RanklmError("--resume needs --state-dir (the folder the interrupted run saved its state in)")
     if save_every < 1:
         raise RanklmError("--save-every must be a positive integer")
+    if model is not None and is_checkpoint(model):
+        raise RanklmError(f"{model} is already a ranklm checkpoint: compress starts from a dense model "
+                          "(export it with `ranklm export --dense` first to compress it again)")
     if output is not None:
         check_output_dir(output, overwrite)
+    else:
+        _echo_err("warning: no --output given: the compressed model is measured but not saved")
+    torch_device = _torch_device(device)
+    if device_map is not None and device != "cpu":
+        raise RanklmError("give --device or --device-map, not both")
     calib_src, eval_src = _eval_sources(data, eval_data)
 
     t0 = time.perf_counter()
-    m, tok, info = load_model(model, dtype=_dtype(dtype), device_map=device_map)
+    m, tok, info = load_model(model, dtype=_dtype(dtype), device=torch_device, device_map=device_map)
     _echo_err(f"loaded {info['name_or_path']} ({sum(p.numel() for p in m.parameters()):,} params, {info['dtype']}) in {time.perf_counter() - t0:.1f}s")
     tok = require_tokenizer(tok, info.get("path", str(model)))
+    _check_positions(m, {"--seq-len": seq_len, "--eval-seq-len": None if no_eval else eval_seq_len})
     from .targets import find_targets
 
     resolved = config.for_model(m)
@@ -242,6 +346,7 @@ def compress(
         "eval_tokens": evaluation.get("dense", {}).get("tokens"),
         "seq_len": config.seq_len,
         "eval_seq_len": eval_seq_len,
+        "threads": threads_used,
     }
     if learned:
         summary.update(keep_learned=learned[-1]["keep_learned"], reached_budget=learned[-1].get("reached_budget"))
@@ -249,8 +354,7 @@ def compress(
             summary["prefix_fraction"] = learned[-1]["prefix_fraction"]
     for line in learning_summary(st):
         _echo_err(line)
-    warning = numerics_warning(st)
-    if warning:
+    for warning in run_warnings(st):
         _echo_err(warning)
     if as_json:
         typer.echo(json.dumps(summary))
@@ -273,11 +377,12 @@ def compress(
 
 @app.command()
 def evaluate(
-    model: Optional[str] = typer.Argument(None, help="Checkpoint or HF model folder [default: packaged SmolLM2]."),
-    data: Optional[str] = typer.Option(None, "--data", help="Text file/folder/.jsonl [default: evaluation part of the packaged corpus]."),
-    windows: Optional[int] = typer.Option(None, "--windows", help="At most this many windows [default: all]."),
+    model_arg: Optional[str] = model_argument("Checkpoint or HF model folder"),
+    model: Optional[str] = model_option("Checkpoint or HF model folder"),
+    data: Optional[str] = typer.Option(None, "--data", help="Text file/folder/.jsonl/.csv, 'hamlet' or 'default'.", show_default="evaluation part of the packaged corpus"),
+    windows: Optional[int] = typer.Option(None, "--windows", help="At most this many windows.", show_default="all"),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per window."),
-    batch_size: int = typer.Option(4, "--batch-size"),
+    batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     latency: bool = typer.Option(False, "--latency", help="Checkpoint: median forward speed-up vs its dense counterpart (factors merged), next to the FLOP-ratio limit."),
     latency_shapes: str = typer.Option("1x128,1x512,8x128,8x512", "--latency-shapes", help="With --latency: BATCHxSEQ list."),
@@ -285,8 +390,9 @@ def evaluate(
     latency_warmup: int = typer.Option(2, "--latency-warmup", help="With --latency: untimed warm-up passes per model and shape."),
     decode_tokens: str = typer.Option("128x128", "--decode-tokens", help="With --latency: decode speed at batch 1 with a KV cache, PROMPTxNEW tokens (0 = skip)."),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="With --latency on a GPU: time forwards and decode steps replayed from CUDA graphs (static KV cache), free of launch and Python overhead."),
-    dtype: str = typer.Option("auto", "--dtype", help="Run the model in this dtype: auto (as saved), float32, bfloat16, float16."),
-    device: str = typer.Option("cpu", "--device", help="torch device to evaluate on, e.g. cuda (perplexity and --latency)."),
+    dtype: str = dtype_option("Run the model in this dtype"),
+    device: str = device_option("evaluate (perplexity and --latency)"),
+    threads: Optional[int] = threads_option(),
     lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="Comma-separated lm-evaluation-harness tasks (needs pip install 'ranklm[eval]')."),
     lm_eval_include: Optional[Path] = typer.Option(None, "--lm-eval-include", help="With --lm-eval: folder of custom task YAMLs."),
     lm_eval_limit: Optional[float] = typer.Option(None, "--lm-eval-limit", help="With --lm-eval: at most this many documents per task."),
@@ -296,6 +402,8 @@ def evaluate(
     """Token perplexity of a model or checkpoint (docs/design.md §2); optionally speed-up and lm-eval tasks.
 
     With ``--task``: accuracy and macro-F1 of a sequence classifier (a ``ranklm finetune`` checkpoint)."""
+    model = _pick_model(model_arg, model)
+    threads_used = _set_threads(threads)
     if task is not None:
         _evaluate_task(model, task, max_length, batch_size, as_json)
         return
@@ -322,6 +430,7 @@ def evaluate(
         _require_lm_eval()
     m, tok, info = load_model(model, dtype=_dtype(dtype), device=_torch_device(device))
     tok = require_tokenizer(tok, str(model or "the default model"))
+    _check_positions(m, {"--seq-len": seq_len})
     ids = token_windows(tok, src, seq_len, windows, purpose="evaluation")
     res = perplexity(m, ids, batch_size)
     out = {
@@ -331,6 +440,7 @@ def evaluate(
         "data": src.description,
         "dtype": info["dtype"],
         "device": str(next(m.parameters()).device),
+        "threads": threads_used,
     }
     state = getattr(m, "ranklm", None)
     if state is not None:
@@ -394,11 +504,12 @@ def _evaluate_task(model: Optional[str], task_spec: str, max_length: int, batch_
 
 @app.command()
 def info(
-    checkpoint: Optional[str] = typer.Argument(None, help="A ranklm checkpoint (or, with --diagnose, a model) [default model with --diagnose]."),
+    checkpoint: Optional[str] = typer.Argument(None, help="A ranklm checkpoint (or, with --diagnose, a model; or give it as --model).", show_default="packaged model with --diagnose", metavar="[MODEL]"),
+    model: Optional[str] = model_option("A ranklm checkpoint (or, with --diagnose, a model)", "packaged model with --diagnose"),
     as_json: bool = typer.Option(False, "--json", help="Print ranklm.json's summary and rank map as JSON."),
-    diagnose_: bool = typer.Option(False, "--diagnose", help="Predict per layer whether plain SVD will hurt badly (Fisher-based)."),
-    data: Optional[str] = typer.Option(None, "--data", help="With --diagnose: calibration text [default: packaged corpus]."),
-    keep: float = typer.Option(0.6, "--keep", help="With --diagnose: keep ratio at which to compare SVD and FWSVD."),
+    diagnose_: bool = typer.Option(False, "--diagnose", help="Predict per layer and overall which base decomposition loses least, and whether plain SVD will hurt badly."),
+    data: Optional[str] = typer.Option(None, "--data", help="With --diagnose: calibration text (encoders: a task).", show_default="packaged corpus"),
+    keep: float = typer.Option(0.6, "--keep", help="With --diagnose: keep ratio at which to compare the bases."),
     windows: int = typer.Option(8, "--windows", help="With --diagnose: Fisher windows."),
     seq_len: int = typer.Option(256, "--seq-len", help="With --diagnose: tokens per window."),
 ) -> None:
@@ -410,6 +521,7 @@ def info(
     from .budget import kept_fraction
     from .io import check_checkpoint
 
+    checkpoint = _pick_model(checkpoint, model)
     if diagnose_:
         _diagnose(checkpoint, data, keep, windows, seq_len, as_json)
         return
@@ -537,9 +649,11 @@ def plot(
 
 @app.command()
 def finetune(
+    ctx: typer.Context,
     task: str = typer.Option("rotten-tomatoes", "--task", help="rotten-tomatoes (packaged) or a CSV/JSONL file with text,label (optional group) columns."),
-    model: Optional[str] = typer.Option(None, "--model", help="Encoder folder (any AutoModelForSequenceClassification) [default: packaged all-MiniLM-L6-v2]."),
-    keep: Optional[float] = typer.Option(None, "--keep", help="Fraction of the targets' parameters to keep, in (0, 1]; 1 = dense fine-tuning [default 0.6]."),
+    model_arg: Optional[str] = model_argument("Encoder folder (any AutoModelForSequenceClassification)"),
+    model: Optional[str] = model_option("Encoder folder (any AutoModelForSequenceClassification)", "packaged all-MiniLM-L6-v2"),
+    keep: float = typer.Option(0.6, "--keep", help="Fraction of the targets' parameters to keep, in (0, 1]; 1 = dense fine-tuning."),
     remove: Optional[float] = typer.Option(None, "--remove", help="Fraction to remove (= 1 - keep)."),
     allocator: str = typer.Option("rankdyna", "--allocator", help="rankdyna (ranks move while fine-tuning), static (dense fine-tune, truncate, fine-tune), ars, softlm, or any allocator."),
     base: str = typer.Option("svd", "--base", help="Base decomposition: svd, fwsvd, tfwsvd, whiten, asvd (Fisher bases use the task loss)."),
@@ -559,7 +673,7 @@ def finetune(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Checkpoint directory to write (atomically; main process only)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output if it exists."),
     seed: int = typer.Option(0, "--seed", help="Seed for the head's initialisation, batches and anything random."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads per process."),
+    threads: Optional[int] = threads_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object as the last line on stdout."),
 ) -> None:
     """Fine-tune an encoder on a classification task while compressing it (docs/design.md §5); runs data-parallel under torchrun."""
@@ -570,15 +684,12 @@ def finetune(
     from .train.loop import process_state
     from .train.task import TaskRunConfig, finetune_task
 
-    ratio = resolve_keep(0.6 if keep is None and remove is None else keep, remove)
+    model = _pick_model(model_arg, model)
+    keep_given = _given(ctx, "keep", keep)
+    ratio = resolve_keep(keep if keep_given is None and remove is None else keep_given, remove)
     if resume and state_dir is None:
         raise RanklmError("--resume needs --state-dir (the folder the interrupted run saved its state in)")
-    if threads is not None:
-        if threads < 1:
-            raise RanklmError("--threads must be a positive integer")
-        import torch
-
-        torch.set_num_threads(threads)
+    _set_threads(threads)
     cfg = TaskRunConfig(keep=ratio, allocator=allocator, base=base, steps=steps, lr=lr, head_steps=head_steps, head_lr=head_lr,
                         batch_size=batch_size,
                         max_length=max_length, seed=seed, calib_windows=calib_windows, fisher_examples=fisher_examples,
@@ -640,16 +751,17 @@ def export(
 @app.command()
 def bench(
     ctx: typer.Context,
-    recipes: str = typer.Option("svd,svd-llm,svd-llm-v2", "--recipes", help="Comma-separated recipes or base+allocator pairs (e.g. svd,svd-llm,whiten+energy)."),
+    recipes: str = typer.Option("kfac-global,svd-llm,svd-llm-v2,svd", "--recipes", help="Comma-separated recipes or base+allocator pairs (e.g. svd,svd-llm,whiten+energy)."),
     keep: str = typer.Option("0.8,0.6", "--keep", help="Comma-separated keep ratios of the targets' parameters."),
-    model: Optional[str] = typer.Option(None, "--model", help="HF model folder or hub id [default: packaged SmolLM2-135M-Instruct]."),
-    data: Optional[str] = typer.Option(None, "--data", help="Calibration text [default: packaged convention speeches]."),
-    eval_data: list[str] = typer.Option([], "--eval-data", help="Evaluation text(s); repeatable, the first is the main one [default: held-out part of --data]."),
+    model_arg: Optional[str] = model_argument("HF model folder or hub id"),
+    model: Optional[str] = model_option("HF model folder or hub id"),
+    data: Optional[str] = typer.Option(None, "--data", help="Calibration text: a text file, folder, .jsonl or .csv.", show_default="packaged convention speeches"),
+    eval_data: list[str] = typer.Option([], "--eval-data", help="Evaluation text(s); repeatable, the first is the main one.", show_default="held-out part of --data"),
     output: Path = typer.Option(..., "--output", "--out", "-o", help="Directory for results.csv/.md/.json and the PNG plots (written atomically)."),
     calib_windows: int = typer.Option(128, "--calib-windows", help="Calibration windows (shared by every cell)."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration window."),
     eval_seq_len: int = typer.Option(512, "--eval-seq-len", help="Tokens per evaluation window."),
-    sequential: Optional[bool] = typer.Option(None, "--sequential/--whole-model", help="Statistics mode of every cell, as in compress [default: block by block for whiten/asvd]."),
+    sequential: Optional[bool] = typer.Option(None, "--sequential/--whole-model", help="Statistics mode of every cell, as in compress.", show_default="block by block for whiten/asvd"),
     propagate: str = typer.Option("compressed", "--propagate", help="With --sequential: 'compressed' (refit) or 'dense'."),
     eval_windows: int = typer.Option(40, "--eval-windows", help="Evaluation windows per evaluation text."),
     batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
@@ -671,9 +783,9 @@ def bench(
     save_best: Optional[Path] = typer.Option(None, "--save-best", help="With --auto: save the chosen model here as a ranklm checkpoint."),
     save_dir: Optional[Path] = typer.Option(None, "--save-dir", help="Save every cell's model as a ranklm checkpoint in DIR/<method>@<keep> (e.g. to run `ranklm evaluate --latency` on one)."),
     auto_windows: int = typer.Option(8, "--auto-windows", help="With --auto: held-out calibration windows."),
-    rank_plot_keep: Optional[float] = typer.Option(None, "--rank-plot-keep", help="Keep ratio drawn in ranks.png [default: the smallest]."),
+    rank_plot_keep: Optional[float] = typer.Option(None, "--rank-plot-keep", help="Keep ratio drawn in ranks.png.", show_default="the smallest"),
     dtype: str = typer.Option("auto", "--dtype", help="Model dtype while compressing/evaluating every cell and in the saved checkpoint: auto (the model folder's own), float32, bfloat16, float16. Statistics and factorizations stay float32/float64."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+    threads: Optional[int] = threads_option(),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output (and --save-best) if they exist."),
     as_json: bool = typer.Option(False, "--json", help="Print the result rows as JSON on stdout."),
 ) -> None:
@@ -685,6 +797,7 @@ def bench(
     from .io import check_output_dir
     from .models import load_model, require_tokenizer
 
+    model = _pick_model(model_arg, model)
     methods = parse_methods(recipes)
     keeps = parse_keeps(keep)
     for name, v in (("calib-windows", calib_windows), ("seq-len", seq_len), ("eval-seq-len", eval_seq_len), ("eval-windows", eval_windows),
@@ -705,12 +818,7 @@ def bench(
     check_output_dir(output, overwrite)
     if save_best is not None:
         check_output_dir(save_best, overwrite)
-    if threads is not None:
-        if threads < 1:
-            raise RanklmError("--threads must be a positive integer")
-        import torch
-
-        torch.set_num_threads(threads)
+    threads_used = _set_threads(threads)
     calib_src, main_eval = _eval_sources(data, eval_data[0] if eval_data else None)
     evals = [("eval" if not eval_data else Path(eval_data[0]).stem if eval_data[0] != "default" else "default-eval", main_eval)]
     for e in eval_data[1:]:
@@ -734,42 +842,65 @@ def bench(
     if getattr(m, "ranklm", None) is not None:
         raise RanklmError(f"{model} is already a ranklm checkpoint: bench starts from a dense model")
     tok = require_tokenizer(tok, info_.get("path", str(model)))
+    _check_positions(m, {"--seq-len": seq_len, "--eval-seq-len": eval_seq_len})
     _echo_err(f"loaded {info_['name_or_path']} ({sum(p.numel() for p in m.parameters()):,} params) in {time.perf_counter() - t0:.1f}s")
     command = command_line(ctx)
+    if threads is None:
+        command += f" --threads {threads_used}"
     result = run_bench(
         m, tok, methods, keeps, calib_src, evals, opts, model_info=info_,
-        command_args={"model": model, "data": data, "eval_data": eval_data[0] if eval_data else None,
+        command_args={"model": model, "data": data, "eval_data": list(eval_data), "threads": threads_used,
                       "dtype": None if _dtype(dtype) == "auto" else info_["dtype"]},
         log=_echo_err,
     )
     write_outputs(result, output, command=command, overwrite=overwrite)
+    failed = [r for r in result.rows if r.get("status") != "ok"]
     if as_json:
         typer.echo(json.dumps({"rows": [{k: v for k, v in r.items() if k != "traceback"} for r in result.rows],
                                "best": result.best, "output": str(output)}, default=str))
-        return
-    typer.echo(results_markdown(result, command))
-    typer.echo(f"wrote {output}/results.csv, results.md, results.json, ppl_vs_keep.png, ranks.png")
+    else:
+        typer.echo(results_markdown(result, command))
+        typer.echo(f"wrote {output}/results.csv, results.md, results.json, ppl_vs_keep.png, ranks.png")
+    if failed:
+        first = failed[0]
+        _echo_err(f"error: {len(failed)} of {len(result.rows)} bench cells failed (first: {first.get('method')} at keep "
+                  f"{first.get('keep')}: {_one_line(first.get('error', ''))}); see {output}/results.md")
+        raise typer.Exit(1)
 
 
 @app.command()
 def generate(
-    model: Optional[str] = typer.Argument(None, help="Checkpoint or HF model folder [default: packaged SmolLM2]."),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate."),
+    model_arg: Optional[str] = model_argument("Checkpoint or HF model folder"),
+    model: Optional[str] = model_option("Checkpoint or HF model folder"),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue (with --chat: the user's message)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate (prompt + new tokens must fit the model's positions)."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template as a user message and generate the assistant's answer."),
     sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
     temperature: float = typer.Option(1.0, "--temperature", help="With --sample: softmax temperature."),
     top_p: float = typer.Option(1.0, "--top-p", help="With --sample: nucleus probability mass."),
     seed: int = typer.Option(0, "--seed", help="With --sample: random seed."),
+    dtype: str = dtype_option("Run the model in this dtype (a bfloat16 checkpoint stays bfloat16 with auto)"),
+    device: str = device_option("generate"),
+    threads: Optional[int] = threads_option(),
 ) -> None:
     """Continue a prompt with a model or checkpoint, streaming the text to stdout."""
-    from .eval.generate import stream_generate
+    from .eval.generate import has_chat_template, stream_generate
     from .models import load_model, require_tokenizer
 
+    model = _pick_model(model_arg, model)
+    _set_threads(threads)
     if max_new_tokens < 1:
         raise RanklmError("--max-new-tokens must be a positive integer")
-    m, tok, info_ = load_model(model)
+    m, tok, info_ = load_model(model, dtype=_dtype(dtype), device=_torch_device(device))
     tok = require_tokenizer(tok, str(model or "the default model"))
-    stream_generate(m, tok, prompt, max_new_tokens, sample, temperature, top_p, seed)
+    if chat and not has_chat_template(tok):
+        raise RanklmError(f"--chat: the tokenizer of {info_['name_or_path']} has no chat template")
+    if not chat and has_chat_template(tok):
+        _echo_err("note: this model has a chat template; --chat applies it to the prompt")
+    from .architectures import max_positions
+
+    stream_generate(m, tok, prompt, max_new_tokens, sample, temperature, top_p, seed, chat=chat,
+                    max_positions=max_positions(m.config))
 
 
 @app.command()

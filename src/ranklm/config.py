@@ -153,6 +153,10 @@ class CompressConfig:
                 raise RanklmError(f"{name.replace('_', '-')} must be a positive integer")
         if not 0.0 < float(self.max_flop_ratio) <= 1.0:
             raise RanklmError(f"max-flop-ratio must lie in (0, 1], got {self.max_flop_ratio}")
+        from .targets import check_patterns
+
+        check_patterns(self.include, "--include")
+        check_patterns(self.exclude, "--exclude")
         self.validate_options()
 
     def for_model(self, model: Any) -> "CompressConfig":

@@ -364,6 +364,78 @@ def numerics_warning(state: CompressionState) -> str | None:
             f"(their objective was changed to make it factorable); {worst}; see artifacts.numerics in ranklm.json")
 
 
+def output_side_warning(state: CompressionState) -> str | None:
+    """One ``warning:`` line when whiten's output side had to drop directions the allocated ranks use (else None).
+
+    The output-side route (``output-eigh``, decompose/whiten.py) clamps negative eigenvalues of the
+    output covariance to 0 and gives every direction with ``σ <= 1e-6 σ_1`` a zero ``B`` row. Both
+    are recorded per target. Tiny negatives are round-off and are only recorded; what is material:
+    an allocated rank above the target's ``live_rank`` (ranks spent on directions that carry no
+    output energy on the calibration data: too few or too uniform calibration tokens), or a
+    negative eigenvalue larger than round-off explains (``psd.MATERIAL_NEGATIVE``: the statistic
+    itself is suspect).
+    """
+    from .decompose.psd import MATERIAL_NEGATIVE
+
+    record = (state.artifacts or {}).get("numerics") or {}
+    rank_map = state.rank_map or {}
+    wasted, negative = [], []
+    for name, r in record.items():
+        if r.get("method") != "output-eigh":
+            continue
+        k = rank_map.get(name)
+        if "live_rank" in r and k not in (None, DENSE) and int(k) > int(r["live_rank"]):
+            wasted.append((name, int(k) - int(r["live_rank"]), int(k)))
+        if float(r.get("clamped_rel", 0.0)) > MATERIAL_NEGATIVE:
+            negative.append((name, float(r["clamped_rel"])))
+    if not wasted and not negative:
+        return None
+    parts = []
+    if wasted:
+        name, n, k = max(wasted, key=lambda w: w[1])
+        parts.append(f"{len(wasted)} targets were allocated ranks past the directions their calibration outputs "
+                     f"carry (sigma <= 1e-6 sigma_1: factors set to zero), worst {name}: {n} of {k} ranks; "
+                     "use more (or more varied) calibration data")
+    if negative:
+        name, rel = max(negative, key=lambda w: w[1])
+        parts.append(f"{len(negative)} output covariances had negative eigenvalues beyond round-off "
+                     f"(worst {name}: -{rel:.1e} x the largest)")
+    return "warning: whiten (output side): " + "; ".join(parts) + "; see artifacts.numerics in ranklm.json"
+
+
+def knapsack_warning(state: CompressionState) -> str | None:
+    """One ``warning:`` line when the global allocator's exact knapsack did not give a proven optimum (else None)."""
+    rec = (state.artifacts or {}).get("global") or {}
+    if rec.get("solver") != "milp" or rec.get("exact_proven", True):
+        return None
+    used = rec.get("loss_exact") if rec.get("chosen") == "exact" else rec.get("loss_greedy")
+    bound = rec.get("loss_lower_bound")
+    numbers = ""
+    if used is not None and bound is not None:
+        numbers = f"; estimated dropped loss {used:.4g} (lower bound {bound:.4g})"
+    hint = " (raise --alloc-opt time_limit=SECONDS)" if int(rec.get("milp_status", -1)) == 1 else ""
+    return (f"warning: global allocator: {rec.get('fallback', 'no proven optimum')}{hint}{numbers}; "
+            "see artifacts.global in ranklm.json")
+
+
+def sensitivity_warning(state: CompressionState) -> str | None:
+    """One ``warning:`` line when the sensitivity table held non-finite perplexities (else None)."""
+    rec = (state.artifacts or {}).get("sensitivity") or {}
+    bad = rec.get("non_finite") or []
+    if not bad:
+        return None
+    first = bad[0]
+    return (f"warning: sensitivity: {len(bad)} perplexity measurement(s) were not finite and counted as "
+            f"log-perplexity {rec.get('non_finite_logppl', 700.0):g}, first {first['target']} at ratio {first['ratio']:g}; "
+            "see artifacts.sensitivity.non_finite in ranklm.json")
+
+
+def run_warnings(state: CompressionState) -> list[str]:
+    """Every ``warning:`` line about how a run's numerics or solvers departed from the plan, in a fixed order."""
+    lines = [f(state) for f in (numerics_warning, output_side_warning, knapsack_warning, sensitivity_warning)]
+    return [ln for ln in lines if ln]
+
+
 def compression_state(
     model: nn.Module, config: CompressConfig, targets: list[Target], rank_map: RankMap, dense_model: int,
     calibration: dict[str, Any] | None, base_model: dict[str, Any], timings: dict[str, float], artifacts: dict[str, Any],
@@ -429,7 +501,8 @@ def run(
     torch.manual_seed(config.seed)
     dense_model = model_params(model)
     plan = make_plan(config)
-    timings: dict[str, float] = {}
+    # results can depend on the thread count (reduction order), so it is recorded next to the times it gave
+    timings: dict[str, float] = {"torch_threads": torch.get_num_threads()}
     t0 = time.perf_counter()
     windows, calib_info = None, None
     if plan.needs_windows:
@@ -542,6 +615,6 @@ def learning_summary(state: CompressionState) -> list[str]:
 __all__ = [
     "FactorCache", "Plan", "allocate_ranks", "open_run_state", "calibration_info", "calibration_windows", "compression_state",
     "decompose_targets", "install_factors", "install_rank_map", "learning_summary", "make_plan", "numerics_records",
-    "numerics_warning", "refine_factors",
+    "knapsack_warning", "numerics_warning", "output_side_warning", "refine_factors", "run_warnings", "sensitivity_warning",
     "refit_sequential", "run", "windows_sha256",
 ]

@@ -69,6 +69,16 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return best
 
 
+def check_patterns(patterns: list[str] | None, flag: str) -> None:
+    """Refuse a ``re:`` pattern that is not a regular expression (one line, before any work)."""
+    for pattern in patterns or []:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as e:
+                raise RanklmError(f"{flag} {pattern!r} is not a valid regular expression: {e}") from None
+
+
 def _matches(name: str, pattern: str) -> bool:
     """Glob on the full name or any dotted suffix; ``re:`` prefix for a regex."""
     if pattern.startswith("re:"):
@@ -80,6 +90,8 @@ def find_targets(
     model: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None
 ) -> list[Target]:
     """Target matrices in module order, filtered by include/exclude patterns."""
+    check_patterns(include, "--include")
+    check_patterns(exclude, "--exclude")
     found = find_blocks(model)
     if found is None:
         kinds = Counter(type(m).__name__ for m in model.modules() if len(list(m.children())) == 0)

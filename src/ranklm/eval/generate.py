@@ -136,6 +136,11 @@ def generation_quality(
     return quality_of(conts, int(prompts.shape[1]), max_new_tokens)
 
 
+def has_chat_template(tokenizer) -> bool:
+    """Whether the tokenizer carries a chat template (Instruct models do)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 def stream_generate(
     model: nn.Module,
     tokenizer,
@@ -146,9 +151,15 @@ def stream_generate(
     top_p: float = 1.0,
     seed: int = 0,
     stream=None,
+    chat: bool = False,
+    max_positions: int | None = None,
 ) -> str:
     """Generate from ``prompt`` (greedy, or sampled with temperature/top-p), streaming text to ``stream``
-    (stdout by default) as tokens arrive; returns the generated text (without the prompt)."""
+    (stdout by default) as tokens arrive; returns the generated text (without the prompt).
+
+    ``chat``: the prompt becomes a user message in the tokenizer's chat template, followed by the
+    assistant's generation prompt (what an Instruct model was trained on). ``max_positions``: the
+    model's position limit; a prompt plus ``max_new_tokens`` past it is refused before generating."""
     from transformers import TextStreamer
 
     if tokenizer is None:
@@ -162,13 +173,24 @@ def stream_generate(
     if not callable(getattr(model, "generate", None)) or not getattr(model, "can_generate", lambda: False)():
         raise RanklmError(f"{type(model).__name__} cannot generate text (not a causal language model)")
     torch.manual_seed(seed)
-    enc = tokenizer(prompt, return_tensors="pt")
-    ids = enc["input_ids"]
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is not None and (ids.numel() == 0 or int(ids[0, 0]) != bos):
-        ids = torch.cat([torch.tensor([[bos]]), ids], dim=1)
+    if chat:
+        if not has_chat_template(tokenizer):
+            raise RanklmError("--chat: the tokenizer has no chat template")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is not None and (ids.numel() == 0 or int(ids[0, 0]) != bos):
+            ids = torch.cat([torch.tensor([[bos]]), ids], dim=1)
     if ids.numel() == 0:
         raise RanklmError("the prompt is empty")
+    if max_positions is not None and ids.shape[1] + max_new_tokens > max_positions:
+        raise RanklmError(
+            f"the prompt ({ids.shape[1]} tokens) plus --max-new-tokens {max_new_tokens} is longer than the model's "
+            f"{max_positions} positions: ask for at most {max(max_positions - ids.shape[1], 0)} new tokens"
+        )
     device = next(model.parameters()).device
     ids = ids.to(device)
 
@@ -180,7 +202,7 @@ def stream_generate(
             out.write(text + ("\n" if stream_end else ""))
             out.flush()
 
-    streamer = _Streamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
+    streamer = _Streamer(tokenizer, skip_prompt=chat, skip_special_tokens=True)  # chat: the answer only
     eos = _eos_ids(model, tokenizer)
     kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if sample else dict(do_sample=False)
     with torch.inference_mode():
