@@ -42,7 +42,7 @@ ARTIFACTS_FILE = "allocator.safetensors"  # tensors an allocator left in Compres
 
 
 def _version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return __version__
 
@@ -155,6 +155,7 @@ def build_metadata(model: nn.Module) -> dict[str, Any]:
         "ranklm_version": _version(),
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
+        "torch_threads": (state.timings or {}).get("torch_threads", torch.get_num_threads()),
         "base_model": state.base_model,
         "recipe": {
             "name": state.method,
