@@ -12,6 +12,12 @@ first, ``budget.fit_budget``) is solved too; both objectives are recorded in
 times out with a worse incumbent). ``fit_budget`` is applied last so the §2 rules
 (≤ keep, within 0.5 %) hold as for every allocator.
 
+When the exact solve was asked for but the map used is not a proven optimum (the MILP failed
+and greedy was used, or it stopped at its time limit and its incumbent was used), the record
+says so (``"exact_proven": False``, ``"fallback"``: why) with a lower bound on the dropped
+loss (``loss_lower_bound``, from the Lagrangian bound), and ``pipeline.knapsack_warning``
+turns it into one ``warning:`` line.
+
 Which bases qualify — those whose σ² estimate loss comparably **across** targets
 (declared by the base as ``loss_scale`` c, stamped in ``Factorization.meta``):
 
@@ -169,6 +175,8 @@ def solve_exact(
         options={"time_limit": float(time_limit), "mip_rel_gap": 1e-9},
     )
     info.update(status=int(res.status), message=str(res.message))
+    if getattr(res, "mip_gap", None) is not None and np.isfinite(res.mip_gap):
+        info["gap"] = float(res.mip_gap)  # HiGHS's relative gap (of the rescaled objective) when it stopped
     if res.x is None:
         return None, info
     x = np.round(res.x)
@@ -223,13 +231,26 @@ class GlobalAllocator:
         if self.solver == "milp":
             t0 = time.perf_counter()
             exact, info = solve_exact(targets, values, budget_params(targets, keep), floors, greedy, self.time_limit)
-            record.update(milp_seconds=round(time.perf_counter() - t0, 3), **{f"milp_{k}": v for k, v in info.items()})
+            record.update(milp_seconds=round(time.perf_counter() - t0, 3), time_limit=self.time_limit,
+                          **{f"milp_{k}": v for k, v in info.items()})
+            total = float(sum(v.sum() for v in values.values()))
+            record["loss_lower_bound"] = max(total - float(info["lagrangian_bound"]), 0.0)
             if exact is not None:
                 # Same rules as every allocator; a no-op on an optimum (any step that still fits would add value).
                 exact = fit_budget(targets, exact, keep, priority, min_rank)
                 record["loss_exact"] = dropped_loss(targets, values, exact)
                 if record["loss_exact"] <= record["loss_greedy"]:
                     chosen, rank_map = "exact", exact
+            # status 0 = optimal (scipy.optimize.milp); anything else is at best an unproven incumbent
+            record["exact_proven"] = chosen == "exact" and info["status"] == 0
+            if not record["exact_proven"]:
+                if exact is None:
+                    record["fallback"] = f"the MILP returned no solution ({info['message']}): greedy map used"
+                elif chosen == "greedy":
+                    record["fallback"] = (f"the MILP's solution was worse than greedy ({info['message']}): "
+                                          "greedy map used")
+                else:
+                    record["fallback"] = f"the MILP stopped before proving optimality ({info['message']}): its incumbent used"
         record.update(chosen=chosen, params=targets_cost(targets, rank_map))
         if context is not None:
             context.artifacts["global"] = record

@@ -13,6 +13,9 @@ windows. It is kept in ``context.artifacts["sensitivity"]`` (saved in the
 checkpoint) and in a JSON cache file keyed by model, base, windows and grid, so
 a second budget on the same model reuses it. Pass ``table=PATH`` (a cache file
 or a checkpoint's ``ranklm.json``) to reuse one explicitly.
+
+A measurement that is not finite (NaN/Inf perplexity) is allocated as log-perplexity 700,
+recorded in ``artifacts["sensitivity"]["non_finite"]`` (target, ratio) and warned about.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from ..targets import Conv1D, Target
 from .base import AllocationContext, require_context
 
 DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+NON_FINITE_LOGPPL = 700.0  # log-perplexity given to a non-finite measurement (exp(709) is float64's largest)
 
 
 def rank_for_ratio(t: Target, ratio: float) -> int:
@@ -158,9 +162,15 @@ class SensitivityAllocator:
     ) -> RankMap:
         context = require_context(context, self.name)
         data = self.table(targets, factorizations, context)
-        context.artifacts["sensitivity"] = data
         grid = [float(g) for g in data["grid"]]
-        logp = {n: [math.log(max(p, 1.0)) if math.isfinite(p) else 700.0 for p in row] for n, row in data["ppl"].items()}
+        # A non-finite perplexity (the truncation broke the model, or overflowed) counts as the worst value any
+        # finite float64 perplexity can have; which ones are recorded, and the CLI warns (pipeline.sensitivity_warning).
+        data["non_finite"] = [{"target": n, "ratio": g, "ppl": str(p)} for n, row in data["ppl"].items()
+                              for g, p in zip(grid, row) if not math.isfinite(float(p))]
+        data["non_finite_logppl"] = NON_FINITE_LOGPPL
+        context.artifacts["sensitivity"] = data
+        logp = {n: [math.log(max(p, 1.0)) if math.isfinite(p) else NON_FINITE_LOGPPL for p in row]
+                for n, row in data["ppl"].items()}
 
         def choose(threshold: float) -> RankMap:
             out: RankMap = {}

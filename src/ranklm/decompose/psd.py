@@ -19,6 +19,9 @@ import torch
 from ..errors import RanklmError
 
 EIGH_FLOOR = 1e-6  # eigenvalues clamped to this fraction of the mean diagonal in the eigh fallback
+# A negative eigenvalue of a streamed second-moment matrix larger than this fraction of its largest one is
+# not round-off (float32 per-batch products lose ~1e-6 relative, stats.py) but a suspect statistic.
+MATERIAL_NEGATIVE = 1e-4
 
 
 def shrink_toward_diagonal(m: torch.Tensor, shrink: float) -> None:
@@ -93,6 +96,7 @@ def departs(info: dict[str, Any]) -> bool:
 
     kfac's ``"diagonal"`` output factor is a documented approximation chosen by size, not a
     numerical fallback: it departs only if it needed its floor. whiten's ``"output-eigh"`` (output
-    side) factors no Gram at all, so it has nothing to regularize.
+    side) factors no Gram at all, so it has nothing to regularize; what it clamps and drops is judged
+    against the allocated ranks by ``pipeline.output_side_warning``.
     """
     return info.get("method") not in ("cholesky", "diagonal", "output-eigh") or float(info.get("jitter", 0.0)) > 0.0

@@ -19,7 +19,9 @@ rank-k approximation of ``W X`` is ``U_k U_k^T W X`` with ``U_k`` the top eigenv
 (Eckart-Young; its row space lies in that of ``X``), so ``W_k = U_k U_k^T W`` is the same optimum
 as the whitened SVD, and ``eig(C) = σ²(W L)`` gives the same spectrum, from an ``out x out``
 eigendecomposition instead of an ``in x in`` Gram, its Cholesky, the SVD of ``W L`` and a
-triangular solve.
+triangular solve. Negative eigenvalues (round-off) are clamped to 0 and directions with
+``σ <= 1e-6 σ_1`` get a zero ``B`` row; both are counted in the numerics record
+(``output_side_record``), and the CLI warns when the allocated rank reaches such directions.
 
 Loss estimates: each discarded σ_i² is exactly its contribution to ``||(W - W_k) X||_F²``
 (squared output error summed over calibration tokens), so ``loss_scale = 1``; comparable
@@ -37,6 +39,30 @@ from ..options import Opt
 from ..targets import Target
 from .base import Factorization, split_sqrt, thin_svd
 from .psd import psd_factor, solve_right
+
+
+DEAD_SIGMA = 1e-6  # output-side directions with σ <= DEAD_SIGMA·σ_1 get B = 0 (no output energy to fit)
+
+
+def output_side_record(lam: torch.Tensor, s: torch.Tensor) -> dict[str, Any]:
+    """What the output-side route did to a target's output covariance (eigenvalues ``lam``, ``s = sqrt(max(lam, 0))``).
+
+    - ``clamped``: eigenvalues below 0 set to 0, ``clamped_rel`` the largest of them in magnitude
+      relative to the largest eigenvalue (σ² scale; round-off of the float32 per-batch products is
+      ~1e-6, so only values past ``psd.MATERIAL_NEGATIVE`` are warned about);
+    - ``dropped``: directions with ``σ <= DEAD_SIGMA·σ_1`` (clamped ones included), which get a zero
+      ``B`` row; ``live_rank = out − dropped`` is the largest rank whose every direction carries
+      output energy. An allocated rank above it is warned about (``pipeline.output_side_warning``).
+    """
+    top = float(lam.abs().max()) if lam.numel() else 0.0  # the largest eigenvalue, unless none is positive
+    negative = lam[lam < 0]
+    dead = int((s <= s[:1] * DEAD_SIGMA).sum()) if s.numel() else 0
+    return {
+        "method": "output-eigh", "jitter": 0.0,
+        "clamped": int(negative.numel()),
+        "clamped_rel": float(-negative.min()) / top if negative.numel() and top > 0 else 0.0,
+        "dropped": dead, "live_rank": int(s.numel()) - dead,
+    }
 
 
 def whitening_factor(gram: torch.Tensor, name: str = "", shrink: float = 0.0) -> tuple[torch.Tensor, str]:
@@ -92,8 +118,8 @@ class WhitenBase:
         # A / sqrt(s) stays U (SoftLMs reparametrises that way). A direction without output energy on the
         # calibration data (σ <= 1e-6 σ_1, below what float32 products resolve) gets B = 0: it changes
         # nothing the data can see, and dividing by its root would blow B up.
-        live = s[:k] > s[:1] * 1e-6
+        live = s[:k] > s[:1] * DEAD_SIGMA
         a = u[:, :k] * root
         b = torch.where(live[:, None], (u[:, :k].mT @ w) / torch.where(live, root, 1.0)[:, None], 0.0)
-        info = {"method": "output-eigh", "jitter": 0.0, "clamped": int((lam < 0).sum())}
+        info = output_side_record(lam, s)
         return Factorization(a.float(), b.float(), s.float(), meta={"numerics": info, "loss_scale": self.loss_scale})
