@@ -185,7 +185,7 @@ def test_round_to_too_coarse_is_one_error_line(capsys, tiny_llama_dir, text_file
     from ranklm.cli import main
 
     code = main(["compress", "--model", str(tiny_llama_dir), "--data", str(text_file), "--recipe", "svd", "--keep", "0.45",
-                 "--round-to", "16", "--no-eval", "--output", str(tmp_path / "o")])
+                 "--round-to", "16", "--no-eval", "--seq-len", "64", "--output", str(tmp_path / "o")])
     out, err = capsys.readouterr()
     assert code == 2 and "--round-to 16" in err and "smaller multiple" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
