@@ -50,8 +50,12 @@ def test_parse_dtype():
 @pytest.mark.parametrize("recipe", ["svd-llm", "kfac-global"])
 def test_bf16_model_round_trips_in_bf16(capsys, bf16_llama_dir, text_file, tmp_path, recipe):
     out_dir = tmp_path / "ckpt"
-    code, out, err = run(capsys, "compress", "--model", bf16_llama_dir, "--data", text_file, "--keep", "0.8",
-                         "--recipe", recipe, "--output", out_dir, *FAST, "--json")
+    # a separate evaluation file, so that `evaluate` below scores exactly the windows compress scored
+    # (without --eval-data compress evaluates a held-out part of --data, evaluate the whole file)
+    eval_file = tmp_path / "eval.txt"
+    eval_file.write_text(text_file.read_text()[:3000])
+    code, out, err = run(capsys, "compress", "--model", bf16_llama_dir, "--data", text_file, "--eval-data", eval_file,
+                         "--keep", "0.8", "--recipe", recipe, "--output", out_dir, *FAST, "--json")
     assert code == 0, err
     s = json.loads(out)
     assert "bfloat16" in err  # the load line says which dtype the model runs in
@@ -67,11 +71,16 @@ def test_bf16_model_round_trips_in_bf16(capsys, bf16_llama_dir, text_file, tmp_p
     again, _ = load(out_dir)
     assert torch.equal(first, outputs(again, ids))
     # its perplexity evaluated from the checkpoint is the one compress reported
-    code, out, err = run(capsys, "evaluate", out_dir, "--data", text_file, "--seq-len", "32", "--windows", "2",
+    code, out, err = run(capsys, "evaluate", out_dir, "--data", eval_file, "--seq-len", "32", "--windows", "2",
                          "--batch-size", "2", "--json")
     assert code == 0, err
     ev = json.loads(out)
     assert ev["dtype"] == "bfloat16"
+    assert ev["tokens"] == s["eval_tokens"] and ev["windows"] == s["eval_windows"]
+    recorded = meta["evaluation"]["compressed"]["ppl"]
+    assert recorded == pytest.approx(s["ppl_compressed"], rel=1e-12)  # what ranklm.json records is what was printed
+    assert ev["ppl"] == pytest.approx(s["ppl_compressed"], rel=1e-6), (ev["ppl"], s["ppl_compressed"])
+    assert ev["ppl"] != pytest.approx(s["ppl_dense"], rel=1e-6)  # the compressed model, not the dense one
 
 
 def test_explicit_dtype_overrides_the_folder(capsys, bf16_llama_dir, text_file, tmp_path):
