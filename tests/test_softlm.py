@@ -10,7 +10,7 @@ import torch
 
 import ranklm
 from ranklm.allocate import AllocationContext, get_allocator
-from ranklm.budget import TOLERANCE, keep_ratio
+from ranklm.budget import TOLERANCE, keep_ratio, target_cost, targets_dense_params
 from ranklm.config import CompressConfig
 from ranklm.decompose import get_base
 from ranklm.errors import RanklmError
@@ -34,9 +34,23 @@ def test_thresholds_move_and_land_on_the_budget(keep):
     model, ids = make_model("llama"), random_ids(16, 32)
     _compress(model, ids, keep)
     art, rec = model.ranklm.artifacts["softlm"], model.ranklm.training[0]
-    traj = art["trajectory"]["series"]
-    assert any(abs(v[-1] - v[0]) > 1e-3 for v in traj.values())  # alpha moved
-    assert abs(rec["keep_learned"] - keep) <= 0.02 and rec["reached_budget"]
+    # the thresholds start at the target (uniform ranks): zero steps give the initial alpha and ranks, which
+    # already land within ~0.015 of keep, so "near keep" alone says nothing about training
+    untrained = make_model("llama")
+    _compress(untrained, ids, keep, steps=0)
+    start = untrained.ranklm.artifacts["softlm"]
+    assert set(start["alpha"]) == set(art["alpha"])
+    moved = {n: abs(art["alpha"][n] - start["alpha"][n]) for n in art["alpha"]}
+    assert max(moved.values()) > 0.015, moved  # alpha moved away from its initial value
+    assert art["ranks_learned"] != start["ranks_learned"]  # and training redistributed rank between targets
+    # the learned keep is the one the trained thresholds give, and training brought it onto the budget
+    ranks_traj = model.ranklm.artifacts["softlm-ranks"]["trajectory"]["series"]
+    assert {n: v[-1] for n, v in ranks_traj.items()} == art["ranks_learned"]
+    targets = model.ranklm.targets
+    learned = sum(target_cost(t, art["ranks_learned"][t.name]) for t in targets) / targets_dense_params(targets)
+    assert rec["keep_learned"] == pytest.approx(learned, rel=1e-12) == art["keep_learned"]
+    assert abs(rec["keep_learned"] - keep) <= 0.005 and rec["reached_budget"], rec["keep_learned"]
+    assert abs(rec["keep_learned"] - keep) < abs(start["keep_learned"] - keep)
     assert keep * (1 - TOLERANCE) <= model.ranklm.keep_achieved <= keep
     assert set(art["alpha"]) == set(model.ranklm.rank_map) and art["kappa"] == 10.0
     # a plain LowRankLinear model: no thresholds at inference
