@@ -55,8 +55,10 @@ def test_fwsvd_column_side():
     assert weighted_error(f, w, col) < weighted_error(f, w, row)
 
 
-def test_tfwsvd_never_worse_and_ordering():
-    """Per-element Fisher: TFWSVD <= FWSVD <= SVD in the weighted error."""
+def test_tfwsvd_improves_on_fwsvd_where_fisher_is_not_separable():
+    """Per-element Fisher (row weights x element noise: no d_i^2 factorisation, so FWSVD is not the optimum):
+    TFWSVD's numerical solve beats its FWSVD start by a clear margin, FWSVD beats SVD, and the report says so.
+    (TFWSVD <= FWSVD alone holds by construction: the solve returns its start when it cannot improve.)"""
     w, f = _w(), _row_fisher(24, 16, noise=1.0)
     base = get_base("tfwsvd", adam_steps=150, sgd_steps=50)
     fac = base.decompose(w, {"fisher": f}, 8)
@@ -65,10 +67,25 @@ def test_tfwsvd_never_worse_and_ordering():
         e_t = weighted_error(f, w, a.double() @ b.double())
         e_f = weighted_error(f, w, fac.approx(k))
         e_s = weighted_error(f, w, get_base("svd").decompose(w, {}, 8).approx(k))
-        assert e_t <= e_f * (1 + 1e-6) and e_f < e_s
-        assert e_t < 0.99 * e_f  # the numerical solve actually improves on its start here
+        assert e_f < e_s
+        assert e_t < 0.85 * e_f, (k, e_t / e_f)  # measured 0.65-0.77
         rep = base.report[f"k{k}"]
-        assert rep["weighted_error_tfwsvd"] <= rep["weighted_error_fwsvd"] * (1 + 1e-5)
+        assert rep["rank"] == k
+        assert rep["weighted_error_fwsvd"] == pytest.approx(e_f, rel=1e-5)
+        assert rep["weighted_error_tfwsvd"] == pytest.approx(e_t, rel=1e-5)
+        assert rep["weighted_error_svd"] == pytest.approx(e_s, rel=1e-5)
+        assert rep["weighted_error_tfwsvd"] < 0.85 * rep["weighted_error_fwsvd"]
+
+
+def test_tfwsvd_cannot_improve_where_fwsvd_is_optimal():
+    """Separable (row) Fisher: FWSVD is already the weighted optimum, so the solve stays (numerically) at it --
+    the margin above comes from the per-element weights, not from FWSVD being set up badly."""
+    w, f = _w(), _row_fisher(24, 16)
+    base = get_base("tfwsvd", adam_steps=150, sgd_steps=50)
+    fac = base.decompose(w, {"fisher": f}, 8)
+    a, b = base.refine(w, {"fisher": f}, fac, 5)
+    e_t, e_f = weighted_error(f, w, a.double() @ b.double()), weighted_error(f, w, fac.approx(5))
+    assert e_t == pytest.approx(e_f, rel=1e-4)
 
 
 def test_tfwsvd_keeps_start_when_steps_diverge():
