@@ -22,14 +22,18 @@ export RANKLM_CACHE="$work/cache"  # convert the packaged model afresh, as on a 
 cd "$work"
 ranklm --version
 start=$SECONDS
+# The first four of the 30 blocks (28 targets) keep CI short; every stage of the default recipe still runs
+# (statistics, output gradients, kfac factorizations, the scipy knapsack, install, save, evaluation).
 ranklm compress --calib-windows 4 --seq-len 128 --fisher-windows 4 --eval-windows 2 --eval-seq-len 128 \
-  --output "$work/ckpt" --json > "$work/summary.json"
+  --include 're:^model\.layers\.[0-3]\.' --output "$work/ckpt" --json > "$work/summary.json"
 echo "clean-install smoke: compress took $((SECONDS - start)) s" >&2
 test -f "$work/ckpt/ranklm.json" && test -f "$work/ckpt/model.safetensors"
 python - "$work/summary.json" <<'PY'
 import json, sys
 s = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
 assert s["method"] == "kfac-global", s
+meta = json.load(open(sys.argv[1].replace("summary.json", "ckpt/ranklm.json")))
+assert "loss_exact" in meta["artifacts"]["global"], meta["artifacts"]["global"]  # the exact knapsack ran (scipy)
 assert abs(s["keep_achieved"] - 0.8) <= 0.8 * 0.005 + 1e-9 and s["keep_achieved"] <= 0.8, s
 print(f"clean-install smoke: ok ({s['method']}, keep {s['keep_achieved']:.4f}, "
       f"perplexity {s['ppl_dense']:.2f} -> {s['ppl_compressed']:.2f} on 2 x 128 tokens)")

@@ -208,3 +208,19 @@ def test_bench_cell_commands_carry_threads_fisher_windows_and_every_eval_text(ca
 def test_bench_default_recipes_include_the_default_method(capsys):
     code, out, _ = run(capsys, "bench", "--help")
     assert "kfac-global" in " ".join(out.split()).split("--recipes", 1)[1][:200]
+
+
+def test_missing_optional_extra_is_one_line_naming_it(capsys, tiny_llama_dir, text_file, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_lm_eval(name, *a, **k):
+        if name == "lm_eval" or name.startswith("lm_eval."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_lm_eval)
+    code, out, err = run(capsys, "evaluate", tiny_llama_dir, "--data", text_file, "--seq-len", "32", "--lm-eval", "x")
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "pip install 'ranklm[eval]'" in lines[0] and "Traceback" not in err

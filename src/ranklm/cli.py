@@ -560,13 +560,15 @@ def info(
 
 def _diagnose(model: Optional[str], data: Optional[str], keep: float, windows: int, seq_len: int, as_json: bool) -> None:
     from .calibration import default_corpus, read_text_source, token_windows
-    from .calibration.fisher import collect_fisher
+    from .calibration.fisher import collect_curvature
     from .config import resolve_keep
     from .diagnose import diagnose
     from .models import load_model, require_tokenizer
     from .targets import find_targets
 
     keep = resolve_keep(keep, None)
+    # One forward/backward per window collects everything every base needs (Fisher, input Gram, |x|,
+    # output-gradient Gram), so the bases are compared on the same windows.
     if _is_encoder(model):
         # Encoders: Fisher of the task loss (the FWSVD/TFWSVD papers' setting); --data names the task
         # (rotten-tomatoes or a text,label file); as many examples as the decoder default's tokens.
@@ -580,7 +582,7 @@ def _diagnose(model: Optional[str], data: Optional[str], keep: float, windows: i
         objective = task_objective(task, tok, DEFAULT_MAX_LENGTH, "train", _label2id(m))
         n = max(1, min(len(objective), windows * seq_len // DEFAULT_MAX_LENGTH))
         targets = find_targets(m)
-        fisher = collect_fisher(m, targets, objective.examples["input_ids"][:n], loss_fn=objective)
+        fisher, stats = collect_curvature(m, targets, objective.examples["input_ids"][:n], loss_fn=objective)
         what = f"{n} {task.name} train examples, task loss"
     else:
         m, tok, info_ = load_model(model)
@@ -588,36 +590,32 @@ def _diagnose(model: Optional[str], data: Optional[str], keep: float, windows: i
         src = default_corpus()[0] if data is None else read_text_source(data)
         ids = token_windows(tok, src, seq_len, windows, seed=0)
         targets = find_targets(m)
-        fisher = collect_fisher(m, targets, ids)
-        what = f"{len(ids)} x {seq_len} Fisher tokens, LM loss"
-    report = diagnose(m, targets, fisher, keep)
+        fisher, stats = collect_curvature(m, targets, ids)
+        what = f"{len(ids)} x {seq_len} tokens, LM loss"
+    report = diagnose(m, targets, fisher, keep, stats)
     report["fisher_data"] = what
     if as_json:
         typer.echo(json.dumps(report))
         return
-    typer.echo(f"SVD-drop diagnosis of {info_['name_or_path']} at keep {keep} ({what})")
-    typer.echo(f"{'module':<48} {'cv_rows':>8} {'cv_cols':>8} {'svd/fwsvd':>10}")
+    bases = report["bases"]
+    typer.echo(f"Diagnosis of {info_['name_or_path']} at keep {keep} ({what}; Fisher and both Grams from the same passes)")
+    typer.echo("estimated loss increase of each base's truncation at the uniform rank, 1/2 tr(G dW A dW^T) in nats/token:")
+    typer.echo(f"{'module':<48} {'cv_rows':>8} {'cv_cols':>8} {'svd/fwsvd':>10}" + "".join(f" {b:>10}" for b in bases))
     for name, sc in report["targets"].items():
-        typer.echo(f"{name:<48} {sc['cv_rows']:>8.2f} {sc['cv_cols']:>8.2f} {sc['fisher_error_ratio']:>10.2f}")
+        typer.echo(f"{name:<48} {sc['cv_rows']:>8.2f} {sc['cv_cols']:>8.2f} {sc['fisher_error_ratio']:>10.2f}"
+                   + "".join(f" {sc['loss'][b]:>10.3g}" for b in bases))
     o = report["overall"]
-    typer.echo(f"{'overall (parameter-weighted)':<48} {o['cv_rows']:>8.2f} {o['cv_cols']:>8.2f} {o['fisher_error_ratio']:>10.2f}")
+    typer.echo(f"{'overall (parameter-weighted; losses summed)':<48} {o['cv_rows']:>8.2f} {o['cv_cols']:>8.2f} "
+               f"{o['fisher_error_ratio']:>10.2f}" + "".join(f" {o['loss'][b]:>10.3g}" for b in bases))
     typer.echo(f"recommendation: {report['recommendation']}")
+    typer.echo(f"svd vs fwsvd: {report['svd_drop']}")
 
 
 def _is_encoder(model: Optional[str]) -> bool:
-    """True for a model without a causal LM head (BERT-like encoders, sequence classifiers)."""
-    if model is None or model == "default":
-        return False
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """True for a model without a causal LM head (BERT-like encoders, sequence classifiers, masked LMs)."""
+    from .models import config_is_encoder
 
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except Exception:  # noqa: BLE001 - load_model reports a bad path properly
-        return False
-    archs = getattr(config, "architectures", None) or []
-    if archs:
-        return not any("ForCausalLM" in a or "LMHeadModel" in a for a in archs)
-    return type(config) not in AutoModelForCausalLM._model_mapping
+    return config_is_encoder(model)
 
 
 def _label2id(model) -> Optional[dict]:
@@ -712,6 +710,7 @@ def finetune(
     if getattr(m, "ranklm", None) is not None:
         raise RanklmError(f"{model} is already a ranklm checkpoint: finetune starts from a dense encoder")
     tok = require_tokenizer(tok, str(model or "the default encoder"))
+    _check_positions(m, {"--max-length": max_length})
     if state.is_main_process:
         _echo_err(f"loaded {info_['name_or_path']} ({sum(p.numel() for p in m.parameters()):,} params) in {time.perf_counter() - t0:.1f}s; "
                   f"task {data.name}: " + ", ".join(f"{k} {v}" for k, v in data.sizes.items()) + f"; {state.num_processes} process(es)")
