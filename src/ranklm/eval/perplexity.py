@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..architectures import has_lm_head
+from ..architectures import is_causal_lm, not_causal_reason
 from ..errors import RanklmError
 
 
@@ -36,10 +36,9 @@ class PerplexityResult:
 
 
 def require_causal_lm(model: nn.Module) -> None:
-    if not has_lm_head(model):
-        raise RanklmError(
-            f"perplexity needs a causal language model; {type(model).__name__} has no LM head (an encoder?)"
-        )
+    """Refuse (one RanklmError line) a model without a next-token head: encoders, masked-LM heads."""
+    if not is_causal_lm(model):
+        raise RanklmError(f"perplexity needs a causal language model; {not_causal_reason(model)}")
 
 
 @torch.no_grad()
