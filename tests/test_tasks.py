@@ -178,7 +178,6 @@ def test_diagnose_encoder_uses_task_loss(capsys, tiny_bert_dir, task_file):
     # importance makes it clearly larger (measured 2.2; a uniform or zero Fisher gives 1.0)
     assert r["overall"]["fisher_error_ratio"] > 1.5, r["overall"]
     assert all(v["fisher_error_ratio"] > 1.05 for v in r["targets"].values()), r["targets"]
-    assert "weighted base" in r["recommendation"]
 
 
 def test_head_warmup_trains_only_the_head(tiny_bert_dir, task_file):
