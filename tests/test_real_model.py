@@ -72,4 +72,12 @@ def test_every_recipe_end_to_end_on_the_real_model(smol, tmp_path, recipe, base_
     assert torch.isfinite(logits).all()
     if recipe == "tfwsvd":
         rep = model.ranklm.artifacts["base_report"]
-        assert all(r["weighted_error_tfwsvd"] <= r["weighted_error_fwsvd"] * (1 + 1e-5) for r in rep.values())
+        factored = {n: r for n, r in model.ranklm.rank_map.items() if r != "dense"}
+        assert len(rep) == len(factored) > 30  # each factored target solved once, at its allocated rank
+        assert sorted(r["rank"] for r in rep.values()) == sorted(factored.values())
+        ratios = sorted(r["weighted_error_tfwsvd"] / r["weighted_error_fwsvd"] for r in rep.values())
+        assert ratios[-1] <= 1 + 1e-5  # never worse than the FWSVD start (by construction)
+        # real per-element Fisher is not separable: even 5 + 3 steps improve on FWSVD (measured: median 0.88,
+        # 40 of 42 targets below 0.96, the worst 0.9996); a solve that returns its start gives 1.0 everywhere
+        assert ratios[len(ratios) // 2] < 0.95, ratios
+        assert sum(x < 0.98 for x in ratios) >= 0.75 * len(ratios), ratios
