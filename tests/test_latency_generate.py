@@ -322,16 +322,23 @@ def test_generate_cli_prints_text(capsys, tiny_ckpt, tiny_llama_dir):
 HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
 
 
-@pytest.mark.skipif(HAS_LM_EVAL, reason="lm_eval is installed")
-def test_lm_eval_missing_is_a_clear_error(capsys, tiny_ckpt, text_file):
+def test_lm_eval_missing_is_a_clear_error(capsys, tiny_ckpt, text_file, monkeypatch):
+    # runs everywhere: where lm_eval is installed, importing it is made to fail as on a machine without it
+    import sys
+
+    for mod in ("lm_eval", "lm_eval.models", "lm_eval.models.huggingface"):
+        monkeypatch.setitem(sys.modules, mod, None)  # `import lm_eval` now raises ImportError
     code, out, err = run(capsys, "evaluate", tiny_ckpt, "--data", text_file, "--seq-len", "32", "--windows", "1",
                          "--lm-eval", "hellaswag")
-    assert code == 2 and "pip install" in err and "lm-eval" in err
+    assert code == 2 and "pip install" in err and "lm-eval" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and out == ""  # refused before any evaluation
 
 
 @pytest.mark.skipif(not HAS_LM_EVAL, reason="lm_eval not installed (pip install 'ranklm[eval]')")
-def test_lm_eval_local_task_offline(capsys, tiny_ckpt, tiny_llama_dir, text_file, tmp_path, monkeypatch):
-    from conftest import TEXT
+def test_lm_eval_local_task_offline(capsys, tiny_ckpt, tiny_llama_dir, tiny_tokenizer, text_file, tmp_path, monkeypatch):
+    import re
+
+    from conftest import TEXT, VOCAB
     from ranklm.eval.lm_eval_bridge import write_local_task
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -339,15 +346,26 @@ def test_lm_eval_local_task_offline(capsys, tiny_ckpt, tiny_llama_dir, text_file
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
     docs = [TEXT * 2, TEXT[100:] + TEXT, TEXT[::-1][:200] + TEXT]
     task_dir = write_local_task(docs, tmp_path / "tasks", name="ranklm_tiny_ppl")
+    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    n_words = sum(len(re.split(r"\s+", d)) for d in docs)
+    n_tokens = sum(len(tiny_tokenizer(d, add_special_tokens=False).input_ids) for d in docs)
+    # a randomly initialised model predicts about uniformly over its vocabulary: the chance level in bits per byte
+    chance = math.log2(VOCAB) * n_tokens / n_bytes
     results = {}
     for name, model in (("compressed", tiny_ckpt), ("dense", tiny_llama_dir)):
         code, out, err = run(capsys, "evaluate", model, "--data", text_file, "--seq-len", "32", "--windows", "1",
                              "--lm-eval", "ranklm_tiny_ppl", "--lm-eval-include", task_dir, "--json")
         assert code == 0, err
         m = json.loads(out)["lm_eval"]["ranklm_tiny_ppl"]
-        assert math.isfinite(m["bits_per_byte"]) and m["bits_per_byte"] > 0 and m["word_perplexity"] > 1
+        bpb = m["bits_per_byte"]
+        assert math.isfinite(bpb) and abs(bpb / chance - 1) < 0.02, (name, bpb, chance)  # measured within 0.5 %
+        # the three metrics are one log-likelihood over the same documents
+        assert m["byte_perplexity"] == pytest.approx(2**bpb, rel=1e-9)
+        assert math.log(m["word_perplexity"]) == pytest.approx(bpb * math.log(2) * n_bytes / n_words, rel=1e-6)
         results[name] = m
+    # the compressed checkpoint is scored itself (not the dense model) and stays near the dense one
     assert results["compressed"]["bits_per_byte"] != pytest.approx(results["dense"]["bits_per_byte"], rel=1e-6)
+    assert results["compressed"]["bits_per_byte"] == pytest.approx(results["dense"]["bits_per_byte"], rel=0.01)
     code, out, err = run(capsys, "evaluate", tiny_ckpt, "--data", text_file, "--seq-len", "32", "--windows", "1",
                          "--lm-eval", "no_such_task_xyz", "--lm-eval-include", task_dir)
     assert code == 2 and "unknown lm-eval task" in err
