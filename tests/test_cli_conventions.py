@@ -224,3 +224,17 @@ def test_missing_optional_extra_is_one_line_naming_it(capsys, tiny_llama_dir, te
     code, out, err = run(capsys, "evaluate", tiny_llama_dir, "--data", text_file, "--seq-len", "32", "--lm-eval", "x")
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert code == 2 and len(lines) == 1 and "pip install 'ranklm[eval]'" in lines[0] and "Traceback" not in err
+
+
+def test_calib_windows_past_the_text_is_refused_but_the_default_count_is_at_most(capsys, caplog, tiny_llama_dir, text_file,
+                                                                                  tmp_path):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="ranklm")
+    code, _, err = run(capsys, "compress", tiny_llama_dir, "--data", text_file, "--calib-windows", "100000",
+                       "--seq-len", "32", "--eval-seq-len", "32", "--output", tmp_path / "o", "--no-eval")
+    assert code == 2 and "too short for --calib-windows 100000" in err and not (tmp_path / "o").exists()
+    code, out, err = run(capsys, "compress", tiny_llama_dir, "--data", text_file, "--recipe", "svd-llm", "--keep", "0.6",
+                         "--seq-len", "128", "--eval-seq-len", "32", "--output", tmp_path / "o", "--no-eval", "--json")
+    assert code == 0, err
+    assert "calibration: 128 windows of 128 tokens asked for, the text gives" in caplog.text

@@ -10,7 +10,8 @@ from ranklm.cli import main
 from ranklm.decompose import BASES, get_base
 from ranklm.errors import RanklmError
 from ranklm.options import Opt, describe_options, validate_options
-from ranklm.registry import build, list_methods, method_options
+from ranklm.cli import _list_methods as list_methods
+from ranklm.registry import build, method_options
 
 FAST = ["--calib-windows", "2", "--seq-len", "32", "--eval-windows", "1", "--batch-size", "2"]
 
@@ -105,9 +106,15 @@ def test_options_without_declarations_fall_back_to_the_constructor():
         def __init__(self, a=1):
             self.a = a
 
-    assert build("trainer", {"legacy": Legacy}, "legacy", {"a": 5}).a == 5
-    with pytest.raises(RanklmError, match="unknown trainer 'nope'; valid trainers: legacy"):
-        build("trainer", {"legacy": Legacy}, "nope", {})
+    from ranklm import registry
+
+    registry.register("trainer", "legacy")(Legacy)
+    try:
+        assert build("trainer", "legacy", {"a": 5}).a == 5
+        with pytest.raises(RanklmError, match="unknown trainer 'nope'; valid trainers: finetune, legacy"):
+            build("trainer", "nope", {})
+    finally:
+        registry.registered("trainer").pop("legacy")
 
 
 # --------------------------------------------------------------------------- declarations on every method

@@ -296,7 +296,9 @@ def compress(
                   "kfac-global needs an LM loss through the whole model)")
         config = resolved
     find_targets(m, config.include, config.exclude)  # fail on bad patterns before any long work
-    calib = token_windows(tok, calib_src, config.seq_len, config.calib_windows, seed=config.seed)
+    # --calib-windows given: exactly that many or an error; the default count: at most that many (said in a log line)
+    calib = token_windows(tok, calib_src, config.seq_len, config.calib_windows, seed=config.seed,
+                          strict=calib_windows is not None)
     evaluation: dict[str, Any] = {}
     eval_windows_t = None
     from .architectures import has_lm_head
@@ -905,9 +907,41 @@ def generate(
 @app.command()
 def methods() -> None:
     """Every base, allocator, trainer and recipe, with each option's type, default and help."""
-    from .registry import list_methods
+    typer.echo(_list_methods())
 
-    typer.echo(list_methods())
+
+def _axes(axes: Any) -> list[str]:
+    """A recipe's axes as names: ``("whiten", "uniform")`` or ``{"base": ..., "allocator": ..., ...}``."""
+    from collections.abc import Mapping
+
+    values = axes.values() if isinstance(axes, Mapping) else axes if isinstance(axes, (tuple, list)) else [axes]
+    return [str(a) for a in values if a and a != "none"]
+
+
+def _list_methods() -> str:
+    """Every base, allocator, trainer and recipe with its options, defaults and help."""
+    from .config import DEFAULT_RECIPE, LAYERWISE_DEFAULT_RECIPE, RECIPES
+    from .options import describe_options
+    from .registry import table
+
+    sections = []
+    for kind, title in (("base", "Bases"), ("allocator", "Allocators"), ("trainer", "Trainers")):
+        found = table(kind)
+        if not found:
+            continue
+        flag = {"base": "--base-opt", "allocator": "--alloc-opt", "trainer": "--train-opt"}[kind]
+        blocks = []
+        for name, cls in sorted(found.items()):
+            spec = getattr(cls, "OPTIONS", None)
+            blocks.append(describe_options(kind, name, spec) if spec is not None
+                          else f"{kind} {name}\n    (options not declared)")
+        sections.append(f"{title} (options: {flag} KEY=VALUE)\n\n" + "\n\n".join(blocks))
+    width = max(len(r) for r in RECIPES)
+    recipes = [f"    {name:<{width}}  = {' + '.join(_axes(axes))}" for name, axes in sorted(RECIPES.items())]
+    recipes.append(f"\n    default: {DEFAULT_RECIPE} for models with an LM head; {LAYERWISE_DEFAULT_RECIPE} for encoders "
+                   "(no LM loss) and with --sequential")
+    sections.append("Recipes (--recipe NAME; --base/--allocator override an axis)\n\n" + "\n".join(recipes))
+    return "\n\n".join(sections)
 
 
 def _click_exception_classes(name: str) -> tuple[type, ...]:

@@ -107,8 +107,9 @@ class CompressConfig:
 
     def __post_init__(self) -> None:
         self.keep = resolve_keep(self.keep, None)
-        from .allocate import ALLOCATORS
-        from .decompose import BASES
+        from .registry import table
+
+        BASES, ALLOCATORS, TRAINERS = table("base"), table("allocator"), table("trainer")
 
         if self.recipe == AUTO:
             self.default_recipe = True
@@ -135,11 +136,9 @@ class CompressConfig:
                 f"the {self.allocator} allocator needs a base whose spectra estimate loss comparably across targets "
                 f"({', '.join(comparable)}); {self.base}'s do not"
             )
-        from .train import TRAINER_NAMES
-
         self.trainer = self.trainer or "none"
-        if self.trainer not in TRAINER_NAMES:
-            raise RanklmError(f"unknown trainer {self.trainer!r}; valid trainers: {', '.join(TRAINER_NAMES)}")
+        if self.trainer != "none" and self.trainer not in TRAINERS:
+            raise RanklmError(f"unknown trainer {self.trainer!r}; valid trainers: none, {', '.join(sorted(TRAINERS))}")
         if self.trainer == "none" and self.trainer_options:
             raise RanklmError("training options (--train-opt) given but no trainer (--trainer finetune)")
         if self.calib_windows is None:

@@ -120,7 +120,7 @@ def calibration_windows(tokenizer, data: Data, config: CompressConfig) -> tuple[
         source = TextSource(f"{len(data)} in-memory documents", [str(d) for d in data])
     else:
         source = read_text_source(data)
-    windows = token_windows(tokenizer, source, config.seq_len, config.calib_windows, seed=config.seed)
+    windows = token_windows(tokenizer, source, config.seq_len, config.calib_windows, seed=config.seed, strict=False)
     return windows, calibration_info(source.description, windows, config)
 
 

@@ -1,102 +1,140 @@
-"""Name -> class lookup shared by the base, allocator and trainer registries.
+"""The method tables: name -> class for bases, allocators, trainers and calibration statistics.
 
-Each registered class declares ``OPTIONS: tuple[Opt, ...]`` (see ``options``); ``build``
-validates the given options against it before calling the constructor, so an unknown or
-ill-typed option is one ``RanklmError`` line, never a silently ignored keyword.
+Passive by design: this module imports no method. Methods register themselves with a class
+decorator where they are defined (``@register_base("kfac")``, ``@register_allocator("global")``,
+``@register_trainer("finetune")``, ``@register_statistic("gram")``), as peft's
+``register_peft_method`` and torchao's ``register_quantize_module_handler`` do. The tables are
+filled on first lookup (``table(kind)``): the built-in method packages are loaded as ranklm's own
+plugin, then every entry point of the ``ranklm.methods`` group, so a third-party package adds a
+method with one module and one line of packaging metadata::
 
-This module imports no method module at import time (the registries import it); the
-tables are looked up lazily by ``method_table``.
+    [project.entry-points."ranklm.methods"]
+    my_method = "my_package.my_module"
+
+Each registered class declares its options once (``OPTIONS: tuple[Opt, ...]``, see ``options``);
+``build`` validates the given options against them before calling the constructor, so an unknown
+or ill-typed option is one ``RanklmError`` line, never a silently ignored keyword.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import importlib
+import logging
+from typing import Any, Callable, Mapping, TypeVar
 
 from .errors import RanklmError
-from .options import Opt, describe_options, validate_options
+from .options import validate_options
 
-KINDS = ("base", "allocator", "trainer")
+KINDS = ("base", "allocator", "trainer", "statistic")
+ENTRY_POINT_GROUP = "ranklm.methods"
+# ranklm's own methods, loaded like any plugin: importing each package runs its modules' decorators.
+BUILTIN_PLUGINS = ("ranklm.decompose", "ranklm.allocate", "ranklm.train", "ranklm.calibration")
 
-
-def build(kind: str, table: Mapping[str, type], name: str, options: Mapping[str, Any], from_cli: bool = False) -> Any:
-    """Instantiate ``table[name]`` with validated options, or explain which names exist.
-
-    A class without ``OPTIONS`` is called with the options as given (no validation).
-    """
-    cls = lookup(kind, table, name)
-    spec = getattr(cls, "OPTIONS", None)
-    if spec is None:
-        return cls(**options)
-    return cls(**validate_options(kind, name, spec, options, from_cli=from_cli))
+_TABLES: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}
+_loaded = False
+_loading = False
+logger = logging.getLogger(__name__)
+T = TypeVar("T", bound=type)
 
 
-def lookup(kind: str, table: Mapping[str, type], name: str) -> type:
-    if name not in table:
-        raise RanklmError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(table))}")
-    return table[name]
+def register(kind: str, name: str) -> Callable[[T], T]:
+    """Class decorator: enter ``cls`` in the ``kind`` table under ``name`` (a second class under a taken name is refused)."""
+    if kind not in _TABLES:
+        raise ValueError(f"unknown method kind {kind!r}; valid: {', '.join(KINDS)}")
+
+    def decorate(cls: T) -> T:
+        have = _TABLES[kind].get(name)
+        if have is not None and have is not cls and (have.__module__, have.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise RanklmError(f"two {kind}s named {name!r}: {have.__module__}.{have.__qualname__} and "
+                              f"{cls.__module__}.{cls.__qualname__}")
+        _TABLES[kind][name] = cls
+        cls.name = name  # type: ignore[attr-defined]
+        return cls
+
+    return decorate
 
 
-def method_table(kind: str) -> dict[str, type]:
-    """The registry of one kind: ``BASES``, ``ALLOCATORS`` or ``TRAINERS`` (empty if there is none yet)."""
-    if kind == "base":
-        from .decompose import BASES
-
-        return dict(BASES)
-    if kind == "allocator":
-        from .allocate import ALLOCATORS
-
-        return dict(ALLOCATORS)
-    if kind == "trainer":
-        try:
-            from . import train
-        except ImportError:
-            return {}
-        return dict(getattr(train, "TRAINERS", None) or {})
-    raise ValueError(f"unknown method kind {kind!r}; valid: {', '.join(KINDS)}")
+def register_base(name: str) -> Callable[[T], T]:
+    return register("base", name)
 
 
-def method_options(kind: str, name: str) -> tuple[Opt, ...]:
-    """The declared options of one base/allocator/trainer (``()`` if it declares none)."""
-    return tuple(getattr(lookup(kind, method_table(kind), name), "OPTIONS", ()))
+def register_allocator(name: str) -> Callable[[T], T]:
+    return register("allocator", name)
+
+
+def register_trainer(name: str) -> Callable[[T], T]:
+    return register("trainer", name)
+
+
+def register_statistic(name: str) -> Callable[[T], T]:
+    return register("statistic", name)
+
+
+def registered(kind: str) -> dict[str, type]:
+    """The live table of one kind as filled so far, without loading anything (for the packages that fill it)."""
+    return _TABLES[kind]
+
+
+def load_methods() -> None:
+    """Load the built-in methods and every ``ranklm.methods`` entry point, once."""
+    global _loaded, _loading
+    if _loaded or _loading:
+        return
+    _loading = True
+    try:
+        for module in BUILTIN_PLUGINS:
+            importlib.import_module(module)
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                ep.load()
+            except Exception as e:  # noqa: BLE001 - a broken plugin is named, not a traceback from deep inside
+                raise RanklmError(f"the ranklm plugin {ep.name!r} ({ep.value}) failed to load: "
+                                  f"{type(e).__name__}: {e}") from None
+        _loaded = True
+    finally:
+        _loading = False
+
+
+def table(kind: str) -> dict[str, type]:
+    """The live table of one kind (methods loaded first)."""
+    if kind not in _TABLES:
+        raise ValueError(f"unknown method kind {kind!r}; valid: {', '.join(KINDS)}")
+    load_methods()
+    return _TABLES[kind]
+
+
+def names(kind: str) -> tuple[str, ...]:
+    return tuple(sorted(table(kind)))
+
+
+def lookup(kind: str, name: str) -> type:
+    found = table(kind)
+    if name not in found:
+        raise RanklmError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(found))}")
+    return found[name]
+
+
+def build(kind: str, name: str, options: Mapping[str, Any] | None = None, from_cli: bool = False) -> Any:
+    """Instantiate the ``kind`` called ``name`` with validated options, or explain which names exist."""
+    cls = lookup(kind, name)
+    return cls(**check_options(kind, name, options or {}, from_cli))
+
+
+def method_options(kind: str, name: str) -> tuple:
+    """The declared options of one method (``()`` if it declares none)."""
+    return tuple(getattr(lookup(kind, name), "OPTIONS", ()))
 
 
 def check_options(kind: str, name: str, options: Mapping[str, Any], from_cli: bool = False) -> dict[str, Any]:
     """Validate options for ``kind name`` without building it (e.g. before loading a model)."""
-    cls = lookup(kind, method_table(kind), name)
+    cls = lookup(kind, name)
     spec = getattr(cls, "OPTIONS", None)
     if spec is None:
         return dict(options)
     return validate_options(kind, name, spec, options, from_cli=from_cli)
 
 
-def _axes(axes: Any) -> list[str]:
-    """A recipe's axes as names: ``("whiten", "uniform")`` or ``{"base": ..., "allocator": ..., ...}``."""
-    values = axes.values() if isinstance(axes, Mapping) else axes if isinstance(axes, (tuple, list)) else [axes]
-    return [str(a) for a in values if a and a != "none"]
-
-
-def list_methods() -> str:
-    """Every base, allocator, trainer and recipe with its options, defaults and help (``ranklm methods``)."""
-    from .config import DEFAULT_RECIPE, LAYERWISE_DEFAULT_RECIPE, RECIPES
-
-    sections = []
-    for kind, title in (("base", "Bases"), ("allocator", "Allocators"), ("trainer", "Trainers")):
-        table = method_table(kind)
-        if not table:
-            continue
-        flag = {"base": "--base-opt", "allocator": "--alloc-opt", "trainer": "--train-opt"}[kind]
-        blocks = []
-        for name, cls in sorted(table.items()):
-            spec = getattr(cls, "OPTIONS", None)
-            blocks.append(describe_options(kind, name, spec) if spec is not None
-                          else f"{kind} {name}\n    (options not declared)")
-        sections.append(f"{title} (options: {flag} KEY=VALUE)\n\n" + "\n\n".join(blocks))
-    width = max(len(r) for r in RECIPES)
-    recipes = [f"    {name:<{width}}  = {' + '.join(_axes(axes))}" for name, axes in sorted(RECIPES.items())]
-    recipes.append(f"\n    default: {DEFAULT_RECIPE} for models with an LM head; {LAYERWISE_DEFAULT_RECIPE} for encoders "
-                   "(no LM loss) and with --sequential")
-    sections.append("Recipes (--recipe NAME; --base/--allocator override an axis)\n\n" + "\n".join(recipes))
-    return "\n\n".join(sections)
-
-
-__all__ = ["build", "lookup", "method_table", "method_options", "check_options", "list_methods", "KINDS"]
+__all__ = ["KINDS", "build", "check_options", "load_methods", "lookup", "method_options", "names", "register",
+           "register_allocator", "register_base", "register_statistic", "register_trainer", "registered", "table"]

@@ -1,6 +1,6 @@
 """Rank allocators (docs/design.md §5): one module per allocator."""
 
-from ..registry import build
+from ..registry import build, registered
 from .ars import ARSAllocator
 from .rankdyna import RankDynaAllocator
 from .static import StaticAllocator
@@ -12,21 +12,12 @@ from .sensitivity import SensitivityAllocator
 from .softlm import SoftLMAllocator
 from .uniform import UniformAllocator
 
-ALLOCATORS: dict[str, type] = {
-    "uniform": UniformAllocator,
-    "energy": EnergyAllocator,
-    "sensitivity": SensitivityAllocator,
-    "loss": LossAllocator,
-    "global": GlobalAllocator,
-    "ars": ARSAllocator,
-    "rankdyna": RankDynaAllocator,
-    "static": StaticAllocator,
-    "softlm": SoftLMAllocator,
-}
+# Filled by each module's @register_allocator as it is imported above (the registry's live table).
+ALLOCATORS: dict[str, type] = registered("allocator")
 
 
 def get_allocator(name: str, **options) -> Allocator:
-    return build("allocator", ALLOCATORS, name, options)
+    return build("allocator", name, options)
 
 
 __all__ = ["ALLOCATORS", "AllocationContext", "Allocator", "get_allocator"]

@@ -78,6 +78,7 @@ from torch import nn
 from ..budget import RankMap, fit_budget, max_factored_rank, target_cost, targets_dense_params
 from ..decompose.base import Factorization
 from ..errors import RanklmError
+from ..registry import register_allocator
 from ..layers import replace_module
 from ..options import Opt
 from ..targets import Target
@@ -231,6 +232,7 @@ class ARSHooks(Hooks):
         return [o.detach().cpu() for o in self.logits()]
 
 
+@register_allocator("ars")
 class ARSAllocator:
     """Learned binary masks from a Bi-GRU hypernetwork (see the module docstring)."""
 

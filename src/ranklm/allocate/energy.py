@@ -13,8 +13,10 @@ from ..budget import RankMap, fit_budget, max_factored_rank
 from ..decompose.base import Factorization
 from ..options import Opt
 from ..targets import Target
+from ..registry import register_allocator
 
 
+@register_allocator("energy")
 class EnergyAllocator:
     name = "energy"
     needs_context = False

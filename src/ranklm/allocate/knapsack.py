@@ -46,6 +46,7 @@ from ..errors import RanklmError
 from ..options import Opt
 from ..targets import Target
 from .base import AllocationContext
+from ..registry import register_allocator
 
 COMPARABLE_BASES = ("kfac", "whiten")
 
@@ -193,6 +194,7 @@ def _as_option(t: Target, rank) -> Any:
     return DENSE if rank == DENSE or int(rank) > max_factored_rank(t) else int(rank)
 
 
+@register_allocator("global")
 class GlobalAllocator:
     name = "global"
     needs_context = False

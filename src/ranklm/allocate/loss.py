@@ -29,6 +29,7 @@ from ..decompose.base import Factorization
 from ..options import Opt
 from ..targets import Target
 from .base import AllocationContext
+from ..registry import register_allocator
 
 
 def target_type(name: str) -> str:
@@ -36,6 +37,7 @@ def target_type(name: str) -> str:
     return re.sub(r"\.\d+\.", ".*.", name, count=1)
 
 
+@register_allocator("loss")
 class LossAllocator:
     name = "loss"
     needs_context = False

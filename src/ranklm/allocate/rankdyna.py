@@ -69,6 +69,7 @@ from ..targets import Target, weight_matrix
 from ..train.loop import Hooks, LoopConfig, run_loop
 from ..train.objective import Batch, Objective, as_objective
 from .base import AllocationContext, require_context, training_record
+from ..registry import register_allocator
 
 
 
@@ -323,6 +324,7 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+@register_allocator("rankdyna")
 class RankDynaAllocator:
     """Triplet importance, cubic budget schedule, dynamic masks with comebacks (see the module docstring)."""
 

@@ -38,6 +38,7 @@ from ..eval.perplexity import perplexity
 from ..options import Opt
 from ..targets import Conv1D, Target
 from .base import AllocationContext, require_context
+from ..registry import register_allocator
 
 DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 NON_FINITE_LOGPPL = 700.0  # log-perplexity given to a non-finite measurement (exp(709) is float64's largest)
@@ -65,6 +66,7 @@ def _default_cache() -> Path:
     return cache_dir() / "sensitivity"
 
 
+@register_allocator("sensitivity")
 class SensitivityAllocator:
     name = "sensitivity"
     needs_context = True

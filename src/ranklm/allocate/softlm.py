@@ -74,6 +74,7 @@ from ..train.loop import Hooks, LoopConfig, run_loop
 from ..train.objective import Batch, Objective, as_objective, is_causal_lm
 from ..train.soft_threshold import SoftThresholdFactorized
 from .base import AllocationContext, require_context, training_record
+from ..registry import register_allocator
 
 
 
@@ -201,6 +202,7 @@ class SoftLMHooks(Hooks):
             self.steps_axis.append(step)
 
 
+@register_allocator("softlm")
 class SoftLMAllocator:
     """``--allocator softlm`` (see the module docstring)."""
 

@@ -21,8 +21,10 @@ from ..targets import Target
 from .base import AllocationContext
 from .energy import EnergyAllocator
 from .uniform import UniformAllocator
+from ..registry import register_allocator
 
 
+@register_allocator("static")
 class StaticAllocator:
     name = "static"
     needs_context = False

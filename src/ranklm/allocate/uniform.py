@@ -7,8 +7,10 @@ from ..budget import RankMap, fit_budget, max_factored_rank
 from ..decompose.base import Factorization
 from ..options import Opt
 from ..targets import Target
+from ..registry import register_allocator
 
 
+@register_allocator("uniform")
 class UniformAllocator:
     name = "uniform"
     needs_context = False

@@ -1,6 +1,6 @@
 """Base decompositions (docs/design.md §4): one module per base, one Factorization type."""
 
-from ..registry import build
+from ..registry import build, registered
 from .base import Base, Factorization
 from .asvd import ASVDBase
 from .fwsvd import FWSVDBase
@@ -9,18 +9,12 @@ from .svd import SVDBase
 from .tfwsvd import TFWSVDBase
 from .whiten import WhitenBase, whitening_factor
 
-BASES: dict[str, type] = {
-    "svd": SVDBase,
-    "fwsvd": FWSVDBase,
-    "tfwsvd": TFWSVDBase,
-    "asvd": ASVDBase,
-    "whiten": WhitenBase,
-    "kfac": KFACBase,
-}
+# Filled by each module's @register_base as it is imported above (the registry's live table).
+BASES: dict[str, type] = registered("base")
 
 
 def get_base(name: str, **options) -> Base:
-    return build("base", BASES, name, options)
+    return build("base", name, options)
 
 
 __all__ = ["BASES", "Base", "Factorization", "get_base", "whitening_factor"]

@@ -14,8 +14,10 @@ import torch
 
 from ..options import Opt
 from .base import Factorization, split_sqrt, thin_svd
+from ..registry import register_base
 
 
+@register_base("asvd")
 class ASVDBase:
     name = "asvd"
     needs: frozenset[str] = frozenset({"abs_mean"})

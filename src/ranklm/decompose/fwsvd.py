@@ -16,6 +16,7 @@ import torch
 from ..errors import RanklmError
 from ..options import Opt
 from .base import Factorization, split_sqrt, thin_svd
+from ..registry import register_base
 
 SIDES = ("out", "in")
 
@@ -27,6 +28,7 @@ def fisher_weights(fisher: torch.Tensor, side: str) -> torch.Tensor:
     return d.clamp_min(floor)
 
 
+@register_base("fwsvd")
 class FWSVDBase:
     name = "fwsvd"
     needs: frozenset[str] = frozenset({"fisher"})

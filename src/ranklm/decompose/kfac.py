@@ -33,6 +33,7 @@ from ..options import Opt
 from .base import Factorization, split_sqrt, thin_svd
 from .psd import psd_factor, solve_left_transposed, solve_right
 from .whiten import check_fraction
+from ..registry import register_base
 
 
 def diagonal_factor(sq: torch.Tensor, damping: float) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -47,6 +48,7 @@ def diagonal_factor(sq: torch.Tensor, damping: float) -> tuple[torch.Tensor, dic
     return d.clamp_min(floor).sqrt(), info
 
 
+@register_base("kfac")
 class KFACBase:
     name = "kfac"
     needs: frozenset[str] = frozenset({"gram", "out_gram"})

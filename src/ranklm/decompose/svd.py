@@ -8,8 +8,10 @@ import torch
 
 from ..options import Opt
 from .base import Factorization, split_sqrt, thin_svd
+from ..registry import register_base
 
 
+@register_base("svd")
 class SVDBase:
     name = "svd"
     needs: frozenset[str] = frozenset()

@@ -28,6 +28,7 @@ from ..errors import RanklmError
 from ..options import Opt
 from .base import Factorization, thin_svd
 from .fwsvd import FWSVDBase
+from ..registry import register_base
 
 
 def weighted_error(fisher: torch.Tensor, weight: torch.Tensor, approx: torch.Tensor) -> float:
@@ -35,6 +36,7 @@ def weighted_error(fisher: torch.Tensor, weight: torch.Tensor, approx: torch.Ten
     return float((fisher.double() * (weight.double() - approx.double()).square()).sum())
 
 
+@register_base("tfwsvd")
 class TFWSVDBase(FWSVDBase):
     name = "tfwsvd"
     OPTIONS: tuple[Opt, ...] = (

@@ -39,6 +39,7 @@ from ..options import Opt
 from ..targets import Target
 from .base import Factorization, split_sqrt, thin_svd
 from .psd import psd_factor, solve_right
+from ..registry import register_base
 
 
 DEAD_SIGMA = 1e-6  # output-side directions with σ <= DEAD_SIGMA·σ_1 get B = 0 (no output energy to fit)
@@ -77,6 +78,7 @@ def check_fraction(name: str, value: float) -> float:
     return float(value)
 
 
+@register_base("whiten")
 class WhitenBase:
     name = "whiten"
     needs: frozenset[str] = frozenset({"gram"})

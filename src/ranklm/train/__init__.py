@@ -4,20 +4,18 @@ Learning allocators (ARS) train inside allocation; the trainers registered here 
 after the rank map is installed (``--trainer finetune --train-opt steps=100``).
 """
 
-from ..registry import build
+from ..registry import build, registered
 from .finetune import FinetuneTrainer, TrainResult, finetune_factors
 from .loop import Hooks, LoopConfig, LoopResult, run_loop
 from .masks import HyperNetwork, MaskedFactorized, gumbel_sigmoid_mask, is_prefix, logistic_noise, prefix_fraction
 from .objective import Objective, default_objective, lm_objective
 
-TRAINERS: dict[str, type] = {
-    "finetune": FinetuneTrainer,
-}
-TRAINER_NAMES = ("none", *TRAINERS)
+# Filled by each module's @register_trainer as it is imported above (the registry's live table).
+TRAINERS: dict[str, type] = registered("trainer")
 
 
 def get_trainer(name: str, **options):
-    return build("trainer", TRAINERS, name, options)
+    return build("trainer", name, options)
 
 
 __all__ = [

@@ -22,6 +22,7 @@ from ..layers import LowRankLinear
 from ..options import Opt
 from .loop import Hooks, LoopConfig, run_loop
 from .objective import Objective, as_objective, batch_for_step, is_causal_lm
+from ..registry import register_trainer
 
 __all__ = ["FactorHooks", "FinetuneTrainer", "TrainResult", "batch_for_step", "finetune_factors", "is_causal_lm", "lm_loss"]
 
@@ -57,6 +58,7 @@ class FactorHooks(Hooks):
         return named
 
 
+@register_trainer("finetune")
 class FinetuneTrainer:
     """``--trainer finetune``: a few Adam steps on the installed factors."""
 

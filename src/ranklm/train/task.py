@@ -152,7 +152,9 @@ def _declares(cls: type, option: str) -> bool:
 
 def plan_steps(cfg: TaskRunConfig) -> dict[str, Any]:
     """How ``cfg.steps`` is spent: {"dense": n, "allocator_options": {...}, "finetune": n}."""
-    from ..allocate import ALLOCATORS
+    from ..registry import table
+
+    ALLOCATORS = table("allocator")
 
     if cfg.keep >= 1.0:
         return {"dense": cfg.steps, "allocator_options": {}, "finetune": 0}
@@ -244,7 +246,7 @@ def finetune_task(model: nn.Module, tokenizer, task: TaskData, cfg: TaskRunConfi
         model.ranklm.method = "dense-finetune"
     else:
         src = TextSource(f"{task.name} train split texts", task.splits["train"].texts)
-        windows = token_windows(tokenizer, src, cfg.max_length, cfg.calib_windows, seed=cfg.seed)
+        windows = token_windows(tokenizer, src, cfg.max_length, cfg.calib_windows, seed=cfg.seed, strict=False)
         run_pipeline(model, tokenizer, config, data=windows, progress=progress, base_model=info,
                      calibration=calibration_info(src.description, windows, config), objective=objective,
                      state_dir=state_dir, resume=resume, save_every=cfg.save_every)
