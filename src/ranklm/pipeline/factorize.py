@@ -1,0 +1,147 @@
+"""Stage 2 and the refit: statistics and factorizations, whole-model or block by block, shared between bench cells."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..budget import DENSE, RankMap, max_factored_rank
+from ..calibration import collect_stats
+from ..decompose import Base, Factorization
+from ..targets import Target, weight_matrix
+from .install import install_rank_map
+from .plan import ACTIVATION_NEEDS
+
+
+def _on_device(stats: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """One target's statistics (kept in CPU memory) moved next to its weight for the factorization."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
+
+
+def decompose_targets(
+    model: nn.Module, targets: list[Target], base: Base, stats: dict[str, dict], progress: bool = True
+) -> dict[str, Factorization]:
+    """Factorize every target; each target's statistics are released as soon as it is done."""
+    out: dict[str, Factorization] = {}
+    for t in tqdm(targets, desc=f"decompose ({base.name})", disable=not progress, unit="matrix"):
+        w = weight_matrix(model.get_submodule(t.name))
+        st = _on_device(stats.pop(t.name, {"name": t.name}), w.device)
+        out[t.name] = base.decompose(w, st, max_factored_rank(t))
+    return out
+
+
+def _sequential_pass(
+    model: nn.Module, targets: list[Target], base: Base, windows: torch.Tensor, batch_size: int, progress: bool,
+    on_block: Callable[[list[Target], dict[str, Factorization], dict[str, dict]], None], desc: str,
+    seconds: dict[str, float] | None = None,
+) -> None:
+    from ..calibration.sequential import run_sequential
+
+    def block(b: int, block_targets: list[Target], stats: dict[str, dict]) -> None:
+        keep = {n: dict(s) for n, s in stats.items()} if hasattr(base, "refine") else {}
+        on_block(block_targets, decompose_targets(model, block_targets, base, stats, progress=False), keep)
+
+    run_sequential(model, targets, windows, base.needs, block, batch_size, progress, desc=desc,
+                   by_output=getattr(base, "factors_from_output", None), seconds=seconds)
+
+
+class FactorCache:
+    """Pass-1 results shared by several runs on the same dense model and windows (``bench``).
+
+    Whole-model statistics are collected once per kind (activation, Fisher); each base's
+    factorizations once per statistics mode. ``compress`` uses a private one.
+    """
+
+    def __init__(self, model: nn.Module, targets: list[Target], windows: torch.Tensor | None, batch_size: int,
+                 fisher_windows: int, progress: bool = True, loss_fn: Any = None) -> None:
+        self.model, self.targets, self.windows = model, targets, windows
+        self.loss_fn = loss_fn  # Fisher's loss: a task Objective for encoders (None: the LM loss)
+        self.batch_size, self.fisher_windows, self.progress = batch_size, fisher_windows, progress
+        self.stats: dict[str, dict] = {t.name: {"name": t.name} for t in targets}
+        self.collected: set[str] = set()
+        self.seconds: dict[str, float] = {}  # "act"/"fisher"/"<base>:<mode>" -> seconds
+        self._facs: dict[tuple[str, bool], dict[str, Factorization]] = {}
+
+    def _collect(self, needs: frozenset[str]) -> None:
+        kinds = (("act", set(needs) & ACTIVATION_NEEDS), ("fisher", set(needs) & {"fisher"}),
+                 ("out_gram", set(needs) & {"out_gram"}))
+        for kind, want in kinds:
+            if not want or kind in self.collected:
+                continue
+            t0 = time.perf_counter()
+            st = collect_stats(self.model, self.targets, self.windows, want,
+                               self.batch_size, self.progress, fisher_windows=self.fisher_windows, loss_fn=self.loss_fn)
+            for name, entry in st.items():
+                self.stats[name].update(entry)
+            self.collected.add(kind)
+            self.seconds[kind] = time.perf_counter() - t0
+
+    def factorizations(self, base: Base, sequential: bool) -> dict[str, Factorization]:
+        key = (base.name, sequential)
+        if key not in self._facs:
+            t0 = time.perf_counter()
+            if sequential:
+                facs: dict[str, Factorization] = {}
+                _sequential_pass(self.model, self.targets, base, self.windows, self.batch_size, self.progress,
+                                 lambda bt, f, _s: facs.update(f), desc="statistics (block by block)")
+            else:
+                if base.needs:
+                    self._collect(base.needs)
+                facs = decompose_targets(self.model, self.targets, base, {n: dict(s) for n, s in self.stats.items()}, self.progress)
+            self._facs[key] = facs
+            self.seconds[f"{base.name}:{'sequential' if sequential else 'whole'}"] = time.perf_counter() - t0
+        return self._facs[key]
+
+    def stats_for_refine(self, base: Base) -> dict[str, dict]:
+        if base.needs:
+            self._collect(base.needs)
+        return self.stats
+
+    def release(self, base_name: str) -> None:
+        for key in [k for k in self._facs if k[0] == base_name]:
+            del self._facs[key]
+
+
+def refine_factors(
+    model: nn.Module, targets: list[Target], base: Base, factorizations: dict[str, Factorization],
+    stats: dict[str, dict], rank_map: RankMap, progress: bool = True,
+) -> dict[str, Factorization]:
+    """Let a base re-solve each factored target at exactly its allocated rank (non-nested optima: TFWSVD)."""
+    out = dict(factorizations)
+    todo = [t for t in targets if rank_map[t.name] != DENSE]
+    for t in tqdm(todo, desc=f"refine ({base.name})", disable=not progress, unit="matrix"):
+        w = weight_matrix(model.get_submodule(t.name))
+        k = int(rank_map[t.name])
+        a, b = base.refine(w, _on_device(stats.get(t.name, {}), w.device), out[t.name], k)  # type: ignore[attr-defined]
+        out[t.name] = Factorization(a, b, out[t.name].s, meta=out[t.name].meta)
+    return out
+
+
+def refit_sequential(model: nn.Module, targets: list[Target], base: Base, windows: torch.Tensor, rank_map: RankMap,
+                     batch_size: int, progress: bool, numerics: dict[str, Any] | None = None,
+                     seconds: dict[str, float] | None = None) -> None:
+    """Stage 4: block by block on compressed activations, factor again at the allocated ranks and install.
+
+    ``numerics`` (if given) is updated with the refit factorizations' records: those are the installed ones.
+    ``seconds`` (if given) gets the pass's split (``run_sequential``).
+    """
+
+    def on_block(block_targets: list[Target], facs: dict[str, Factorization], stats: dict[str, dict]) -> None:
+        block_map = {t.name: rank_map[t.name] for t in block_targets}
+        if numerics is not None:
+            numerics.update(numerics_records(facs))
+        if hasattr(base, "refine"):
+            facs = refine_factors(model, block_targets, base, facs, stats, block_map, progress=False)
+        install_rank_map(model, block_targets, facs, block_map)
+
+    _sequential_pass(model, targets, base, windows, batch_size, progress, on_block, desc="refit (block by block)",
+                     seconds=seconds)
+
+
+def numerics_records(factorizations: dict[str, Factorization]) -> dict[str, Any]:
+    """``{target: meta["numerics"]}`` of the bases that factor a Gram (whiten, kfac)."""
+    return {n: f.meta["numerics"] for n, f in factorizations.items() if "numerics" in f.meta}

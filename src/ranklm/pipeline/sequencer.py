@@ -1,0 +1,138 @@
+"""The one sequencer: prepare -> statistics + factorize -> allocate -> refit -> install -> train -> record."""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..allocate import AllocationContext
+from ..budget import TOLERANCE, meets_budget, model_params
+from ..config import CompressConfig
+from ..decompose import Factorization
+from ..errors import RanklmError
+from ..layers import LowRankLinear
+from ..models import onload_offloaded
+from ..targets import find_targets
+from .factorize import FactorCache, numerics_records, refine_factors, refit_sequential
+from .install import (
+    adjusted_rank_map,
+    allocate_ranks,
+    check_finite_weights,
+    install_factors,
+    install_rank_map,
+)
+from .plan import Data, make_plan
+from .record import compression_state
+from .windows import calibration_windows
+
+
+def run(
+    model: nn.Module,
+    tokenizer=None,
+    config: CompressConfig | None = None,
+    data: Data = None,
+    progress: bool = True,
+    base_model: dict[str, Any] | None = None,
+    calibration: dict[str, Any] | None = None,
+    cache: FactorCache | None = None,
+    objective: Any = None,
+    state_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    save_every: int = 50,
+) -> nn.Module:
+    """Compress ``model`` in place to ``config.keep`` of its targets' parameters; returns it.
+
+    ``data``: None for the packaged corpus's calibration part, a path, a list of strings, a
+    ``TextSource`` or a ``[N, seq_len]`` tensor of token ids (``calibration`` then describes
+    it). ``cache`` shares pass-1 statistics/factorizations between runs on copies of the same
+    dense model (bench). ``objective`` (a ``train.Objective``) replaces the default training
+    loss of learning allocators and trainers. ``state_dir`` keeps resumable training state.
+    """
+    config = (config or CompressConfig()).for_model(model)
+    # 1. prepare
+    if any(isinstance(m, LowRankLinear) for m in model.modules()):
+        raise RanklmError("this model is already compressed by ranklm (it has LowRankLinear layers)")
+    targets = find_targets(model, config.include, config.exclude)
+    if config.keep >= 1.0:
+        raise RanklmError("--keep 1.0 keeps every target dense: nothing to compress, no output written")
+    onload_offloaded(model)  # accelerate CPU/disk offload: decompositions need the weights themselves
+    check_finite_weights(model, targets)
+    torch.manual_seed(config.seed)
+    dense_model = model_params(model)
+    plan = make_plan(config)
+    # results can depend on the thread count (reduction order), so it is recorded next to the times it gave
+    timings: dict[str, float] = {"torch_threads": torch.get_num_threads()}
+    t0 = time.perf_counter()
+    windows, calib_info = None, None
+    if plan.needs_windows:
+        windows, calib_info = calibration_windows(tokenizer, data, config)
+        if calibration is not None:
+            calib_info = calibration
+    context = AllocationContext(
+        model=model, windows=windows, batch_size=config.batch_size, seed=config.seed, progress=progress,
+        objective=objective, state_dir=None if state_dir is None else Path(state_dir), resume=resume, save_every=save_every,
+    )
+    if cache is None:
+        task_loss = objective if objective is not None and "labels" in getattr(objective, "examples", {}) else None
+        cache = FactorCache(model, targets, windows, config.batch_size, config.fisher_windows, progress, loss_fn=task_loss)
+
+    # 2. statistics + factorize (pass 1)
+    factorizations: dict[str, Factorization] = {}
+    if plan.needs_pass1:
+        factorizations = cache.factorizations(plan.base, plan.sequential)
+    numerics = numerics_records(factorizations)  # replaced per target by the refit's, which are installed
+    timings["factorize_s"] = time.perf_counter() - t0
+
+    # 3. allocate
+    t1 = time.perf_counter()
+    rank_map = allocate_ranks(plan.allocator, targets, factorizations, config, context)
+    rank_map = adjusted_rank_map(targets, rank_map, config, context)
+    timings["allocate_s"] = time.perf_counter() - t1
+
+    # 4-5. refit / refine, install
+    t2 = time.perf_counter()
+    if context.trained_factors is not None:
+        install_factors(model, targets, context.trained_factors, rank_map)
+        context.trained_factors = None
+    elif plan.refit:
+        split: dict[str, float] = {}
+        refit_sequential(model, targets, plan.base, windows, rank_map, config.batch_size, progress, numerics, split)
+        timings.update({f"refit_{k}": v for k, v in split.items()})  # statistics / factorize+install / propagate
+    else:
+        facs = factorizations
+        if hasattr(plan.base, "refine"):
+            facs = refine_factors(model, targets, plan.base, facs, cache.stats_for_refine(plan.base), rank_map, progress)
+            if getattr(plan.base, "report", None):
+                context.artifacts["base_report"] = plan.base.report
+        install_rank_map(model, targets, facs, rank_map)
+    timings["refit_install_s"] = time.perf_counter() - t2
+    if numerics:
+        context.artifacts["numerics"] = numerics
+
+    # 6. train
+    if plan.trainer is not None:
+        t3 = time.perf_counter()
+        result = plan.trainer.train(model, context)
+        if result.factors:
+            install_factors(model, targets, result.factors, rank_map)
+        context.training.append(result.record)
+        context.artifacts.update(result.artifacts)
+        timings["train_s"] = time.perf_counter() - t3
+    timings["total_s"] = time.perf_counter() - t0
+
+    # 7. record
+    model.ranklm = compression_state(  # type: ignore[assignment]
+        model, config, targets, rank_map, dense_model, calib_info,
+        base_model or {"name_or_path": getattr(model.config, "name_or_path", "") or type(model).__name__},
+        timings, context.artifacts, context.training,
+    )
+    if not meets_budget(model.ranklm.keep_achieved, config.keep):
+        # Only possible when single rank steps are large relative to the whole budget (tiny models).
+        warnings.warn(f"achieved keep ratio {model.ranklm.keep_achieved:.4f} is not within {TOLERANCE:.1%} below {config.keep}")
+    return model
