@@ -10,7 +10,7 @@ from ranklm.cli import main
 from ranklm.decompose import BASES, get_base
 from ranklm.errors import RanklmError
 from ranklm.options import Opt, describe_options, validate_options
-from ranklm.cli import _list_methods as list_methods
+from ranklm.cli.tools import list_methods
 from ranklm.registry import build, method_options
 
 FAST = ["--calib-windows", "2", "--seq-len", "32", "--eval-windows", "1", "--batch-size", "2"]

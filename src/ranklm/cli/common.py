@@ -1,0 +1,140 @@
+"""Helpers the commands share: the model argument, threads, devices, window-length checks, text sources, output lines."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from ..config import parse_option_value
+from ..errors import RanklmError
+
+
+def pick_model(positional: Optional[str], option: Optional[str]) -> Optional[str]:
+    """The model named either as the first argument or with ``--model`` (both: they must agree)."""
+    if positional is not None and option is not None and positional != option:
+        raise RanklmError(f"two models given: {positional!r} as the argument and --model {option!r}; give one")
+    return option if option is not None else positional
+
+
+def given(ctx: typer.Context, name: str, value: Any) -> Any:
+    """``value`` if the user gave the option, else None (so ``--keep`` and ``--remove`` together can be refused)."""
+    source = ctx.get_parameter_source(name)
+    return None if source is not None and source.name == "DEFAULT" else value
+
+
+def set_threads(threads: Optional[int]) -> int:
+    """Apply ``--threads`` (before any torch work) and return the thread count the run uses."""
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise RanklmError("--threads must be a positive integer")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def quiet_libraries() -> None:
+    """Keep transformers' info logs and progress bars off stderr, without importing it just for that."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
+def dtype_arg(name: str):
+    """``--dtype`` value -> torch dtype or "auto" (a bad name is a RanklmError before any loading)."""
+    from ..models import parse_dtype
+
+    return parse_dtype(name)
+
+
+def torch_device(name: str):
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise RanklmError(f"unknown --device {name!r} (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RanklmError(f"--device {name}: no CUDA device is available here")
+    return dev
+
+
+def check_positions(model, lengths: dict[str, Optional[int]]) -> None:
+    """Refuse a window length the model has no positions for (before any statistics or evaluation)."""
+    from ..architectures import max_positions
+
+    limit = max_positions(model.config)
+    if limit is None:
+        return
+    for flag, n in lengths.items():
+        if n is not None and n > limit:
+            raise RanklmError(f"{flag} {n} is longer than the {limit} positions {type(model).__name__} has "
+                              f"(max_position_embeddings): use {flag} {limit} or less")
+
+
+def echo_err(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def eval_sources(data: Optional[str], eval_data: Optional[str]):
+    """(calibration source, evaluation source or None) following docs/design.md §2/§9."""
+    from ..calibration import default_corpus, read_text_source, split_source
+
+    if eval_data is not None and data is not None and Path(eval_data).resolve() == Path(data).resolve():
+        raise RanklmError(
+            f"--eval-data {eval_data} is the calibration file itself: evaluation text would overlap calibration "
+            "(omit --eval-data to split the file by document)"
+        )
+    if data is None or data == "default":
+        calib, evald = default_corpus()
+    else:
+        calib_all = read_text_source(data)
+        if eval_data is None:
+            calib, evald = split_source(calib_all)
+        else:
+            calib, evald = calib_all, None
+    if eval_data is not None:
+        evald = default_corpus()[1] if eval_data == "default" else read_text_source(eval_data)
+    return calib, evald
+
+
+def parse_options(items: list[str], flag: str) -> dict[str, Any]:
+    """``["k=v", ...]`` -> dict, values parsed as JSON when they are JSON (numbers, true/false, lists)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RanklmError(f"{flag} expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = parse_option_value(value)
+    return out
+
+
+def fmt_ppl(x: float) -> str:
+    return f"{x:,.2f}" if x < 1e6 else f"{x:.3e}"
+
+
+def is_encoder(model: Optional[str]) -> bool:
+    """True for a model without a causal LM head (BERT-like encoders, sequence classifiers, masked LMs)."""
+    from ..models import config_is_encoder
+
+    return config_is_encoder(model)
+
+
+def label2id(model) -> Optional[dict]:
+    from ..train.task import model_label2id
+
+    return model_label2id(model)
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
