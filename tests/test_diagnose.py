@@ -14,7 +14,7 @@ from ranklm.decompose import get_base
 from ranklm.decompose.fwsvd import FWSVDBase
 from ranklm.decompose.svd import SVDBase
 from ranklm.decompose.tfwsvd import weighted_error
-from ranklm.diagnose import BASES, RECIPE_FOR_BASE, base_sides, diagnose, truncation, uniform_rank
+from ranklm.diagnose import BASES, RECIPE_FOR_BASE, base_sides, diagnose, truncation, truncation_losses, uniform_rank
 from ranklm.targets import find_targets, weight_matrix
 
 from conftest import make_model, random_ids
@@ -59,6 +59,11 @@ def test_fast_truncation_is_each_bases_own_rank_k_optimum(base, shape):
     z, y, flip = truncation(w, *base_sides(base, stats, fisher), k)
     dw = (z @ y.mT).mT if flip else z @ y.mT
     torch.testing.assert_close(dw, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
+    # the estimates (shared per-target products) are those of the base's own ΔW
+    a, g = stats["gram"] / stats["tokens"], stats["out_gram"] / stats["out_tokens"]
+    est = truncation_losses(w, k, fisher, a, g, *base_sides(base, stats, fisher), cache={})
+    assert est["loss"] == pytest.approx(0.5 * float(torch.trace(g @ ref @ a @ ref.T)), rel=1e-4)
+    assert est["fisher_loss"] == pytest.approx(float((fisher * ref.square()).sum()), rel=1e-4)
 
 
 def test_collect_curvature_equals_the_separate_collectors():

@@ -109,7 +109,7 @@ def test_time_limited_incumbent_is_used_but_warned(monkeypatch):
 def test_cli_prints_one_warning_when_the_knapsack_falls_back(monkeypatch, capsys, tiny_llama_dir, text_file, tmp_path):
     monkeypatch.setattr(scipy.optimize, "milp", lambda *a, **k: scipy.optimize.OptimizeResult(
         x=None, status=4, message="HiGHS failed", mip_gap=float("nan")))
-    code, out, err = _cli(capsys, "compress", "--model", tiny_llama_dir, "--data", text_file, "--keep", "0.6", *FAST,
+    code, _out, err = _cli(capsys, "compress", "--model", tiny_llama_dir, "--data", text_file, "--keep", "0.6", *FAST,
                           "--output", tmp_path / "ckpt")  # the default recipe: kfac-global
     assert code == 0, err
     warnings = _warnings(err)
