@@ -1,0 +1,132 @@
+"""The grid a bench runs: methods (recipes or base+allocator pairs), keep ratios, shared options, and its result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import RECIPES, CompressConfig, parse_option_value, resolve_keep
+from ..errors import RanklmError
+from ..eval.latency import DEFAULT_DECODE, DEFAULT_SHAPES
+from ..targets import Target
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row family of the grid: a recipe name or a ``base+allocator`` pair."""
+
+    name: str
+    base: str
+    allocator: str
+    recipe: str | None  # None when written as base+allocator and not a named recipe
+
+
+def parse_method(spec: str) -> Method:
+    """``svd-llm`` (a recipe) or ``whiten+loss`` (base+allocator); unknown names raise RanklmError."""
+    spec = spec.strip()
+    if not spec:
+        raise RanklmError("empty method name in --recipes")
+    if "+" in spec:
+        b, _, a = spec.partition("+")
+        cfg = CompressConfig(recipe=None, base=b.strip(), allocator=a.strip())
+        recipe = next((r for r, pair in RECIPES.items() if pair == (cfg.base, cfg.allocator)), None)
+        return Method(spec, cfg.base, cfg.allocator, recipe)  # type: ignore[arg-type]
+    cfg = CompressConfig(recipe=spec)
+    return Method(spec, cfg.base, cfg.allocator, spec)  # type: ignore[arg-type]
+
+
+def parse_methods(specs: str | list[str]) -> list[Method]:
+    items = specs.split(",") if isinstance(specs, str) else [s for x in specs for s in x.split(",")]
+    methods = [parse_method(s) for s in items if s.strip()]
+    if not methods:
+        raise RanklmError("--recipes names no method")
+    names = [m.name for m in methods]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise RanklmError(f"--recipes names {', '.join(dup)} twice")
+    return methods
+
+
+def parse_keeps(spec: str | list[float]) -> list[float]:
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    keeps = []
+    for x in items:
+        if isinstance(x, str):
+            x = x.strip()
+            if not x:
+                continue
+            try:
+                x = float(x)
+            except ValueError:
+                raise RanklmError(f"bad ratio --keep {x!r}: not a number") from None
+        k = resolve_keep(float(x), None)
+        if k >= 1.0:
+            raise RanklmError("--keep 1.0 keeps every target dense: nothing to compress (the dense row is always included)")
+        keeps.append(k)
+    if not keeps:
+        raise RanklmError("--keep names no ratio")
+    return sorted(set(keeps), reverse=True)
+
+
+def parse_scoped_options(items: list[str], flag: str) -> dict[str, dict[str, Any]]:
+    """``["tfwsvd:adam_steps=40", "side=in"]`` -> ``{"tfwsvd": {...}, "*": {...}}`` (values parsed as JSON)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        scope, sep, rest = item.partition(":")
+        if not sep or "=" in scope:
+            scope, rest = "*", item
+        key, eq, value = rest.partition("=")
+        if not eq or not key.strip():
+            raise RanklmError(f"{flag} expects [NAME:]KEY=VALUE, got {item!r}")
+        out.setdefault(scope.strip(), {})[key.strip()] = parse_option_value(value)
+    return out
+
+
+def _scoped(options: dict[str, dict[str, Any]], name: str, kind: str) -> dict[str, Any]:
+    """A method's options: the unscoped ones it declares, then the ones scoped to its name (validated later)."""
+    from ..registry import method_options
+
+    declared = {o.name for o in method_options(kind, name)}
+    shared = {k: v for k, v in options.get("*", {}).items() if k.replace("-", "_") in declared}
+    return {**shared, **options.get(name, {})}
+
+
+@dataclass
+class BenchOptions:
+    calib_windows: int = 128
+    seq_len: int = 512  # calibration windows
+    eval_seq_len: int = 512  # evaluation windows
+    sequential: bool | None = None  # None: the pipeline's default (block by block for activation bases)
+    propagate: str = "compressed"
+    eval_windows: int | None = 40
+    batch_size: int = 4
+    seed: int = 0
+    fisher_windows: int = 32
+    min_rank: int = 1
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    base_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # {base or "*": {k: v}}
+    allocator_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    gen_prompts: int = 20  # 0 = no generation-quality columns
+    gen_prompt_len: int = 32
+    gen_new_tokens: int = 64
+    latency: bool = False
+    latency_shapes: list[tuple[int, int]] = field(default_factory=lambda: list(DEFAULT_SHAPES))
+    latency_reps: int = 5
+    latency_warmup: int = 1
+    decode: tuple[int, int] | None = DEFAULT_DECODE  # with latency: (prompt, new) tokens of the decode column; None = skip
+    auto: bool = False
+    auto_windows: int = 8  # held-out calibration windows for --auto
+    save_best: str | None = None
+    save_dir: str | None = None  # save every cell's model as save_dir/<method>@<keep> (ranklm checkpoints)
+    rank_plot_keep: float | None = None
+    progress: bool = True
+
+
+@dataclass
+class BenchResult:
+    rows: list[dict[str, Any]]
+    meta: dict[str, Any]
+    rank_maps: dict[str, dict[str, Any]]  # "method@keep" -> rank map
+    targets: list[Target]
+    best: dict[str, Any] | None = None

@@ -1,0 +1,43 @@
+"""Resident memory of the process, polled while a cell runs (the bench's memory columns)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (from /proc/self/statm)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # not Linux
+        return 0
+
+
+class PeakRSS:
+    """Peak resident-memory growth over a ``with`` block, polled in a thread."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval = interval
+        self.base = self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "PeakRSS":
+        self.base = self.peak = rss_bytes()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def growth_mib(self) -> float:
+        return (self.peak - self.base) / 2**20
