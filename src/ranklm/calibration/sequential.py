@@ -24,7 +24,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..targets import Target, find_blocks
-from .stats import backbone, collect_activation_stats
+from .collect import backbone
+from .statistic import blockwise
+from .stats import collect_activations
 
 
 class _Stop(Exception):
@@ -82,11 +84,14 @@ def run_sequential(
 ) -> None:
     """Stream statistics block by block; ``on_block(index, block_targets, stats)`` may compress the block.
 
-    ``by_output(target)``: collect that target's output covariance instead of its input Gram
-    (:func:`~ranklm.calibration.stats.collect_activation_stats`). ``seconds`` (if given) gets where the
+    ``needs``: activation statistics only (gradient ones need whole-model backward passes).
+    ``by_output(target)``: collect that target's output-side replacements (its output covariance instead
+    of its input Gram, :func:`~ranklm.calibration.stats.collect_activations`). ``seconds`` (if given) gets where the
     time went: ``statistics_s`` (the block run with hooks), ``on_block_s`` (the callback: factorize and
     install) and ``propagate_s`` (the next block's inputs through the possibly compressed block).
     """
+    if not blockwise(needs):
+        raise ValueError(f"block-by-block calibration collects activation statistics only, not all of {sorted(needs)}")
     seconds = {} if seconds is None else seconds
     for key in ("statistics_s", "on_block_s", "propagate_s"):
         seconds.setdefault(key, 0.0)
@@ -98,9 +103,9 @@ def run_sequential(
         block = blocks[b]
         block_targets = [t for t in targets if t.block == b]
         if block_targets:
-            out_cov = {t.name for t in block_targets if by_output is not None and by_output(t)}
+            out_side = {t.name for t in block_targets if by_output is not None and by_output(t)}
             t0 = time.perf_counter()
-            stats = _block_stats(model, block, block_targets, inputs, needs, out_cov)
+            stats = _block_stats(model, block, block_targets, inputs, needs, out_side)
             t1 = time.perf_counter()
             on_block(b, block_targets, stats)
             del stats
@@ -114,12 +119,12 @@ def run_sequential(
 
 def _block_stats(
     model: nn.Module, block: nn.Module, targets: list[Target], inputs: list[tuple[tuple, dict]], needs: frozenset[str],
-    out_cov: frozenset[str] | set[str] = frozenset(),
+    by_output: frozenset[str] | set[str] = frozenset(),
 ) -> dict[str, dict[str, Any]]:
-    """Gram / |x| statistics of one block's targets over the cached inputs."""
+    """Activation statistics ``needs`` of one block's targets over the cached inputs (``by_output``: target names)."""
     fake_windows = torch.arange(len(inputs))[:, None]  # one "window" per cached batch
 
-    class Runner(nn.Module):  # collect_activation_stats drives backbone(model)(input_ids=...)
+    class Runner(nn.Module):  # collect_activations drives backbone(model)(input_ids=...)
         def __init__(self) -> None:
             super().__init__()
             self.block = block
@@ -133,9 +138,7 @@ def _block_stats(
 
     runner = Runner()
     local = [Target(f"block.{t.name.split(f'.{t.block}.', 1)[1]}", t.out_features, t.in_features, t.kind, t.block) for t in targets]
-    local_out = {lt.name for t, lt in zip(targets, local) if t.name in out_cov}
-    stats = collect_activation_stats(
-        runner, local, fake_windows, batch_size=1, progress=False, gram="gram" in needs, abs_mean="abs_mean" in needs,
-        out_cov=local_out,
-    )
+    local_out = {lt.name for t, lt in zip(targets, local) if t.name in by_output}
+    stats = collect_activations(runner, local, fake_windows, needs, batch_size=1, progress=False,
+                                by_output=lambda lt: lt.name in local_out)
     return {t.name: {**stats[lt.name], "name": t.name} for t, lt in zip(targets, local)}

@@ -10,11 +10,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..budget import DENSE, RankMap, max_factored_rank
-from ..calibration import collect_stats
+from ..calibration import collect_stats, collection_passes
 from ..decompose import Base, Factorization
 from ..targets import Target, weight_matrix
 from .install import install_rank_map
-from .plan import ACTIVATION_NEEDS
 
 
 def _on_device(stats: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -67,8 +66,7 @@ class FactorCache:
         self._facs: dict[tuple[str, bool], dict[str, Factorization]] = {}
 
     def _collect(self, needs: frozenset[str]) -> None:
-        kinds = (("act", set(needs) & ACTIVATION_NEEDS), ("fisher", set(needs) & {"fisher"}),
-                 ("out_gram", set(needs) & {"out_gram"}))
+        kinds = collection_passes(needs)  # ("act", activation statistics), then (name, {name}) per gradient one
         for kind, want in kinds:
             if not want or kind in self.collected:
                 continue

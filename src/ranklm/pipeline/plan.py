@@ -9,7 +9,7 @@ from typing import Any, Union
 import torch
 
 from ..allocate import get_allocator
-from ..calibration import TextSource
+from ..calibration import ACTIVATION, StatisticNames, TextSource
 from ..config import CompressConfig
 from ..decompose import Base, get_base
 from ..errors import RanklmError
@@ -17,7 +17,7 @@ from ..errors import RanklmError
 Data = Union[None, str, os.PathLike, TextSource, list, torch.Tensor]
 
 
-ACTIVATION_NEEDS = frozenset({"gram", "abs_mean"})
+ACTIVATION_NEEDS = StatisticNames(ACTIVATION)  # live view of the registry: statistics collectable block by block
 
 
 @dataclass

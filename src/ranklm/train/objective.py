@@ -21,6 +21,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..modules import lm_loss
+
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
@@ -89,12 +91,8 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 
 def _lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    ids = batch["input_ids"]
-    labels = batch.get("labels", ids)
-    if "attention_mask" in batch:
-        labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
-        return model(input_ids=ids, attention_mask=batch["attention_mask"], labels=labels, use_cache=False).loss
-    return model(input_ids=ids, labels=labels, use_cache=False).loss
+    """The one LM loss (``ranklm.modules.lm_loss``) on a batch dict."""
+    return lm_loss(model, batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
 
 
 def lm_objective(windows: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Objective:
