@@ -212,3 +212,14 @@ def test_save_dir_keeps_every_cell_as_a_checkpoint(capsys, tiny_llama_dir, text_
         assert Path(r["checkpoint"]).parent == cells and meta["keep_achieved"] == pytest.approx(r["keep_achieved"])
         model, _ = ranklm.load(r["checkpoint"])
         assert model.ranklm.rank_map == meta["rank_map"]
+
+
+def test_whole_model_bench_collects_each_base_statistics(capsys, tiny_llama_dir, text_file, tmp_path):
+    # whiten (gram) then asvd (abs_mean) on shared whole-model statistics: the second statistic is collected too
+    out = tmp_path / "bench"
+    code, stdout, err = run(capsys, "bench", "--model", tiny_llama_dir, "--data", text_file, "--recipes", "svd-llm,asvd",
+                            "--keep", "0.7", "--whole-model", "--output", out, *FAST, "--gen-prompts", "0",
+                            "--alloc-opt", "sensitivity:windows=1")
+    assert code == 0, err
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {r["method"] for r in rows if r["status"] == "ok"} >= {"svd-llm", "asvd"}, rows

@@ -51,7 +51,7 @@ def _sequential_pass(
 class FactorCache:
     """Pass-1 results shared by several runs on the same dense model and windows (``bench``).
 
-    Whole-model statistics are collected once per kind (activation, Fisher); each base's
+    Whole-model statistics are collected once per statistic (each pass only for what is missing); each base's
     factorizations once per statistics mode. ``compress`` uses a private one.
     """
 
@@ -68,15 +68,16 @@ class FactorCache:
     def _collect(self, needs: frozenset[str]) -> None:
         kinds = collection_passes(needs)  # ("act", activation statistics), then (name, {name}) per gradient one
         for kind, want in kinds:
-            if not want or kind in self.collected:
+            want = set(want) - self.collected  # by statistic, not by pass: whiten then asvd still collects abs_mean
+            if not want:
                 continue
             t0 = time.perf_counter()
-            st = collect_stats(self.model, self.targets, self.windows, want,
+            st = collect_stats(self.model, self.targets, self.windows, frozenset(want),
                                self.batch_size, self.progress, fisher_windows=self.fisher_windows, loss_fn=self.loss_fn)
             for name, entry in st.items():
                 self.stats[name].update(entry)
-            self.collected.add(kind)
-            self.seconds[kind] = time.perf_counter() - t0
+            self.collected |= want
+            self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - t0
 
     def factorizations(self, base: Base, sequential: bool) -> dict[str, Factorization]:
         key = (base.name, sequential)

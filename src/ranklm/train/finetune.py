@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..modules import lm_loss  # noqa: F401  (re-exported: the one LM loss lives in core)
 from ..errors import RanklmError
 from ..layers import LowRankLinear
 from ..options import Opt
@@ -25,10 +26,6 @@ from .objective import Objective, as_objective, batch_for_step, is_causal_lm
 from ..registry import register_trainer
 
 __all__ = ["FactorHooks", "FinetuneTrainer", "TrainResult", "batch_for_step", "finetune_factors", "is_causal_lm", "lm_loss"]
-
-
-def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, labels=ids, use_cache=False).loss
 
 
 @dataclass
