@@ -69,24 +69,24 @@ factors of every target (about the dense size, since r(out+in) ~ out*in).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..budget import RankMap, fit_budget, max_factored_rank, target_cost, targets_dense_params
+from ..budget import RankMap, targets_dense_params
 from ..decompose.base import Factorization
 from ..errors import RanklmError
 from ..registry import register_allocator
 from ..layers import replace_module
 from ..options import Opt
 from ..targets import Target
-from ..train.budget_control import BudgetController
-from ..train.loop import Hooks, LoopConfig, run_loop
+from ..train.budget_control import BudgetController, cubic_schedule
+from ..train.loop import Hooks
 from ..train.masks import HyperNetwork, MaskedFactorized, gumbel_sigmoid_mask, logistic_noise, prefix_fraction
-from ..train.objective import Batch, Objective, as_objective
-from .base import LEARNED_KEEP_TOLERANCE, AllocationContext, require_context, training_record
+from ..train.objective import Batch, Objective
+from . import learned as learned_tail
+from .base import LEARNED_KEEP_TOLERANCE, AllocationContext, require_context
 
 TENSOR_PREFIX = "ars."
 
@@ -208,10 +208,7 @@ class ARSHooks(Hooks):
     def target_keep(self, step: int) -> float:
         """The keep the masks are steered to after ``step``: down from 1 along a cubic schedule over
         the first ``schedule`` fraction of the steps, then the target (docs: why a schedule)."""
-        span = self.a.schedule * self.a.steps
-        if span <= 0 or step + 1 >= span:
-            return self.keep
-        return self.keep + (1.0 - self.keep) * (1.0 - (step + 1) / span) ** 3
+        return cubic_schedule(step + 1, 1.0, self.keep, 0, self.a.schedule * self.a.steps)
 
     def after_step(self, model: nn.Module, step: int, logs: dict[str, float]) -> None:
         # the masks as they would be installed (deterministic) steer the budget weight
@@ -318,54 +315,36 @@ class ARSAllocator:
         context: AllocationContext | None = None,
     ) -> RankMap:
         context = require_context(context, self.name)
-        model = context.model
-        windows = context.windows
-        if self.train_seq_len is not None:
-            windows = windows[:, : self.train_seq_len]
-        batch_size = self.batch_size or context.batch_size
         seed = int(context.seed)
-        device = next(model.parameters()).device
         # The objective is built on the dense model (a distillation teacher needs it) before masks go in.
-        objective = as_objective(self.loss_fn or context.objective, model, windows, context.batch_size)
-        hooks = ARSHooks(self, targets, factorizations, keep, seed, device)
-        state_file = context.state_file(self.name) if context.state_dir is not None else self.state_file
-        cfg = LoopConfig(steps=self.steps, lr=self.lr, batch_size=batch_size, seed=seed,
-                         save_every=context.save_every if context.state_dir is not None else self.save_every,
-                         state_file=state_file, resume=context.resume or self.resume, progress=context.progress,
-                         desc="ars masks", lr_schedule=self.lr_schedule)
-        result = run_loop(model, objective, hooks, cfg)
+        objective = learned_tail.objective(self.loss_fn, context, self.train_seq_len)
+        hooks = ARSHooks(self, targets, factorizations, keep, seed, next(context.model.parameters()).device)
+        result = learned_tail.train(context, self.name, hooks, objective, steps=self.steps, lr=self.lr,
+                                    batch_size=self.batch_size, desc="ars masks", state_file=self.state_file,
+                                    resume=self.resume, save_every=self.save_every, lr_schedule=self.lr_schedule)
 
         logits = hooks.final_logits()
         final_masks = [(o + self.bias > 0) for o in logits]
         learned = {t.name: int(m.sum()) for t, m in zip(targets, final_masks)}
         order = {t.name: torch.sort(o + self.bias, descending=True).values.tolist() for t, o in zip(targets, logits)}
-
-        def priority(t: Target, j: int) -> float:
-            step_cost = t.out_features + t.in_features
-            if j >= max_factored_rank(t) or j >= len(order[t.name]):
-                return -1e30 * step_cost  # never prefer going dense over a learned component
-            return order[t.name][j] * step_cost  # fit_budget divides by the step cost; undo it
-
-        start_map: RankMap = {t.name: max(learned[t.name], min(min_rank, max_factored_rank(t))) for t in targets}
-        rank_map = fit_budget(targets, start_map, keep, priority, min_rank)
-
-        learned_keep = sum(target_cost(t, learned[t.name]) for t in targets) / targets_dense_params(targets)
-        if not math.isfinite(learned_keep):  # pragma: no cover - defensive
-            raise RanklmError("ARS produced a non-finite keep ratio")
         prefix = prefix_fraction([m.float() for m in final_masks])
-        tensors = {f"{TENSOR_PREFIX}hyper.{k}": v.detach().cpu().clone().contiguous() for k, v in hooks.hyper.state_dict().items()}
-        for t, m in zip(targets, final_masks):
-            tensors[f"{TENSOR_PREFIX}mask.{t.name}"] = m.to(torch.uint8).contiguous()
-        context.artifacts.update(tensors)
-        context.artifacts["ars"] = {
-            "step": self.steps, "seed": seed, "keep": keep, "options": self.options(), "history": result.history,
-            "targets": [t.name for t in targets], "mask_lengths": hooks.ranks, "ranks_learned": learned,
-            "keep_learned": learned_keep, "prefix_fraction_final": prefix,
-            "tensors": f"{TENSOR_PREFIX}hyper.*, {TENSOR_PREFIX}mask.<target> in allocator.safetensors",
-        }
-        context.training.append(training_record(self.name, "allocate", self.options(), objective, result, keep,
-                                                learned_keep, targets, rank_map, prefix_fraction=prefix))
-        return rank_map
+
+        def export(rank_map: RankMap, learned_keep: float) -> None:
+            tensors = {f"{TENSOR_PREFIX}hyper.{k}": v.detach().cpu().clone().contiguous()
+                       for k, v in hooks.hyper.state_dict().items()}
+            for t, m in zip(targets, final_masks):
+                tensors[f"{TENSOR_PREFIX}mask.{t.name}"] = m.to(torch.uint8).contiguous()
+            context.artifacts.update(tensors)
+            context.artifacts["ars"] = {
+                "step": self.steps, "seed": seed, "keep": keep, "options": self.options(), "history": result.history,
+                "targets": [t.name for t in targets], "mask_lengths": hooks.ranks, "ranks_learned": learned,
+                "keep_learned": learned_keep, "prefix_fraction_final": prefix,
+                "tensors": f"{TENSOR_PREFIX}hyper.*, {TENSOR_PREFIX}mask.<target> in allocator.safetensors",
+            }
+
+        # the learned logits order the single components the exact fit adds or drops
+        return learned_tail.conclude(context, self.name, "allocate", self.options(), objective, result, targets, keep,
+                                     min_rank, learned, order, export, prefix_fraction=prefix)
 
 
 __all__ = ["ARSAllocator", "ARSHooks", "LEARNED_KEEP_TOLERANCE"]

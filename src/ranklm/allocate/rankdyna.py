@@ -60,38 +60,35 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..budget import DENSE, RankMap, fit_budget, max_factored_rank, target_cost, targets_dense_params
+from ..budget import DENSE, RankMap, target_cost, targets_dense_params
 from ..decompose.base import Factorization, thin_svd
 from ..errors import RanklmError
 from ..layers import replace_module
 from ..options import Opt
 from ..targets import Target, weight_matrix
-from ..train.loop import Hooks, LoopConfig, run_loop
-from ..train.objective import Batch, Objective, as_objective
-from .base import AllocationContext, require_context, training_record
+from ..train.budget_control import cubic_schedule
+from ..train.gated import GatedFactorized
+from ..train.loop import Hooks
+from ..train.objective import Batch, Objective
+from . import learned as learned_tail
+from .base import AllocationContext, require_context
 from ..registry import register_allocator
 
 
 
-class DynaFactorized(nn.Module):
+class DynaFactorized(GatedFactorized):
     """``x -> ((x V^T) * (s * gate)) U^T + bias``: a target as trainable triplets with a 0/1 gate."""
 
     def __init__(self, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, bias: nn.Parameter | None,
                  in_features: int, out_features: int) -> None:
-        super().__init__()
-        self.U = nn.Parameter(u.detach().clone())
-        self.s = nn.Parameter(s.detach().clone())
-        self.V = nn.Parameter(v.detach().clone())
-        self.bias = bias  # the original module's Parameter: trained in place with the rest of the model
-        self.in_features, self.out_features = in_features, out_features
+        # the bias is the original module's Parameter: trained in place with the rest of the model
+        super().__init__(u, s, v, bias, in_features, out_features, trainable=True, share_bias=True)
         # the gate is not trained; it requires grad so that dL/dm (the s-term of the importance) exists
         self.gate = torch.ones_like(self.s, requires_grad=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x @ self.V.t()
-        h = h * (self.s * self.gate).to(h.dtype)
-        y = h @ self.U.t()
-        return y if self.bias is None else y + self.bias
+    def component_gate(self) -> torch.Tensor:
+        """The triplet mask RankDyna pushes at every mask update (its gradient scores masked triplets)."""
+        return self.gate
 
 
 def triplets(weight: torch.Tensor, fac: Factorization, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -172,13 +169,7 @@ class RankDynaHooks(Hooks):
     # -- schedule ---------------------------------------------------------------------
     def budget_at(self, step: int) -> float:
         """Active-triplet budget (parameters) after step ``step`` (0-based): warm-up, cubic, hold."""
-        t = step + 1
-        if t <= self.t_warm:
-            return self.budget_initial
-        if t >= self.t_final:
-            return self.budget_final
-        frac = 1.0 - (t - self.t_warm) / max(self.t_final - self.t_warm, 1)
-        return self.budget_final + (self.budget_initial - self.budget_final) * frac ** 3
+        return cubic_schedule(step + 1, self.budget_initial, self.budget_final, self.t_warm, self.t_final)
 
     def cost_of(self, gate: torch.Tensor) -> float:
         """Parameters of the active triplets as they will be installed (docs/design.md §2): a target
@@ -203,7 +194,7 @@ class RankDynaHooks(Hooks):
         self._push_gate()
 
     def end(self, model: nn.Module) -> None:
-        self.final = [(m.U.detach().clone(), m.s.detach().clone(), m.V.detach().clone()) for m in self.modules]
+        self.final = list(self.modules)  # the trained triplets, exported after the fit
         for name, orig in self.originals.items():
             replace_module(model, name, orig)
         self.originals.clear()
@@ -375,15 +366,14 @@ class RankDynaAllocator:
         context = require_context(context, self.name)
         model = context.model
         seed = int(context.seed)
-        objective = as_objective(self.loss_fn or context.objective, model, context.windows, context.batch_size)
+        objective = learned_tail.objective(self.loss_fn, context)
         hooks = RankDynaHooks(self, targets, factorizations, keep, self.steps, model)
-        cfg = LoopConfig(steps=self.steps, lr=self.lr, batch_size=self.batch_size or context.batch_size, seed=seed,
-                         save_every=context.save_every, state_file=context.state_file(self.name), resume=context.resume,
-                         progress=context.progress, desc="rankdyna", max_grad_norm=self.max_grad_norm, others_trainable=True)
-        result = run_loop(model, objective, hooks, cfg)
+        result = learned_tail.train(context, self.name, hooks, objective, steps=self.steps, lr=self.lr,
+                                    batch_size=self.batch_size, desc="rankdyna", max_grad_norm=self.max_grad_norm,
+                                    others_trainable=True)
 
         scores = hooks.scores()
-        learned = hooks.active_ranks()
+        learned = {t.name: k for t, k in zip(targets, hooks.active_ranks())}
         order: dict[str, list[int]] = {}
         prio: dict[str, list[float]] = {}
         for t, lo, hi in zip(targets, hooks.offsets[:-1], hooks.offsets[1:]):
@@ -393,44 +383,35 @@ class RankDynaAllocator:
             order[t.name] = idx
             prio[t.name] = [float(sc[j]) + (1e30 if bool(g[j]) else 0.0) for j in idx]
 
-        def priority(t: Target, j: int) -> float:
-            if j >= max_factored_rank(t) or j >= len(prio[t.name]):
-                return -1e300  # never prefer going dense (or past the trained triplets)
-            return prio[t.name][j] * (t.out_features + t.in_features)  # fit_budget divides by the step cost
+        def export(rank_map: RankMap, learned_keep: float) -> None:
+            factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+            for t, mod in zip(targets, hooks.final):
+                k = rank_map[t.name]
+                if k == DENSE:  # not reachable with the priority below; kept correct anyway
+                    with torch.no_grad():
+                        a, b = mod.export_factors()
+                        dense = model.get_submodule(t.name)
+                        (dense.weight.copy_(a @ b) if isinstance(dense, nn.Linear) else dense.weight.copy_((a @ b).t()))
+                    continue
+                factors[t.name] = mod.export_factors(torch.tensor(order[t.name][: int(k)], dtype=torch.long,
+                                                                  device=mod.U.device))
+            context.trained_factors = factors
+            trajectory = {"steps": hooks.history_steps,
+                          "series": {t.name: [r[i] for r in hooks.history_ranks] for i, t in enumerate(targets)},
+                          "ylabel": "active rank (triplets)", "title": f"RankDyna: rank per matrix over training (keep {keep})"}
+            context.artifacts["rankdyna"] = {
+                "options": self.options(), "keep": keep, "steps": self.steps, "seed": seed,
+                "initial_ranks": hooks.ranks, "ranks_learned": learned, "keep_learned": learned_keep,
+                "comebacks": int(hooks.comebacks),
+                "schedule": {"warmup_steps": hooks.t_warm, "final_step": hooks.t_final, "budget_initial": hooks.budget_initial,
+                             "budget_final": hooks.budget_final, "delta_t": self.delta_t},
+                "trajectory": trajectory,
+            }
 
-        start: RankMap = {t.name: max(min(k, max_factored_rank(t)), min(min_rank, max_factored_rank(t)))
-                          for t, k in zip(targets, learned)}
-        rank_map = fit_budget(targets, start, keep, priority, min_rank)
-
-        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for t, (u, s, v) in zip(targets, hooks.final):
-            k = rank_map[t.name]
-            if k == DENSE:  # not reachable with the priority above; kept correct anyway
-                with torch.no_grad():
-                    w = (u * s) @ v
-                    mod = model.get_submodule(t.name)
-                    (mod.weight.copy_(w) if isinstance(mod, nn.Linear) else mod.weight.copy_(w.t()))
-                continue
-            idx = torch.tensor(order[t.name][: int(k)], dtype=torch.long, device=u.device)
-            factors[t.name] = ((u[:, idx] * s[idx]).detach(), v[idx].detach())
-        context.trained_factors = factors
-
-        learned_map = {t.name: k for t, k in zip(targets, learned)}
-        learned_keep = sum(target_cost(t, learned_map[t.name]) for t in targets) / targets_dense_params(targets)
-        trajectory = {"steps": hooks.history_steps,
-                      "series": {t.name: [r[i] for r in hooks.history_ranks] for i, t in enumerate(targets)},
-                      "ylabel": "active rank (triplets)", "title": f"RankDyna: rank per matrix over training (keep {keep})"}
-        context.artifacts["rankdyna"] = {
-            "options": self.options(), "keep": keep, "steps": self.steps, "seed": seed, "initial_ranks": hooks.ranks,
-            "ranks_learned": learned_map, "keep_learned": learned_keep, "comebacks": int(hooks.comebacks),
-            "schedule": {"warmup_steps": hooks.t_warm, "final_step": hooks.t_final, "budget_initial": hooks.budget_initial,
-                         "budget_final": hooks.budget_final, "delta_t": self.delta_t},
-            "trajectory": trajectory,
-        }
-        context.training.append(training_record(self.name, "allocate+train", self.options(), objective, result, keep,
-                                                learned_keep, targets, rank_map, comebacks=int(hooks.comebacks),
-                                                history=result.history))
-        return rank_map
+        # never prefer going dense (or past the trained triplets): -1e300 whatever the step cost
+        return learned_tail.conclude(context, self.name, "allocate+train", self.options(), objective, result, targets,
+                                     keep, min_rank, learned, prio, export, never=lambda t: -1e300,
+                                     comebacks=int(hooks.comebacks), history=result.history)
 
 
 __all__ = ["DynaFactorized", "RankDynaAllocator", "RankDynaHooks", "triplets"]

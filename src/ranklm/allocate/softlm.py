@@ -56,24 +56,24 @@ and the training record (``keep_learned``, ``keep_after_fit``, final loss).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..budget import RankMap, fit_budget, max_factored_rank, target_cost, targets_dense_params
+from ..budget import RankMap, max_factored_rank, target_cost, targets_dense_params
 from ..decompose.base import Factorization
 from ..errors import RanklmError
 from ..layers import replace_module
 from ..options import Opt
 from ..targets import Target
 from ..train.budget_control import BudgetController
-from ..train.loop import Hooks, LoopConfig, run_loop
-from ..train.objective import Batch, Objective, as_objective, is_causal_lm
+from ..train.loop import Hooks
+from ..train.objective import Batch, Objective, is_causal_lm
 from ..train.soft_threshold import SoftThresholdFactorized
-from .base import AllocationContext, require_context, training_record
+from . import learned as learned_tail
+from .base import AllocationContext, require_context
 from ..registry import register_allocator
 
 
@@ -276,58 +276,44 @@ class SoftLMAllocator:
         # perplexity against 137.93 with the LM loss alone); a task objective or loss_fn is the user's choice
         distill = self.distill if self.distill is not None else (
             is_causal_lm(model) and self.loss_fn is None and context.objective is None)
-        windows = context.windows if self.train_seq_len is None else context.windows[:, : self.train_seq_len]
-        objective = as_objective(self.loss_fn or context.objective, model, windows, context.batch_size)
-        device = next(model.parameters()).device
-        hooks = SoftLMHooks(self, targets, factorizations, keep, device, self.steps)
+        objective = learned_tail.objective(self.loss_fn, context, self.train_seq_len)
+        hooks = SoftLMHooks(self, targets, factorizations, keep, next(model.parameters()).device, self.steps)
         hooks.distill = bool(distill)
-        cfg = LoopConfig(steps=self.steps, lr=self.lr, batch_size=self.batch_size, seed=int(context.seed),
-                         save_every=context.save_every,
-                         state_file=context.state_file(self.name) if context.state_dir is not None else self.state_file,
-                         resume=context.resume or self.resume, progress=context.progress, desc="softlm thresholds",
-                         lr_schedule=self.lr_schedule)
-        result = run_loop(model, objective, hooks, cfg)
+        result = learned_tail.train(context, self.name, hooks, objective, steps=self.steps, lr=self.lr,
+                                    batch_size=self.batch_size, desc="softlm thresholds", state_file=self.state_file,
+                                    resume=self.resume, lr_schedule=self.lr_schedule)
 
-        ordered = {n: m.ordered_factors() for n, m in hooks.mods.items()}
+        order = {n: m.order() for n, m in hooks.mods.items()}
         learned = {t.name: hooks.mods[t.name].hard_rank() for t in targets}
+        # the fit adds or drops single components by their normalised singular value
+        values = {n: m.s_norm[order[n]].tolist() for n, m in hooks.mods.items()}
 
-        def priority(t: Target, j: int) -> float:
-            s_sorted = ordered[t.name][2]
-            if j >= max_factored_rank(t) or j >= len(s_sorted):
-                return -1e30 * (t.out_features + t.in_features)
-            return float(s_sorted[j]) * (t.out_features + t.in_features)
-
-        start: RankMap = {t.name: max(min(learned[t.name], max_factored_rank(t)), min(min_rank, max_factored_rank(t)))
-                          for t in targets}
-        rank_map = fit_budget(targets, start, keep, priority, min_rank)
-        if self.factors == "trained":
-            context.trained_factors = {
-                t.name: (ordered[t.name][0][:, : int(r)].detach().clone(), ordered[t.name][1][: int(r)].detach().clone())
-                for t in targets if (r := rank_map[t.name]) != "dense"
+        def export(rank_map: RankMap, learned_keep: float) -> None:
+            if self.factors == "trained":
+                context.trained_factors = {
+                    t.name: tuple(f.detach().clone() for f in hooks.mods[t.name].export_factors(order[t.name][: int(r)]))
+                    for t in targets if (r := rank_map[t.name]) != "dense"
+                }
+            # a target the fit leaves dense keeps its original weight (the factors cover only r_max components);
+            # factors="refit" leaves trained_factors unset: the pipeline refits the base at rank_map as for any allocator
+            steps_axis = hooks.steps_axis
+            context.artifacts["softlm"] = {
+                "options": self.options(), "distill": hooks.distill, "history": result.history,
+                "alpha": {n: float(m.alpha.detach()) for n, m in hooks.mods.items()},
+                "kappa": next(iter(hooks.mods.values())).kappa if hooks.mods else self.kappa,
+                "ranks_learned": learned, "keep_learned": learned_keep,
+                "trajectory": {"steps": steps_axis, "series": hooks.trajectory, "ylabel": "threshold alpha (on s / s_max)",
+                               "title": "SoftLMs thresholds over training"},
             }
-        # a target the fit leaves dense keeps its original weight (the factors cover only r_max components);
-        # factors="refit" leaves trained_factors unset: the pipeline refits the base at rank_map as for any allocator
-        learned_keep = sum(target_cost(t, learned[t.name]) for t in targets) / targets_dense_params(targets)
-        if not math.isfinite(learned_keep):  # pragma: no cover - defensive
-            raise RanklmError("softlm produced a non-finite keep ratio")
-        steps_axis = hooks.steps_axis
-        context.artifacts["softlm"] = {
-            "options": self.options(), "distill": hooks.distill, "history": result.history,
-            "alpha": {n: float(m.alpha.detach()) for n, m in hooks.mods.items()},
-            "kappa": next(iter(hooks.mods.values())).kappa if hooks.mods else self.kappa,
-            "ranks_learned": learned, "keep_learned": learned_keep,
-            "trajectory": {"steps": steps_axis, "series": hooks.trajectory, "ylabel": "threshold alpha (on s / s_max)",
-                           "title": "SoftLMs thresholds over training"},
-        }
-        context.artifacts["softlm-ranks"] = {
-            "trajectory": {"steps": steps_axis, "series": hooks.rank_trajectory, "ylabel": "rank (hard threshold)",
-                           "title": "SoftLMs ranks over training"},
-        }
-        for n, m in hooks.mods.items():
-            context.artifacts[f"softlm.alpha.{n}"] = m.alpha.detach().reshape(1).cpu().clone()
-        context.training.append(training_record(self.name, "allocate", self.options(), objective, result, keep,
-                                                learned_keep, targets, rank_map))
-        return rank_map
+            context.artifacts["softlm-ranks"] = {
+                "trajectory": {"steps": steps_axis, "series": hooks.rank_trajectory, "ylabel": "rank (hard threshold)",
+                               "title": "SoftLMs ranks over training"},
+            }
+            for n, m in hooks.mods.items():
+                context.artifacts[f"softlm.alpha.{n}"] = m.alpha.detach().reshape(1).cpu().clone()
+
+        return learned_tail.conclude(context, self.name, "allocate", self.options(), objective, result, targets, keep,
+                                     min_rank, learned, values, export)
 
 
 __all__ = ["SoftLMAllocator", "SoftLMHooks"]

@@ -1,4 +1,4 @@
-"""A budget controller shared by the learning allocators (ARS, SoftLMs).
+"""The budget controller and the budget schedule shared by the learning allocators (ARS, SoftLMs, RankDyna).
 
 Learned masks or thresholds must reach the parameter budget *themselves*. A fixed penalty
 does not do it: the paper's ``log(max(T, B) / B)`` pulls with ``1 / T`` whatever the target
@@ -22,6 +22,11 @@ The weight grows with the distance to the target (proportional part) and with th
 over it (integral part), fades once the target is met, and turns negative (gives rank back)
 if the count stays under it, so training settles on the budget (measured: within 0.002 of the
 target on a tiny Llama in 100 steps, where the integral weight alone missed by up to 0.08).
+
+``cubic_schedule`` is the budget schedule of AdaLoRA / RankDyna: hold ``start`` through
+``t_begin``, fall to ``end`` along ``end + (start - end) (1 - (t - t_begin) / (t_end - t_begin))^3``
+and hold ``end`` from ``t_end``. RankDyna's active-triplet budget (warm-up, cubic, hold) and
+ARS's controlled target keep (``t_begin = 0``) both follow it.
 """
 
 from __future__ import annotations
@@ -29,7 +34,19 @@ from __future__ import annotations
 import torch
 
 
+def cubic_schedule(t: float, start: float, end: float, t_begin: float, t_end: float) -> float:
+    """The budget at step count ``t``: ``start`` until ``t_begin``, cubic to ``end`` at ``t_end``, then ``end``."""
+    if t <= t_begin:
+        return start
+    if t >= t_end:
+        return end
+    frac = 1.0 - (t - t_begin) / max(t_end - t_begin, 1)
+    return end + (start - end) * frac ** 3
+
+
 class BudgetController:
+    """A PI controller on the relative budget excess; its output weighs the differentiable count in the loss."""
+
     def __init__(self, kp: float, ki: float, limit: float, initial: float = 0.0, window: float = 0.05) -> None:
         self.kp, self.ki, self.limit, self.window = float(kp), float(ki), float(limit), float(window)
         self.integral = float(initial)
@@ -50,4 +67,4 @@ class BudgetController:
         self.weight, self.integral = float(t[0]), float(t[1])
 
 
-__all__ = ["BudgetController"]
+__all__ = ["BudgetController", "cubic_schedule"]

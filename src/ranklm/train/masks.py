@@ -5,7 +5,9 @@ are learned: ``x -> ((x @ B^T) * m) @ A^T + bias`` where ``A`` (out x r) and
 ``B`` (r x in) are a base's factors (``A[:, :k] @ B[:k]`` is its best rank-k
 approximation) and ``m`` (length r) switches components on and off. Since every
 base splits ``s`` into A and B, this is ``U diag(m * s) V`` with the base's
-transform undone. The factors are buffers: nothing of the model is trained.
+transform undone. It is the shared ``train.gated.GatedFactorized`` with ``U = A``,
+``V = B``, ``s`` folded in and the mask as its gate; the factors are buffers:
+nothing of the model is trained.
 
 ``HyperNetwork`` generates all masks' logits from fixed random inputs (one per
 target, sampled once from the seed, never trained): Bi-GRU over the sequence of
@@ -24,31 +26,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .gated import GatedFactorized
 
-class MaskedFactorized(nn.Module):
+
+class MaskedFactorized(GatedFactorized):
     """A target replaced by its factors with a component mask (set ``.mask`` before each forward)."""
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, in_features: int, out_features: int):
-        super().__init__()
-        self.register_buffer("A", a.detach(), persistent=False)
-        self.register_buffer("B", b.detach(), persistent=False)
-        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(a, None, b, bias, in_features, out_features, trainable=False)
         self.mask: torch.Tensor | None = None  # length r; None = all components
 
     @property
-    def rank(self) -> int:
-        return int(self.A.shape[1])
+    def A(self) -> torch.Tensor:
+        """The base's A (out x r), under its old name."""
+        return self.U
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x @ self.B.t()
-        if self.mask is not None:
-            h = h * self.mask.to(h.dtype)
-        y = h @ self.A.t()
-        if self.bias is not None:
-            y = y + self.bias
-        return y
+    @property
+    def B(self) -> torch.Tensor:
+        """The base's B (r x in), under its old name."""
+        return self.V
+
+    def component_gate(self) -> torch.Tensor | None:
+        """The mask of this step (ARS sets it from the hypernetwork before the forward)."""
+        return self.mask
 
 
 class HyperNetwork(nn.Module):
@@ -92,6 +92,7 @@ def is_prefix(mask: torch.Tensor) -> bool:
 
 
 def prefix_fraction(masks: list[torch.Tensor]) -> float:
+    """Share of masks that are top-k prefixes (ARS reports it: a fit that reorders is visible)."""
     return sum(is_prefix(m) for m in masks) / max(len(masks), 1)
 
 

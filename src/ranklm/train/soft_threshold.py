@@ -14,12 +14,15 @@ target's threshold ``alpha``:
 ``s_max`` is the target's largest initial singular value (a constant), so ``alpha`` lives
 on a fixed scale even while ``s`` trains. The original module is kept (not trained) so a
 distillation teacher can run the dense model through the same wrappers (``dense=True``).
+Factors, forward and export are the shared ``train.gated.GatedFactorized``; this class adds the gate.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .gated import GatedFactorized
 
 
 def gate_values(s_norm: torch.Tensor, alpha: torch.Tensor, kappa: float, hard: bool) -> torch.Tensor:
@@ -30,21 +33,17 @@ def gate_values(s_norm: torch.Tensor, alpha: torch.Tensor, kappa: float, hard: b
     return (s_norm > alpha).to(soft.dtype) + soft - soft.detach()
 
 
-class SoftThresholdFactorized(nn.Module):
+class SoftThresholdFactorized(GatedFactorized):
     """A target as trainable ``U diag(s * gate) V`` (+ the original bias, frozen)."""
+
+    split = "sqrt"  # export sqrt|s| to both sides (sign on A), as the base's factors are split
 
     def __init__(self, original: nn.Module, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, alpha: float,
                  in_features: int, out_features: int) -> None:
-        super().__init__()
-        self.U = nn.Parameter(u.detach().clone())
-        self.s = nn.Parameter(s.detach().clone())
-        self.V = nn.Parameter(v.detach().clone())
+        super().__init__(u, s, v, getattr(original, "bias", None), in_features, out_features, trainable=True)
         self.alpha = nn.Parameter(torch.tensor(float(alpha), dtype=u.dtype, device=u.device))
         self.register_buffer("s_max", s.detach().abs().max().clamp_min(1e-30).clone(), persistent=False)
         self.original = [original]  # a list: not a submodule (neither trained nor saved)
-        bias = getattr(original, "bias", None)
-        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
-        self.in_features, self.out_features = in_features, out_features
         self.kappa = 10.0
         self.hard = True
         self.dense = False  # run the original module (distillation teacher)
@@ -54,35 +53,39 @@ class SoftThresholdFactorized(nn.Module):
         return self.s.abs() / self.s_max
 
     def gate(self) -> torch.Tensor:
+        """The threshold gate of every component at the current alpha, kappa and gate mode."""
         return gate_values(self.s_norm, self.alpha, self.kappa, self.hard)
+
+    def component_gate(self) -> torch.Tensor:
+        """The threshold gate is what the shared forward multiplies into s."""
+        return self.gate()
 
     def soft_rank(self) -> torch.Tensor:
         """Differentiable count of kept components (the soft gate summed)."""
         return gate_values(self.s_norm, self.alpha, self.kappa, hard=False).sum()
 
     def hard_rank(self) -> int:
+        """Components above the threshold: the rank this layer would be installed at."""
         return int((self.s_norm > self.alpha).sum())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The gated factors, or the original module while it serves as the distillation teacher."""
         if self.dense:
             return self.original[0](x)
-        h = x @ self.V.t()
-        h = h * (self.s * self.gate()).to(h.dtype)
-        y = h @ self.U.t()
-        if self.bias is not None:
-            y = y + self.bias
-        return y
+        return super().forward(x)
+
+    @torch.no_grad()
+    def order(self) -> torch.Tensor:
+        """Component indices, largest |s| first: the first ``hard_rank()`` are the ones above the threshold."""
+        return torch.argsort(self.s.abs(), descending=True)
 
     @torch.no_grad()
     def ordered_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every component as ``(A, B)`` columns/rows, largest |s| first, sqrt|s| split to both sides
         (sign kept on A), and the sorted normalised values: the first k give the rank-k model (the
         first ``hard_rank()`` are exactly the ones above the threshold)."""
-        order = torch.argsort(self.s.abs(), descending=True)
-        s = self.s[order]
-        root = s.abs().sqrt()
-        a = self.U[:, order] * (root * torch.sign(s))
-        b = root[:, None] * self.V[order]
+        order = self.order()
+        a, b = self.export_factors(order)
         return a.contiguous(), b.contiguous(), self.s_norm[order]
 
 
