@@ -20,9 +20,8 @@ from ranklm.eval.generate import (
     quality_of,
     repeat_ngram_rate,
 )
+from ranklm.eval.decode_timing import _greedy_decode, _greedy_decode_static
 from ranklm.eval.latency import (
-    _greedy_decode,
-    _greedy_decode_static,
     dense_counterpart,
     flop_ratio_limit,
     measure_decode,

@@ -18,6 +18,7 @@ from transformers import (
 )
 
 import ranklm
+import ranklm.loading.paths as model_paths
 import ranklm.models as models
 from conftest import make_model, random_ids
 from ranklm import CompressConfig, RanklmError
@@ -40,7 +41,7 @@ def empty_hub_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    models._HUB_PROBES.clear()
+    model_paths._HUB_PROBES.clear()
     return cache
 
 
@@ -50,7 +51,7 @@ def empty_hub_cache(tmp_path, monkeypatch):
 def test_relative_path_typo_fails_at_once_naming_it(tmp_path, monkeypatch, empty_hub_cache):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
-    monkeypatch.setattr(models, "_hub_probe", _no_probe)
+    monkeypatch.setattr(model_paths, "_hub_probe", _no_probe)
     with pytest.raises(RanklmError, match=r"models/nope does not exist"):
         resolve_model_path("models/nope")
     with pytest.raises(RanklmError, match="does not exist"):
@@ -60,17 +61,17 @@ def test_relative_path_typo_fails_at_once_naming_it(tmp_path, monkeypatch, empty
 def test_uncached_hub_id_offline_fails_without_asking_the_hub(tmp_path, monkeypatch, empty_hub_cache):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(models, "_hub_probe", _no_probe)
+    monkeypatch.setattr(model_paths, "_hub_probe", _no_probe)
     with pytest.raises(RanklmError, match=r"org/name is not a local folder and not in the Hugging Face cache \(HF_HUB_OFFLINE"):
         resolve_model_path("org/name")
 
 
 def test_uncached_hub_id_probe_decides(tmp_path, monkeypatch, empty_hub_cache):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(models, "_hub_probe", lambda repo: "the hub is unreachable: ConnectError")
+    monkeypatch.setattr(model_paths, "_hub_probe", lambda repo: "the hub is unreachable: ConnectError")
     with pytest.raises(RanklmError, match=r"not in the Hugging Face cache \(the hub is unreachable"):
         load_model("org/name")
-    monkeypatch.setattr(models, "_hub_probe", lambda repo: None)  # online, the hub has it: transformers downloads it
+    monkeypatch.setattr(model_paths, "_hub_probe", lambda repo: None)  # online, the hub has it: transformers downloads it
     assert resolve_model_path("org/name") == ("org/name", False)
 
 
@@ -84,14 +85,14 @@ def test_hub_probe_makes_one_request_and_reports_unreachable(monkeypatch, empty_
         raise ConnectionError("no route to host")
 
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
-    assert models._hub_probe("org/x") == "the hub is unreachable: ConnectionError"
-    assert models._hub_probe("org/x") == "the hub is unreachable: ConnectionError"
-    assert calls == [("org/x", models.HUB_PROBE_TIMEOUT)]
+    assert model_paths._hub_probe("org/x") == "the hub is unreachable: ConnectionError"
+    assert model_paths._hub_probe("org/x") == "the hub is unreachable: ConnectionError"
+    assert calls == [("org/x", model_paths.HUB_PROBE_TIMEOUT)]
 
 
 def test_cached_hub_id_resolves_to_its_snapshot(tmp_path, monkeypatch, empty_hub_cache, tiny_llama_dir):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(models, "_hub_probe", _no_probe)
+    monkeypatch.setattr(model_paths, "_hub_probe", _no_probe)
     repo = empty_hub_cache / "models--org--tiny"
     snap = repo / "snapshots" / ("a" * 40)
     snap.mkdir(parents=True)

@@ -4,8 +4,9 @@ Long loops (ARS mask learning, factor fine-tuning) save their trainable tensors,
 optimizer moments and a JSON header (step, seed, options, history) every few steps.
 Every loop draws its batch and noise of step t from generators seeded by (seed, t)
 only, so restoring the tensors and continuing from the saved step reproduces an
-uninterrupted run bit for bit on CPU. The file is written to ``<name>.tmp`` and
-renamed, so a kill mid-write leaves the previous state intact; no pickle is involved.
+uninterrupted run bit for bit on CPU. The file is written to ``<name>.tmp``, fsynced and
+renamed (``ranklm.atomic.atomic_file``), so a kill mid-write leaves the previous state intact
+and a full disk is one line naming the file; no pickle is involved.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..atomic import atomic_file
 from ..errors import RanklmError
 
 
@@ -24,14 +26,9 @@ def write_state_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], 
     """Atomically write ``tensors`` with ``meta`` (JSON) under the metadata key ``key``."""
     import safetensors.torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    safetensors.torch.save_file(tensors, str(tmp), metadata={key: json.dumps(meta)})
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), metadata={key: json.dumps(meta)})
 
 
 def read_state_file(path: str | os.PathLike, key: str, what: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -97,8 +94,6 @@ def open_state_dir(state_dir: str | os.PathLike, fingerprint: dict[str, Any], re
         return d
     if d.exists() and (not d.is_dir() or any(d.iterdir())):
         raise RanklmError(f"--state-dir {d} is not an empty folder; add --resume to continue its run, or choose another")
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = run.with_name("run.json.tmp")
-    tmp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
-    os.replace(tmp, run)
+    with atomic_file(run) as tmp:
+        tmp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
     return d

@@ -1,0 +1,26 @@
+"""Dense export: a checkpoint's factors multiplied back into a plain Hugging Face folder (no ranklm needed to load it)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..atomic import atomic_dir, check_output_dir
+from ..layers import merge_low_rank
+from .reading import load
+
+
+def export_dense(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Multiply the factors back and write a plain Hugging Face folder (no ranklm needed to load it)."""
+    check_output_dir(out, overwrite)
+    model, tokenizer = load(checkpoint)
+    merge_low_rank(model)
+    del model.ranklm
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out)
+
+
+__all__ = ["export_dense"]
