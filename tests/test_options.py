@@ -2,6 +2,9 @@
 command-line usage errors as one line; `info` validating a checkpoint as `load` does."""
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -9,7 +12,8 @@ from ranklm.allocate import ALLOCATORS, get_allocator
 from ranklm.cli import main
 from ranklm.decompose import BASES, get_base
 from ranklm.errors import RanklmError
-from ranklm.options import Opt, describe_options, validate_options
+from ranklm.options import (MethodOptions, Opt, describe_options, opt, option_spec, options_from_record, options_record,
+                            parse_options, validate_options)
 from ranklm.cli.tools import list_methods
 from ranklm.registry import build, method_options
 
@@ -117,32 +121,86 @@ def test_options_without_declarations_fall_back_to_the_constructor():
         registry.registered("trainer").pop("legacy")
 
 
-# --------------------------------------------------------------------------- declarations on every method
+# --------------------------------------------------------------------------- the one declaration: an options dataclass
 
-def _constructor_defaults(cls) -> dict:
+@dataclass(frozen=True)
+class XOptions(MethodOptions):
+    """SPEC above, declared the one way methods declare their options."""
+
+    steps: int = opt(200, "steps")
+    lr: float = opt(1e-3, "learning rate")
+    flag: bool = opt(True, "a switch")
+    mode: str = opt("a", "mode", choices=("a", "b"))
+    grid: Sequence[float] = opt((0.5,), "ratios")
+    limit: int | None = opt(None, "optional limit")
+    loss_fn: Any = opt(None, "a callable", python_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.steps < 0:
+            raise RanklmError("x steps must be >= 0")
+
+
+def test_an_options_dataclass_derives_the_spec_validator_and_record():
+    assert option_spec(XOptions) == SPEC
+    assert validate_options("allocator", "x", XOptions, {"steps": 3.0}) == validate_options("allocator", "x", SPEC, {"steps": 3.0})
+    assert describe_options("allocator", "x", XOptions) == describe_options("allocator", "x", SPEC)
+    x = parse_options("allocator", "x", XOptions, {"steps": 3.0, "grid": (1, 0.25), "loss_fn": print})
+    assert (x.steps, x.grid, x.loss_fn) == (3, [1.0, 0.25], print) and type(x.steps) is int
+    with pytest.raises(RanklmError, match="x steps must be >= 0"):  # the dataclass's own rules
+        parse_options("allocator", "x", XOptions, {"steps": -1})
+    rec = options_record(x)
+    assert rec == {"_type": "XOptions", "_version": 1,
+                   "options": {"steps": 3, "lr": 1e-3, "flag": True, "mode": "a", "grid": [1.0, 0.25], "limit": None}}
+    back = options_from_record("allocator", "x", XOptions, json.loads(json.dumps(rec)))
+    assert back == XOptions(steps=3, grid=[1.0, 0.25])  # python-only options are not recorded
+    with pytest.raises(RanklmError, match="are 'KFACOptions'; this ranklm's allocator x takes XOptions"):
+        options_from_record("allocator", "x", XOptions, {**rec, "_type": "KFACOptions"})
+    with pytest.raises(RanklmError, match="version 2; this ranklm reads version 1"):
+        options_from_record("allocator", "x", XOptions, {**rec, "_version": 2})
+    with pytest.raises(RanklmError, match="option steps of allocator x must be an integer"):
+        options_from_record("allocator", "x", XOptions, {**rec, "options": {"steps": "many"}})
+
+
+def _tables():
+    from ranklm.train import TRAINERS
+
+    return [("base", BASES), ("allocator", ALLOCATORS), ("trainer", TRAINERS)]
+
+
+def test_every_method_declares_its_options_once_as_a_dataclass():
     import inspect
 
-    params = inspect.signature(cls.__init__).parameters
-    assert not any(p.kind is p.VAR_KEYWORD for p in params.values()), f"{cls.__name__} still swallows **kwargs"
-    return {n: p.default for n, p in params.items() if n != "self"}
+    from ranklm.registry import options_class
+
+    for kind, table in _tables():
+        for name, cls in table.items():
+            options = options_class(cls)
+            assert options is not None and not hasattr(cls, "OPTIONS"), f"{kind} {name}"
+            assert method_options(kind, name) == option_spec(options)
+            # the constructor takes the options instance (or keywords for the one validator), nothing re-declared
+            params = inspect.signature(cls.__init__).parameters
+            assert set(params) <= {"self", "options", "given"}, f"{kind} {name} re-declares {sorted(params)}"
+            built = build(kind, name, {})
+            assert built.config == options() and type(built.config) is options
+            for o in option_spec(options):  # each option is an attribute too, unless the class uses the name
+                if not hasattr(cls, o.name):
+                    assert getattr(built, o.name) == o.default, f"{kind} {name} {o.name}"
 
 
-@pytest.mark.parametrize("kind, table", [("base", BASES), ("allocator", ALLOCATORS)])
-def test_declared_options_match_the_constructors(kind, table):
-    for name, cls in table.items():
-        if not hasattr(cls, "OPTIONS"):
-            continue
-        declared = {o.name: o.default for o in cls.OPTIONS}
-        if cls.__init__ is object.__init__:
-            assert declared == {}, name
-            continue
-        assert declared == _constructor_defaults(cls), name
-        assert method_options(kind, name) == tuple(cls.OPTIONS)
+def test_methods_get_the_validated_instance():
+    from ranklm.decompose.kfac import KFACBase, KFACOptions
 
-
-def test_every_base_and_allocator_except_ars_declares_options():
-    missing = [n for n, c in {**BASES, **ALLOCATORS}.items() if not hasattr(c, "OPTIONS") and n != "ars"]
-    assert missing == []
+    b = get_base("kfac", damping=1)
+    assert b.config == KFACOptions(damping=1.0) and b.damping == 1.0 and type(b.damping) is float
+    assert KFACBase(KFACOptions(shrink=0.5)).shrink == 0.5
+    assert KFACBase(shrink=0.5).config == KFACOptions(shrink=0.5)  # keywords: the one validator, then the dataclass
+    with pytest.raises(RanklmError, match="option damping of base kfac must be a float"):
+        KFACBase(damping="x")
+    with pytest.raises(RanklmError, match="kfac damping must be >= 0"):
+        KFACOptions(damping=-1.0)
+    a = get_allocator("ars", steps=4, loss_fn=print)
+    assert a.options()["steps"] == 4 and "loss_fn" not in a.options() and a.loss_fn is print
 
 
 @pytest.mark.parametrize(
@@ -271,6 +329,27 @@ def _edit_meta(ckpt, edit):
     meta = json.loads((ckpt / "ranklm.json").read_text())
     edit(meta)
     (ckpt / "ranklm.json").write_text(json.dumps(meta))
+
+
+def test_a_checkpoints_recipe_rebuilds_its_config(ckpt):
+    from ranklm.config import CompressConfig, config_from_recipe
+
+    recipe = json.loads((ckpt / "ranklm.json").read_text())["recipe"]
+    config = recipe["config"]
+    assert config["base_config"] == {"_type": "KFACOptions", "_version": 1, "options": {"damping": 1e-6, "shrink": 0.0}}
+    assert config["allocator_config"]["_type"] == "GlobalOptions" and config["trainer_config"] is None
+    rebuilt = config_from_recipe(recipe)
+    assert isinstance(rebuilt, CompressConfig) and rebuilt.method == recipe["name"] == "kfac-global"
+    again = rebuilt.record()
+    for key in ("base_config", "allocator_config", "trainer_config", "keep", "seed", "calib_windows", "seq_len", "recipe"):
+        assert again[key] == config[key], key
+    # a recipe recorded before the typed records: the plain option dicts
+    old = {k: v for k, v in config.items() if not k.endswith("_config")}
+    assert config_from_recipe(old).record()["base_config"] == config["base_config"]
+    with pytest.raises(RanklmError, match="option shrink of base kfac must lie in"):
+        config_from_recipe({**config, "base_config": {**config["base_config"], "options": {"shrink": 2.0}}})
+    with pytest.raises(RanklmError, match="keys this ranklm does not know: nope"):
+        config_from_recipe({**config, "nope": 1})
 
 
 def test_info_on_a_good_checkpoint(capsys, ckpt):

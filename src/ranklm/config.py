@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import RanklmError
@@ -187,8 +188,56 @@ class CompressConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def record(self) -> dict[str, Any]:
+        """What ranklm.json records as ``recipe.config``: ``to_dict()`` plus each axis's validated options,
+        ``base_config`` / ``allocator_config`` / ``trainer_config`` = ``{"_type", "_version", "options"}``
+        (``options.options_record``; None for no trainer, or a plugin without an options dataclass).
+        ``config_from_recipe`` rebuilds the config from it."""
+        from .registry import method_record
+
+        out = self.to_dict()
+        out["base_config"] = method_record("base", self.base, self.base_options)
+        out["allocator_config"] = method_record("allocator", self.allocator, self.allocator_options)
+        out["trainer_config"] = (None if self.trainer == "none"
+                                 else method_record("trainer", self.trainer, self.trainer_options))
+        return out
+
     @property
     def method(self) -> str:
         """Human-readable name: the recipe if it is one, else base+allocator (+trainer)."""
         name = self.recipe or f"{self.base}+{self.allocator}"
         return name if self.trainer == "none" else f"{name}+{self.trainer}"
+
+
+AXES = ("base", "allocator", "trainer")
+
+
+def config_from_recipe(recipe: Mapping[str, Any]) -> CompressConfig:
+    """The ``CompressConfig`` a checkpoint's recorded recipe describes (ranklm.json ``recipe``, or its ``config``).
+
+    Each axis's options come from its typed record (``base_config`` etc., checked against the options
+    dataclass the method declares now: type, version, every value validated again), else, for a recipe
+    recorded before the typed records, from ``base_options`` etc. Python-only options (callables) are never
+    recorded, so they are at their defaults. An unknown key or a bad record is one ``RanklmError`` line.
+    """
+    from .options import option_values, options_from_record
+    from .registry import lookup, options_class
+
+    config = recipe.get("config", recipe) if isinstance(recipe, Mapping) else None
+    if not isinstance(config, Mapping):
+        raise RanklmError("the recorded recipe holds no config object")
+    names = {f.name for f in fields(CompressConfig)}
+    typed = {f"{axis}_config" for axis in AXES}
+    unknown = sorted(k for k in config if k not in names and k not in typed)
+    if unknown:
+        raise RanklmError(f"the recorded recipe config has keys this ranklm does not know: {', '.join(unknown)}")
+    given = {k: v for k, v in config.items() if k in names}
+    for axis in AXES:
+        record, name = config.get(f"{axis}_config"), given.get(axis)
+        if record is None or name in (None, "none"):
+            continue
+        found = options_class(lookup(axis, name))
+        if found is None:
+            raise RanklmError(f"the recorded recipe has typed options for {axis} {name}, which declares none")
+        given[f"{axis}_options"] = option_values(options_from_record(axis, name, found, record))
+    return CompressConfig(**given)

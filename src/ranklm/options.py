@@ -1,10 +1,32 @@
 """Typed method options, declared once per method (docs/design.md §1 "Options are typed").
 
-Every base, allocator and trainer class declares ``OPTIONS: tuple[Opt, ...]``: each
-option's name, type, default, one-line help and (optionally) the values it may take.
-``validate_options`` is the one validator: it fills in defaults and refuses an unknown
-or ill-typed option with a one-line ``RanklmError`` (the CLI prints it as ``error: ...``
-and exits 2). ``describe_options`` renders a method's options for ``ranklm methods``.
+Every base, allocator and trainer declares its options once, as a frozen dataclass whose fields
+carry their help (and bounds, choices, python-only) in field metadata, torchao-config style::
+
+    @dataclass(frozen=True)
+    class KFACOptions(MethodOptions):
+        damping: float = opt(1e-6, "added to each factor's diagonal", bounds=(0.0, 1e6))
+        shrink: float = opt(0.0, "shrink both factors toward their diagonals", bounds=(0.0, 1.0))
+
+    @register_base("kfac")
+    class KFACBase(Configurable):
+        Options = KFACOptions
+
+Everything else is derived from that one declaration: ``option_spec`` (one ``Opt`` per field:
+name, type from the annotation, default, help), the one validator ``validate_options`` /
+``parse_options`` (fills in defaults and refuses an unknown or ill-typed option with a one-line
+``RanklmError``; the CLI prints it as ``error: ...`` and exits 2; the dataclass's
+``__post_init__`` holds the rules that relate options or narrow a range, with their own one-line
+messages), the listing ``describe_options`` (``ranklm methods``), the method's ``config``
+(the validated instance; ``Configurable`` also sets each option as an attribute) and its
+``options()`` report, and the record ``options_record`` written to ranklm.json
+(``{"_type": "KFACOptions", "_version": 1, "options": {...}}``) that ``options_from_record``
+reads back. A plugin class may still declare ``OPTIONS: tuple[Opt, ...]`` (validated the same way,
+passed to its constructor as keywords).
+
+Annotations: ``int``, ``float``, ``bool``, ``str``; ``Sequence[float]`` (or ``list[...]``) for a
+list option whose elements are typed; ``Any`` for python-only values such as callables; ``X | None``
+where the default is None or null is accepted.
 
 Coercion rules (values from the CLI arrive JSON-parsed: ``3`` -> int, ``true`` -> bool,
 ``[0.3, 0.7]`` -> list, anything else stays a string):
@@ -22,10 +44,14 @@ Keys may be written with dashes (``adam-steps``) or underscores (``adam_steps``)
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import cache
+from typing import Any, ClassVar
 
 from .errors import RanklmError
 
@@ -41,7 +67,7 @@ _TYPE_WORDS: dict[type, str] = {
 
 @dataclass(frozen=True)
 class Opt:
-    """One declared option of a base, allocator or trainer."""
+    """One option of a base, allocator or trainer (derived from its options dataclass by ``option_spec``)."""
 
     name: str
     type: type  # int, float, bool, str, list, or object (python-only values such as callables)
@@ -125,12 +151,15 @@ def _visible(spec: Sequence[Opt], from_cli: bool) -> list[Opt]:
 
 
 def validate_options(
-    kind: str, method: str, spec: Sequence[Opt], given: Mapping[str, Any], from_cli: bool = False
+    kind: str, method: str, spec: Sequence[Opt] | type, given: Mapping[str, Any], from_cli: bool = False
 ) -> dict[str, Any]:
     """Every declared option of ``kind method`` (defaults filled in), or a one-line ``RanklmError``.
 
-    ``from_cli=True`` also refuses python-only options (callables and the like).
+    ``spec`` is an options dataclass (or a tuple of ``Opt``). ``from_cli=True`` also refuses
+    python-only options (callables and the like). Type rules only: ``parse_options`` also builds the
+    dataclass, whose ``__post_init__`` checks the rest.
     """
+    spec = _spec(spec)
     by_name = {o.name: o for o in spec}
     out = {o.name: o.default for o in spec}
     seen: dict[str, str] = {}
@@ -178,8 +207,9 @@ def _default_text(value: Any) -> str:
     return str(value)
 
 
-def describe_options(kind: str, method: str, spec: Sequence[Opt]) -> str:
+def describe_options(kind: str, method: str, spec: Sequence[Opt] | type) -> str:
     """A block for listings: ``kind method`` then one line per (CLI-visible) option."""
+    spec = _spec(spec)
     lines = [f"{kind} {method}"]
     shown = _visible(spec, from_cli=True)
     if not shown:
@@ -198,4 +228,151 @@ def describe_options(kind: str, method: str, spec: Sequence[Opt]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Opt", "validate_options", "describe_options"]
+# --------------------------------------------------------------------------- the one declaration
+
+OPTION_METADATA = "ranklm"  # the dataclass field metadata key holding an option's help, choices, bounds
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Base of every method's options dataclass (declare subclasses ``@dataclass(frozen=True)``).
+
+    ``VERSION`` is recorded with the options in ranklm.json; raise it when an option's meaning changes,
+    so an older record is refused rather than misread. ``__post_init__`` (call ``super().__post_init__()``)
+    holds the rules the types cannot say, each a one-line ``RanklmError``.
+    """
+
+    VERSION: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class NoOptions(MethodOptions):
+    """The options of a method that takes none."""
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, bounds: tuple[float, float] | None = None,
+        python_only: bool = False) -> Any:
+    """One option as a dataclass field: its default, one-line help and what it may take (type: the annotation).
+
+    ``python_only``: accepted from the Python API, refused from the CLI, hidden from listings and records.
+    """
+    meta = {OPTION_METADATA: {"help": help, "choices": tuple(choices) if choices is not None else None,
+                              "bounds": tuple(bounds) if bounds is not None else None, "python_only": python_only}}
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _annotation(hint: Any) -> tuple[type, type | None, bool]:
+    """An annotation as (option type, list item type, None allowed)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        t, item, _ = _annotation(args[0]) if len(args) == 1 else (object, None, True)
+        return t, item, len(args) < len(typing.get_args(hint))
+    if hint in (int, float, bool, str):
+        return hint, None, False
+    origin = typing.get_origin(hint) or hint
+    if isinstance(origin, type) and origin is not str and issubclass(origin, Sequence):
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return list, (args[0] if len(args) == 1 and args[0] in (int, float, bool, str) else None), False
+    return object, None, True
+
+
+def is_options_class(spec: Any) -> bool:
+    return isinstance(spec, type) and issubclass(spec, MethodOptions)
+
+
+@cache
+def option_spec(cls: type) -> tuple[Opt, ...]:
+    """The options an options dataclass declares, one ``Opt`` per field, in declaration order."""
+    if not is_options_class(cls) or not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a MethodOptions dataclass")
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        meta = f.metadata.get(OPTION_METADATA)
+        if meta is None:
+            raise TypeError(f"option {f.name} of {cls.__name__}: declare it with opt(default, help, ...)")
+        t, item, none_ok = _annotation(hints[f.name])
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if default is None and not none_ok:
+            raise TypeError(f"option {f.name} of {cls.__name__}: default None needs an annotation 'X | None'")
+        out.append(Opt(f.name, t, default, meta["help"], choices=meta["choices"], python_only=meta["python_only"],
+                       item=item, nullable=none_ok and default is not None and t is not object, bounds=meta["bounds"]))
+    return tuple(out)
+
+
+def _spec(spec: Sequence[Opt] | type) -> Sequence[Opt]:
+    return option_spec(spec) if isinstance(spec, type) else spec
+
+
+def parse_options(kind: str, method: str, cls: type, given: Mapping[str, Any], from_cli: bool = False) -> Any:
+    """``given`` validated (``validate_options``) into an instance of the options dataclass ``cls``."""
+    return cls(**validate_options(kind, method, cls, given, from_cli=from_cli))
+
+
+def option_values(options: Any, python_only: bool = False) -> dict[str, Any]:
+    """An options instance as ``{name: value}``: the recordable ones (python-only left out unless asked)."""
+    shown = [o for o in option_spec(type(options)) if python_only or not o.python_only]
+    return {o.name: _plain(getattr(options, o.name)) for o in shown}
+
+
+def _plain(value: Any) -> Any:
+    return [_plain(v) for v in value] if isinstance(value, tuple) else value
+
+
+def options_record(options: Any) -> dict[str, Any]:
+    """What ranklm.json records of one axis's options: ``{"_type", "_version", "options"}`` (python-only left out)."""
+    cls = type(options)
+    return {"_type": cls.__name__, "_version": cls.VERSION, "options": option_values(options)}
+
+
+def options_from_record(kind: str, method: str, cls: type, record: Mapping[str, Any]) -> Any:
+    """The options instance an ``options_record`` describes, validated again (one-line ``RanklmError``)."""
+    if not isinstance(record, Mapping) or not isinstance(record.get("options"), Mapping):
+        raise RanklmError(f"the recorded options of {kind} {method} are not a {{_type, _version, options}} object")
+    if record.get("_type") != cls.__name__:
+        raise RanklmError(f"the recorded options of {kind} {method} are {record.get('_type')!r}; "
+                          f"this ranklm's {kind} {method} takes {cls.__name__}")
+    if record.get("_version") != cls.VERSION:
+        raise RanklmError(f"the recorded options of {kind} {method} are {cls.__name__} version {record.get('_version')!r}; "
+                          f"this ranklm reads version {cls.VERSION}")
+    return parse_options(kind, method, cls, record["options"])
+
+
+class Configurable:
+    """A method whose options are its ``Options`` dataclass (default: none).
+
+    ``Cls(options)`` takes a validated instance (what ``registry.build`` passes); ``Cls(**given)`` validates
+    ``given`` with the one validator first. The instance is ``self.config``; each option is also set as an
+    attribute of the same name, unless the class already defines that name (then read ``self.config``).
+    """
+
+    Options: ClassVar[type] = NoOptions
+    registered_as: ClassVar[tuple[str, str]]  # (kind, name), set by the registry's decorators
+    config: Any
+
+    def __init__(self, options: Any = None, /, **given: Any) -> None:
+        cls = type(self).Options
+        if options is None:
+            kind, name = getattr(type(self), "registered_as", ("method", type(self).__name__))
+            options = parse_options(kind, name, cls, given)
+        elif given or not isinstance(options, cls):
+            raise TypeError(f"{type(self).__name__} takes one {cls.__name__} or keyword options, "
+                            f"got {type(options).__name__}" + (" and keywords" if given else ""))
+        self.config = options
+        for f in dataclasses.fields(options):
+            if not hasattr(type(self), f.name):
+                setattr(self, f.name, getattr(options, f.name))
+
+    def options(self) -> dict[str, Any]:
+        """The options as recorded (ranklm.json, state fingerprints): every one but the python-only ones."""
+        return option_values(self.config)
+
+
+__all__ = ["Configurable", "MethodOptions", "NoOptions", "Opt", "describe_options", "is_options_class", "opt",
+           "option_spec", "option_values", "options_from_record", "options_record", "parse_options",
+           "validate_options"]

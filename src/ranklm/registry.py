@@ -11,9 +11,10 @@ method with one module and one line of packaging metadata::
     [project.entry-points."ranklm.methods"]
     my_method = "my_package.my_module"
 
-Each registered class declares its options once (``OPTIONS: tuple[Opt, ...]``, see ``options``);
-``build`` validates the given options against them before calling the constructor, so an unknown
-or ill-typed option is one ``RanklmError`` line, never a silently ignored keyword.
+Each registered class declares its options once, as its ``Options`` dataclass (``options.MethodOptions``;
+a plugin may instead declare ``OPTIONS: tuple[Opt, ...]``); ``build`` validates the given options
+against it and hands the constructor the validated instance, so an unknown or ill-typed option is
+one ``RanklmError`` line, never a silently ignored keyword.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import logging
 from typing import Any, Callable, Mapping, TypeVar
 
 from .errors import RanklmError
-from .options import validate_options
+from .options import Opt, is_options_class, option_spec, options_record, parse_options, validate_options
 
 KINDS = ("base", "allocator", "trainer", "statistic")
 ENTRY_POINT_GROUP = "ranklm.methods"
@@ -49,6 +50,7 @@ def register(kind: str, name: str) -> Callable[[T], T]:
                               f"{cls.__module__}.{cls.__qualname__}")
         _TABLES[kind][name] = cls
         cls.name = name  # type: ignore[attr-defined]
+        cls.registered_as = (kind, name)  # type: ignore[attr-defined]  (names it in option errors)
         return cls
 
     return decorate
@@ -116,25 +118,61 @@ def lookup(kind: str, name: str) -> type:
     return found[name]
 
 
+def options_class(cls: type) -> type | None:
+    """A method class's options dataclass, or None (a plugin with an ``OPTIONS`` tuple, or none declared)."""
+    found = getattr(cls, "Options", None)
+    return found if is_options_class(found) else None
+
+
+def declared_options(cls: type) -> tuple[Opt, ...] | None:
+    """What a method class declares (derived from its options dataclass), or None if it declares nothing."""
+    found = options_class(cls)
+    if found is not None:
+        return option_spec(found)
+    spec = getattr(cls, "OPTIONS", None)
+    return None if spec is None else tuple(spec)
+
+
 def build(kind: str, name: str, options: Mapping[str, Any] | None = None, from_cli: bool = False) -> Any:
     """Instantiate the ``kind`` called ``name`` with validated options, or explain which names exist."""
     cls = lookup(kind, name)
+    if options_class(cls) is not None:
+        return cls(method_config(kind, name, options or {}, from_cli))
     return cls(**check_options(kind, name, options or {}, from_cli))
 
 
-def method_options(kind: str, name: str) -> tuple:
+def method_options(kind: str, name: str) -> tuple[Opt, ...]:
     """The declared options of one method (``()`` if it declares none)."""
-    return tuple(getattr(lookup(kind, name), "OPTIONS", ()))
+    return declared_options(lookup(kind, name)) or ()
+
+
+def method_config(kind: str, name: str, options: Mapping[str, Any], from_cli: bool = False) -> Any:
+    """The validated options instance of ``kind name`` (its ``Options`` dataclass), or a one-line ``RanklmError``."""
+    found = options_class(lookup(kind, name))
+    if found is None:
+        raise RanklmError(f"{kind} {name} declares no options dataclass")
+    return parse_options(kind, name, found, options, from_cli=from_cli)
+
+
+def method_record(kind: str, name: str, options: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``options_record`` of ``kind name`` with ``options`` (None for a plugin without an options dataclass)."""
+    if options_class(lookup(kind, name)) is None:
+        return None
+    return options_record(method_config(kind, name, options))
 
 
 def check_options(kind: str, name: str, options: Mapping[str, Any], from_cli: bool = False) -> dict[str, Any]:
-    """Validate options for ``kind name`` without building it (e.g. before loading a model)."""
+    """Validate options for ``kind name`` without building it (e.g. before loading a model): every option, defaults in."""
     cls = lookup(kind, name)
+    if options_class(cls) is not None:
+        config = method_config(kind, name, options, from_cli)
+        return {o.name: getattr(config, o.name) for o in option_spec(type(config))}
     spec = getattr(cls, "OPTIONS", None)
     if spec is None:
         return dict(options)
     return validate_options(kind, name, spec, options, from_cli=from_cli)
 
 
-__all__ = ["KINDS", "build", "check_options", "load_methods", "lookup", "method_options", "names", "register",
-           "register_allocator", "register_base", "register_statistic", "register_trainer", "registered", "table"]
+__all__ = ["KINDS", "build", "check_options", "declared_options", "load_methods", "lookup", "method_config",
+           "method_options", "method_record", "names", "options_class", "register", "register_allocator",
+           "register_base", "register_statistic", "register_trainer", "registered", "table"]

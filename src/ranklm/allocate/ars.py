@@ -69,6 +69,7 @@ factors of every target (about the dense size, since r(out+in) ~ out*in).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -79,7 +80,7 @@ from ..decompose.base import Factorization
 from ..errors import RanklmError
 from ..registry import register_allocator
 from ..layers import replace_module
-from ..options import Opt
+from ..options import Configurable, MethodOptions, opt
 from ..targets import Target
 from ..train.budget_control import BudgetController, cubic_schedule
 from ..train.loop import Hooks
@@ -229,8 +230,54 @@ class ARSHooks(Hooks):
         return [o.detach().cpu() for o in self.logits()]
 
 
+@dataclass(frozen=True)
+class ARSOptions(MethodOptions):
+    steps: int = opt(100, "mask-learning steps")
+    lr: float = opt(5e-3, "Adam learning rate of the hypernetwork (paper: 1e-3)")
+    batch_size: int = opt(2, "windows per step")
+    train_seq_len: int | None = opt(256, "train on the first N tokens of each calibration window (null = all)")
+    tau: float = opt(0.4, "Gumbel-sigmoid temperature")
+    bias: float = opt(3.0, "logit bias b (3 starts near keep-all)")
+    lam: float = opt(16.0, "budget-term weight lambda")
+    gamma: float = opt(10.0, "alignment-term weight gamma")
+    budget_loss: str = opt("controlled", "budget term: controlled (weight from a PI controller on the learned keep), "
+                           "relative (pull grows with the excess) or log (paper)", choices=("controlled", "relative", "log"))
+    schedule: float = opt(0.6, "controlled budget: the target keep falls from 1 to the request along a cubic "
+                          "schedule over this fraction of the steps (0 = the request from the start)")
+    kp: float = opt(20.0, "controlled budget: proportional gain")
+    ki: float = opt(0.2, "controlled budget: integral gain")
+    limit: float = opt(100.0, "controlled budget: bound on the weight")
+    margin: float = opt(0.05, "relative budget term: excess at which the quadratic part equals the linear one")
+    align_reduction: str = opt("target", "alignment: sum per target averaged over targets, mean over all components, "
+                               "or sum", choices=("target", "mean", "sum"))
+    monotone: bool = opt(True, "non-increasing logits per target (every learned mask a top-k prefix)")
+    monotone_scale: float = opt(20.0, "monotone: logit drop from the first to the last component")
+    lr_schedule: str = opt("cosine", "learning-rate schedule", choices=("cosine", "constant"))
+    input_dim: int = opt(32, "hypernetwork input size")
+    hidden: int = opt(64, "hypernetwork GRU hidden size")
+    loss_fn: Any = opt(None, "an Objective or loss_fn(model, ids) [the run's objective]", python_only=True)
+    state_file: Any = opt(None, "save the training state here (the pipeline uses --state-dir)", python_only=True)
+    resume: bool = opt(False, "continue from state_file", python_only=True)
+    save_every: int = opt(50, "steps between state saves", python_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.steps < 0:
+            raise RanklmError("ARS steps must be >= 0")
+        if not (self.tau > 0 and self.lr > 0 and self.lam >= 0 and self.gamma >= 0 and self.margin > 0):
+            raise RanklmError("ARS needs tau > 0, lr > 0, lam >= 0, gamma >= 0, margin > 0")
+        if self.batch_size < 1:
+            raise RanklmError("ARS batch_size must be a positive integer")
+        if self.budget_loss not in ("controlled", "relative", "log"):
+            raise RanklmError("ARS budget_loss must be 'controlled', 'relative' or 'log'")
+        if self.align_reduction not in ("target", "mean", "sum"):
+            raise RanklmError("ARS align_reduction must be 'target', 'mean' or 'sum'")
+        if not 0.0 <= self.schedule < 1.0:
+            raise RanklmError("ARS schedule must lie in [0, 1)")
+
+
 @register_allocator("ars")
-class ARSAllocator:
+class ARSAllocator(Configurable):
     """Learned binary masks from a Bi-GRU hypernetwork (see the module docstring)."""
 
     name = "ars"
@@ -238,73 +285,11 @@ class ARSAllocator:
     needs_spectra = True
     needs_training = True  # trains on the loop (resumable with --state-dir)
     default_calib_windows = 32  # training dominates the run; 32 x 512 calibration is the protocol it was measured with
-    OPTIONS = (
-        Opt("steps", int, 100, "mask-learning steps"),
-        Opt("lr", float, 5e-3, "Adam learning rate of the hypernetwork (paper: 1e-3)"),
-        Opt("batch_size", int, 2, "windows per step"),
-        Opt("train_seq_len", int, 256, "train on the first N tokens of each calibration window (null = all)", nullable=True),
-        Opt("tau", float, 0.4, "Gumbel-sigmoid temperature"),
-        Opt("bias", float, 3.0, "logit bias b (3 starts near keep-all)"),
-        Opt("lam", float, 16.0, "budget-term weight lambda"),
-        Opt("gamma", float, 10.0, "alignment-term weight gamma"),
-        Opt("budget_loss", str, "controlled", "budget term: controlled (weight from a PI controller on the learned keep), "
-            "relative (pull grows with the excess) or log (paper)", choices=("controlled", "relative", "log")),
-        Opt("schedule", float, 0.6, "controlled budget: the target keep falls from 1 to the request along a cubic "
-            "schedule over this fraction of the steps (0 = the request from the start)"),
-        Opt("kp", float, 20.0, "controlled budget: proportional gain"),
-        Opt("ki", float, 0.2, "controlled budget: integral gain"),
-        Opt("limit", float, 100.0, "controlled budget: bound on the weight"),
-        Opt("margin", float, 0.05, "relative budget term: excess at which the quadratic part equals the linear one"),
-        Opt("align_reduction", str, "target", "alignment: sum per target averaged over targets, mean over all components, or sum",
-            choices=("target", "mean", "sum")),
-        Opt("monotone", bool, True, "non-increasing logits per target (every learned mask a top-k prefix)"),
-        Opt("monotone_scale", float, 20.0, "monotone: logit drop from the first to the last component"),
-        Opt("lr_schedule", str, "cosine", "learning-rate schedule", choices=("cosine", "constant")),
-        Opt("input_dim", int, 32, "hypernetwork input size"),
-        Opt("hidden", int, 64, "hypernetwork GRU hidden size"),
-        Opt("loss_fn", object, None, "an Objective or loss_fn(model, ids) [the run's objective]", python_only=True),
-        Opt("state_file", object, None, "save the training state here (the pipeline uses --state-dir)", python_only=True),
-        Opt("resume", bool, False, "continue from state_file", python_only=True),
-        Opt("save_every", int, 50, "steps between state saves", python_only=True),
-    )
+    Options = ARSOptions
 
-    def __init__(self, steps: int = 100, lr: float = 5e-3, batch_size: int | None = 2, train_seq_len: int | None = 256,
-                 tau: float = 0.4, bias: float = 3.0, lam: float = 16.0, gamma: float = 10.0, budget_loss: str = "controlled",
-                 schedule: float = 0.6, kp: float = 20.0, ki: float = 0.2, limit: float = 100.0, monotone: bool = True,
-                 monotone_scale: float = 20.0, lr_schedule: str = "cosine",
-                 margin: float = 0.05, align_reduction: str = "target", input_dim: int = 32, hidden: int = 64,
-                 loss_fn: Any = None, state_file: Any = None, resume: bool = False, save_every: int = 50) -> None:
-        if int(steps) < 0:
-            raise RanklmError("ARS steps must be >= 0")
-        if not (tau > 0 and lr > 0 and lam >= 0 and gamma >= 0 and margin > 0):
-            raise RanklmError("ARS needs tau > 0, lr > 0, lam >= 0, gamma >= 0, margin > 0")
-        if batch_size is not None and int(batch_size) < 1:
-            raise RanklmError("ARS batch_size must be a positive integer")
-        if budget_loss not in ("controlled", "relative", "log"):
-            raise RanklmError("ARS budget_loss must be 'controlled', 'relative' or 'log'")
-        if align_reduction not in ("target", "mean", "sum"):
-            raise RanklmError("ARS align_reduction must be 'target', 'mean' or 'sum'")
-        self.steps, self.lr, self.batch_size = int(steps), float(lr), None if batch_size is None else int(batch_size)
-        self.train_seq_len = None if train_seq_len is None else int(train_seq_len)
-        self.tau, self.bias, self.lam, self.gamma = float(tau), float(bias), float(lam), float(gamma)
-        self.budget_loss, self.margin, self.align_reduction = budget_loss, float(margin), align_reduction
-        self.kp, self.ki, self.limit = float(kp), float(ki), float(limit)
-        if not 0.0 <= schedule < 1.0:
-            raise RanklmError("ARS schedule must lie in [0, 1)")
-        self.schedule = float(schedule)
-        self.monotone, self.monotone_scale, self.lr_schedule = bool(monotone), float(monotone_scale), lr_schedule
-        self.input_dim, self.hidden = int(input_dim), int(hidden)
-        self.loss_fn, self.state_file, self.resume, self.save_every = loss_fn, state_file, bool(resume), max(1, int(save_every))
-
-    def options(self) -> dict[str, Any]:
-        return {
-            "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "tau": self.tau, "bias": self.bias,
-            "lam": self.lam, "gamma": self.gamma, "budget_loss": self.budget_loss, "margin": self.margin,
-            "schedule": self.schedule, "kp": self.kp, "ki": self.ki, "limit": self.limit, "monotone": self.monotone,
-            "monotone_scale": self.monotone_scale, "lr_schedule": self.lr_schedule,
-            "align_reduction": self.align_reduction, "input_dim": self.input_dim, "hidden": self.hidden,
-            "train_seq_len": self.train_seq_len,
-        }
+    def __init__(self, options: ARSOptions | None = None, /, **given: Any) -> None:
+        super().__init__(options, **given)
+        self.save_every = max(1, self.save_every)
 
     def allocate(
         self,

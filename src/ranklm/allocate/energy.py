@@ -11,16 +11,16 @@ from __future__ import annotations
 from .base import AllocationContext
 from ..budget import RankMap, fit_budget, max_factored_rank
 from ..decompose.base import Factorization
-from ..options import Opt
+from ..options import Configurable, NoOptions
 from ..targets import Target
 from ..registry import register_allocator
 
 
 @register_allocator("energy")
-class EnergyAllocator:
+class EnergyAllocator(Configurable):
     name = "energy"
     needs_context = False
-    OPTIONS: tuple[Opt, ...] = ()
+    Options = NoOptions
 
     def allocate(
         self,

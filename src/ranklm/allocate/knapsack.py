@@ -43,7 +43,7 @@ import numpy as np
 from ..budget import DENSE, RankMap, budget_params, fit_budget, max_factored_rank, targets_cost
 from ..decompose.base import Factorization
 from ..errors import RanklmError
-from ..options import Opt
+from ..options import Configurable, MethodOptions, opt
 from ..targets import Target
 from .base import AllocationContext
 from ..registry import register_allocator
@@ -83,7 +83,7 @@ def step_value(values: np.ndarray, t: Target, k: int) -> float:
 
 
 @dataclass
-class Options:
+class TargetChoices:
     """One target's choices: rank k in [floor, K] (cost k(m+n)) or dense (cost m·n), with the loss kept."""
 
     ranks: list  # int ranks, then DENSE
@@ -91,18 +91,18 @@ class Options:
     kept: np.ndarray  # estimated loss of the components kept (prefix sums; dense keeps all)
 
 
-def target_options(t: Target, values: np.ndarray, floor: int) -> Options:
+def target_options(t: Target, values: np.ndarray, floor: int) -> TargetChoices:
     kmax, step = max_factored_rank(t), t.out_features + t.in_features
     prefix = np.concatenate([[0.0], np.cumsum(values)])
     ks = np.arange(floor, kmax + 1)
-    return Options(
+    return TargetChoices(
         ranks=[int(k) for k in ks] + [DENSE],
         cost=np.append(ks * step, t.dense_params).astype(np.float64),
         kept=np.append(prefix[np.minimum(ks, len(values))], prefix[-1]),
     )
 
 
-def lagrangian_bound(opts: list[Options], budget: float, iters: int = 200) -> tuple[float, float]:
+def lagrangian_bound(opts: list[TargetChoices], budget: float, iters: int = 200) -> tuple[float, float]:
     """``min_λ λB + Σ_t max_j (kept − λ cost)``: an upper bound on the kept loss of any feasible map.
 
     L(λ) is convex and piecewise linear; bisection on its subgradient ``B − Σ cost(argmax)``
@@ -194,23 +194,25 @@ def _as_option(t: Target, rank) -> Any:
     return DENSE if rank == DENSE or int(rank) > max_factored_rank(t) else int(rank)
 
 
+@dataclass(frozen=True)
+class GlobalOptions(MethodOptions):
+    solver: str = opt("milp", "milp: exact knapsack (scipy HiGHS); greedy: best loss per parameter first",
+                      choices=("milp", "greedy"))
+    time_limit: float = opt(120.0, "seconds the MILP may take; its best solution then, or greedy if better",
+                            bounds=(0.1, 1e6))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.solver not in ("milp", "greedy"):
+            raise RanklmError(f"unknown global-allocator solver {self.solver!r}; valid: milp, greedy")
+
+
 @register_allocator("global")
-class GlobalAllocator:
+class GlobalAllocator(Configurable):
     name = "global"
     needs_context = False
     needs_loss_estimates = True  # refused with bases that declare no loss_scale (CompressConfig)
-    OPTIONS: tuple[Opt, ...] = (
-        Opt("solver", str, "milp", "milp: exact knapsack (scipy HiGHS); greedy: best loss per parameter first",
-            choices=("milp", "greedy")),
-        Opt("time_limit", float, 120.0, "seconds the MILP may take; its best solution then, or greedy if better",
-            bounds=(0.1, 1e6)),
-    )
-
-    def __init__(self, solver: str = "milp", time_limit: float = 120.0) -> None:
-        if solver not in ("milp", "greedy"):
-            raise RanklmError(f"unknown global-allocator solver {solver!r}; valid: milp, greedy")
-        self.solver = solver
-        self.time_limit = float(time_limit)
+    Options = GlobalOptions
 
     def allocate(
         self,

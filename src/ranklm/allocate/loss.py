@@ -23,10 +23,12 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 
 from ..budget import RankMap, fit_budget, max_factored_rank
 from ..decompose.base import Factorization
-from ..options import Opt
+from ..errors import RanklmError
+from ..options import Configurable, MethodOptions, opt
 from ..targets import Target
 from .base import AllocationContext
 from ..registry import register_allocator
@@ -37,23 +39,23 @@ def target_type(name: str) -> str:
     return re.sub(r"\.\d+\.", ".*.", name, count=1)
 
 
+@dataclass(frozen=True)
+class LossOptions(MethodOptions):
+    group_by_type: bool = opt(True, "allocate within groups of same-type targets (q/k/v/o/gate/up/down)")
+    mode: str = opt("v2", "v2: removal ratio by 1/log(e + L/median L) per group; greedy: by absolute s^2",
+                    choices=("v2", "greedy"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode not in ("v2", "greedy"):
+            raise RanklmError(f"unknown loss-allocator mode {self.mode!r}; valid: v2, greedy")
+
+
 @register_allocator("loss")
-class LossAllocator:
+class LossAllocator(Configurable):
     name = "loss"
     needs_context = False
-    OPTIONS: tuple[Opt, ...] = (
-        Opt("group_by_type", bool, True, "allocate within groups of same-type targets (q/k/v/o/gate/up/down)"),
-        Opt("mode", str, "v2", "v2: removal ratio by 1/log(e + L/median L) per group; greedy: by absolute s^2",
-            choices=("v2", "greedy")),
-    )
-
-    def __init__(self, group_by_type: bool = True, mode: str = "v2") -> None:
-        from ..errors import RanklmError
-
-        if mode not in ("v2", "greedy"):
-            raise RanklmError(f"unknown loss-allocator mode {mode!r}; valid: v2, greedy")
-        self.group_by_type = bool(group_by_type)
-        self.mode = mode
+    Options = LossOptions
 
     def allocate(
         self,

@@ -55,6 +55,7 @@ BERT-like shapes) and two EMAs per factor element.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -64,7 +65,7 @@ from ..budget import DENSE, RankMap, target_cost, targets_dense_params
 from ..decompose.base import Factorization, thin_svd
 from ..errors import RanklmError
 from ..layers import replace_module
-from ..options import Opt
+from ..options import Configurable, MethodOptions, opt
 from ..targets import Target, weight_matrix
 from ..train.budget_control import cubic_schedule
 from ..train.gated import GatedFactorized
@@ -315,8 +316,36 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+@dataclass(frozen=True)
+class RankDynaOptions(MethodOptions):
+    steps: int = opt(200, "training steps (task fine-tuning and rank moves in one round)")
+    lr: float = opt(1e-4, "Adam learning rate (factors and the rest of the model)")
+    batch_size: int | None = opt(None, "examples per step [the run's --batch-size]")
+    warmup: float = opt(0.1, "fraction of steps with every triplet active")
+    hold: float = opt(0.3, "fraction of steps at the end with the budget reached (ranks still move)")
+    delta_t: int = opt(10, "steps between mask updates")
+    beta1: float = opt(0.85, "EMA of the sensitivity")
+    beta2: float = opt(0.85, "EMA of the uncertainty")
+    init_rank: float = opt(0.75, "starting rank as a fraction of min(out, in) (1 = full rank; 0.75 costs ~1.1x the "
+                           "dense targets on BERT shapes)")
+    per_param: bool = opt(True, "rank triplets by score per parameter (false: by score, AdaLoRA)")
+    max_grad_norm: float = opt(1.0, "gradient clipping (None: off)")
+    loss_fn: Any = opt(None, "an Objective or loss_fn(model, ids) [the run's objective]", python_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.steps < 1 or not self.lr > 0 or self.delta_t < 1:
+            raise RanklmError("rankdyna needs steps >= 1, lr > 0, delta_t >= 1")
+        if not (0 <= self.warmup < 1 and 0 <= self.hold < 1 and self.warmup + self.hold <= 1):
+            raise RanklmError("rankdyna needs 0 <= warmup, hold < 1 and warmup + hold <= 1")
+        if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1 and 0 < self.init_rank <= 1):
+            raise RanklmError("rankdyna needs beta1, beta2 in (0, 1) and init_rank in (0, 1]")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise RanklmError("rankdyna batch_size must be a positive integer")
+
+
 @register_allocator("rankdyna")
-class RankDynaAllocator:
+class RankDynaAllocator(Configurable):
     """Triplet importance, cubic budget schedule, dynamic masks with comebacks (see the module docstring)."""
 
     name = "rankdyna"
@@ -324,42 +353,7 @@ class RankDynaAllocator:
     needs_spectra = True
     needs_training = True
     trains_model = True  # the rest of the model is trained in place (a task fine-tuning round)
-    OPTIONS = (
-        Opt("steps", int, 200, "training steps (task fine-tuning and rank moves in one round)"),
-        Opt("lr", float, 1e-4, "Adam learning rate (factors and the rest of the model)"),
-        Opt("batch_size", int, None, "examples per step [the run's --batch-size]"),
-        Opt("warmup", float, 0.1, "fraction of steps with every triplet active"),
-        Opt("hold", float, 0.3, "fraction of steps at the end with the budget reached (ranks still move)"),
-        Opt("delta_t", int, 10, "steps between mask updates"),
-        Opt("beta1", float, 0.85, "EMA of the sensitivity"),
-        Opt("beta2", float, 0.85, "EMA of the uncertainty"),
-        Opt("init_rank", float, 0.75, "starting rank as a fraction of min(out, in) (1 = full rank; 0.75 costs ~1.1x the dense targets on BERT shapes)"),
-        Opt("per_param", bool, True, "rank triplets by score per parameter (false: by score, AdaLoRA)"),
-        Opt("max_grad_norm", float, 1.0, "gradient clipping (None: off)"),
-        Opt("loss_fn", object, None, "an Objective or loss_fn(model, ids) [the run's objective]", python_only=True),
-    )
-
-    def __init__(self, steps: int = 200, lr: float = 1e-4, batch_size: int | None = None, warmup: float = 0.1,
-                 hold: float = 0.3, delta_t: int = 10, beta1: float = 0.85, beta2: float = 0.85, init_rank: float = 0.75,
-                 per_param: bool = True, max_grad_norm: float | None = 1.0, loss_fn: Any = None) -> None:
-        if int(steps) < 1 or not lr > 0 or int(delta_t) < 1:
-            raise RanklmError("rankdyna needs steps >= 1, lr > 0, delta_t >= 1")
-        if not (0 <= warmup < 1 and 0 <= hold < 1 and warmup + hold <= 1):
-            raise RanklmError("rankdyna needs 0 <= warmup, hold < 1 and warmup + hold <= 1")
-        if not (0 < beta1 < 1 and 0 < beta2 < 1 and 0 < init_rank <= 1):
-            raise RanklmError("rankdyna needs beta1, beta2 in (0, 1) and init_rank in (0, 1]")
-        if batch_size is not None and int(batch_size) < 1:
-            raise RanklmError("rankdyna batch_size must be a positive integer")
-        self.steps, self.lr, self.batch_size = int(steps), float(lr), None if batch_size is None else int(batch_size)
-        self.warmup, self.hold, self.delta_t = float(warmup), float(hold), int(delta_t)
-        self.beta1, self.beta2, self.init_rank, self.per_param = float(beta1), float(beta2), float(init_rank), bool(per_param)
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
-        self.loss_fn = loss_fn
-
-    def options(self) -> dict[str, Any]:
-        return {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "warmup": self.warmup, "hold": self.hold,
-                "delta_t": self.delta_t, "beta1": self.beta1, "beta2": self.beta2, "init_rank": self.init_rank,
-                "per_param": self.per_param, "max_grad_norm": self.max_grad_norm}
+    Options = RankDynaOptions
 
     def allocate(self, targets: list[Target], factorizations: dict[str, Factorization], keep: float, min_rank: int = 1,
                  context: AllocationContext | None = None) -> RankMap:

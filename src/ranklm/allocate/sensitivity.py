@@ -25,6 +25,8 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ from ..budget import DENSE, RankMap, fit_budget, max_factored_rank, target_cost
 from ..decompose.base import Factorization
 from ..errors import RanklmError
 from ..eval.perplexity import perplexity
-from ..options import Opt
+from ..options import Configurable, MethodOptions, opt
 from ..targets import Conv1D, Target
 from .base import AllocationContext, require_context
 from ..registry import register_allocator
@@ -66,32 +68,32 @@ def _default_cache() -> Path:
     return cache_dir() / "sensitivity"
 
 
-@register_allocator("sensitivity")
-class SensitivityAllocator:
-    name = "sensitivity"
-    needs_context = True
-    OPTIONS: tuple[Opt, ...] = (
-        Opt("grid", list, DEFAULT_GRID, "keep ratios in (0, 1) at which each target's perplexity is measured",
-            item=float),
-        Opt("windows", int, 4, "calibration windows per perplexity measurement"),
-        Opt("seq_len", int, None, "measure on the first seq_len tokens of each window [default: all]"),
-        Opt("table", str, None, "reuse a sensitivity table: a cache file or a checkpoint's ranklm.json"),
-        Opt("cache", bool, True, "read and write the sensitivity cache (keyed by model, base, windows, grid)"),
-    )
+@dataclass(frozen=True)
+class SensitivityOptions(MethodOptions):
+    grid: Sequence[float] = opt(DEFAULT_GRID, "keep ratios in (0, 1) at which each target's perplexity is measured")
+    windows: int = opt(4, "calibration windows per perplexity measurement")
+    seq_len: int | None = opt(None, "measure on the first seq_len tokens of each window [default: all]")
+    table: str | None = opt(None, "reuse a sensitivity table: a cache file or a checkpoint's ranklm.json")
+    cache: bool = opt(True, "read and write the sensitivity cache (keyed by model, base, windows, grid)")
 
-    def __init__(
-        self, grid: tuple[float, ...] = DEFAULT_GRID, windows: int = 4, seq_len: int | None = None,
-        table: str | None = None, cache: bool = True
-    ) -> None:
-        self.grid = tuple(sorted(float(g) for g in grid))
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.grid or not all(0 < g < 1 for g in self.grid):
             raise RanklmError("sensitivity grid ratios must lie in (0, 1)")
-        self.windows = int(windows)
-        if self.windows < 1 or (seq_len is not None and int(seq_len) < 1):
+        if self.windows < 1 or (self.seq_len is not None and self.seq_len < 1):
             raise RanklmError("sensitivity windows and seq_len must be positive integers")
-        self.seq_len = int(seq_len) if seq_len else None  # measure on the first seq_len tokens of each window
-        self.table_path = table
-        self.cache = cache
+
+
+@register_allocator("sensitivity")
+class SensitivityAllocator(Configurable):
+    name = "sensitivity"
+    needs_context = True
+    Options = SensitivityOptions
+
+    def __init__(self, options: SensitivityOptions | None = None, /, **given: Any) -> None:
+        super().__init__(options, **given)
+        self.grid = tuple(sorted(float(g) for g in self.config.grid))
+        self.table_path = self.config.table  # self.table is the method that reads or measures it
 
     def _windows(self, context: AllocationContext) -> torch.Tensor:
         return context.windows[: self.windows, : self.seq_len].contiguous()

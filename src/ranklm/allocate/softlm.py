@@ -56,6 +56,7 @@ and the training record (``keep_learned``, ``keep_after_fit``, final loss).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -66,7 +67,7 @@ from ..budget import RankMap, max_factored_rank, target_cost, targets_dense_para
 from ..decompose.base import Factorization
 from ..errors import RanklmError
 from ..layers import replace_module
-from ..options import Opt
+from ..options import Configurable, MethodOptions, opt
 from ..targets import Target
 from ..train.budget_control import BudgetController
 from ..train.loop import Hooks
@@ -202,8 +203,51 @@ class SoftLMHooks(Hooks):
             self.steps_axis.append(step)
 
 
+@dataclass(frozen=True)
+class SoftLMOptions(MethodOptions):
+    steps: int = opt(150, "training steps")
+    lr: float = opt(2e-3, "learning rate of U, s, V relative to each tensor's initial RMS")
+    alpha_lr: float = opt(5e-3, "learning rate of the thresholds (on s/s_max)")
+    batch_size: int = opt(1, "windows per step")
+    train_seq_len: int | None = opt(256, "train on the first N tokens of each calibration window (null = all)")
+    kappa: float = opt(10.0, "sharpness of the shifted-tanh gate")
+    kappa_final: float | None = opt(None, "harden linearly to this sharpness by the last step [no schedule]")
+    gate: str = opt("hard", "forward the hard threshold with the soft gate's gradient, or the soft gate",
+                    choices=("hard", "soft"))
+    init_keep: float | None = opt(None, "keep ratio the initial thresholds give (uniform ranks) [the target]")
+    acmp_init: float = opt(0.0, "initial weight c of the adaptive compression loss")
+    acmp_eta: float = opt(0.2, "integral gain: step of c per unit of relative excess of the hard parameter count")
+    acmp_p: float = opt(20.0, "proportional gain: c also holds acmp_p x the current relative excess")
+    acmp_max: float = opt(100.0, "bound on |c|")
+    lr_schedule: str = opt("cosine", "learning-rate schedule of every trained tensor", choices=("cosine", "constant"))
+    factors: str = opt("trained", "what gets installed at the learned ranks: the trained factors, or the base's "
+                       "block-by-block refit (the thresholds only choose ranks; the trained U, s, V are discarded)",
+                       choices=("trained", "refit"))
+    distill: bool | None = opt(None, "train on KL(dense || compressed) of next-token distributions (causal LMs) "
+                               "[null = on for a causal LM trained on the default LM objective, off with a task "
+                               "objective or loss_fn]")
+    distill_weight: float = opt(1.0, "with distill: loss = (1 - w) LM + w KL (1 = the dense model's distributions "
+                                "replace the labels)")
+    loss_fn: Any = opt(None, "an Objective or loss_fn(model, ids) [the run's objective]", python_only=True)
+    state_file: Any = opt(None, "save the training state here (the pipeline uses --state-dir)", python_only=True)
+    resume: bool = opt(False, "continue from state_file", python_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise RanklmError("softlm distill_weight must lie in [0, 1]")
+        if self.steps < 0 or self.lr <= 0 or self.alpha_lr <= 0 or self.batch_size < 1 or self.kappa <= 0:
+            raise RanklmError("softlm needs steps >= 0, lr > 0, alpha_lr > 0, batch_size >= 1, kappa > 0")
+        if not (self.acmp_eta > 0 and self.acmp_max > 0):
+            raise RanklmError("softlm needs acmp_eta > 0 and acmp_max > 0")
+        if self.factors not in ("trained", "refit"):
+            raise RanklmError("softlm factors must be 'trained' or 'refit'")
+        if self.init_keep is not None and not 0 < self.init_keep <= 1:
+            raise RanklmError("softlm init_keep must lie in (0, 1]")
+
+
 @register_allocator("softlm")
-class SoftLMAllocator:
+class SoftLMAllocator(Configurable):
     """``--allocator softlm`` (see the module docstring)."""
 
     name = "softlm"
@@ -211,60 +255,7 @@ class SoftLMAllocator:
     needs_spectra = True
     needs_training = True
     default_calib_windows = 32  # training dominates the run; 32 x 512 calibration is the protocol it was measured with
-    OPTIONS = (
-        Opt("steps", int, 150, "training steps"),
-        Opt("lr", float, 2e-3, "learning rate of U, s, V relative to each tensor's initial RMS"),
-        Opt("alpha_lr", float, 5e-3, "learning rate of the thresholds (on s/s_max)"),
-        Opt("batch_size", int, 1, "windows per step"),
-        Opt("train_seq_len", int, 256, "train on the first N tokens of each calibration window (null = all)", nullable=True),
-        Opt("kappa", float, 10.0, "sharpness of the shifted-tanh gate"),
-        Opt("kappa_final", float, None, "harden linearly to this sharpness by the last step [no schedule]"),
-        Opt("gate", str, "hard", "forward the hard threshold with the soft gate's gradient, or the soft gate",
-            choices=("hard", "soft")),
-        Opt("init_keep", float, None, "keep ratio the initial thresholds give (uniform ranks) [the target]"),
-        Opt("acmp_init", float, 0.0, "initial weight c of the adaptive compression loss"),
-        Opt("acmp_eta", float, 0.2, "integral gain: step of c per unit of relative excess of the hard parameter count"),
-        Opt("acmp_p", float, 20.0, "proportional gain: c also holds acmp_p x the current relative excess"),
-        Opt("acmp_max", float, 100.0, "bound on |c|"),
-        Opt("lr_schedule", str, "cosine", "learning-rate schedule of every trained tensor", choices=("cosine", "constant")),
-        Opt("factors", str, "trained", "what gets installed at the learned ranks: the trained factors, or the base's "
-            "block-by-block refit (the thresholds only choose ranks; the trained U, s, V are discarded)",
-            choices=("trained", "refit")),
-        Opt("distill", bool, None, "train on KL(dense || compressed) of next-token distributions (causal LMs) "
-            "[null = on for a causal LM trained on the default LM objective, off with a task objective or loss_fn]"),
-        Opt("distill_weight", float, 1.0, "with distill: loss = (1 - w) LM + w KL (1 = the dense model's distributions replace the labels)"),
-        Opt("loss_fn", object, None, "an Objective or loss_fn(model, ids) [the run's objective]", python_only=True),
-        Opt("state_file", object, None, "save the training state here (the pipeline uses --state-dir)", python_only=True),
-        Opt("resume", bool, False, "continue from state_file", python_only=True),
-    )
-
-    def __init__(self, steps: int = 150, lr: float = 2e-3, alpha_lr: float = 5e-3, batch_size: int = 1,
-                 train_seq_len: int | None = 256, kappa: float = 10.0, kappa_final: float | None = None, gate: str = "hard",
-                 init_keep: float | None = None, acmp_init: float = 0.0, acmp_eta: float = 0.2, acmp_p: float = 20.0, acmp_max: float = 100.0,
-                 lr_schedule: str = "cosine", factors: str = "trained", distill: bool | None = None, distill_weight: float = 1.0,
-                 loss_fn: Any = None, state_file: Any = None, resume: bool = False) -> None:
-        if not 0.0 <= distill_weight <= 1.0:
-            raise RanklmError("softlm distill_weight must lie in [0, 1]")
-        if steps < 0 or lr <= 0 or alpha_lr <= 0 or batch_size < 1 or kappa <= 0:
-            raise RanklmError("softlm needs steps >= 0, lr > 0, alpha_lr > 0, batch_size >= 1, kappa > 0")
-        if not (acmp_eta > 0 and acmp_max > 0):
-            raise RanklmError("softlm needs acmp_eta > 0 and acmp_max > 0")
-        if factors not in ("trained", "refit"):
-            raise RanklmError("softlm factors must be 'trained' or 'refit'")
-        if init_keep is not None and not 0 < init_keep <= 1:
-            raise RanklmError("softlm init_keep must lie in (0, 1]")
-        self.steps, self.lr, self.alpha_lr, self.batch_size = int(steps), float(lr), float(alpha_lr), int(batch_size)
-        self.train_seq_len, self.kappa, self.kappa_final, self.gate = train_seq_len, float(kappa), kappa_final, gate
-        self.init_keep = init_keep
-        self.acmp_init, self.acmp_eta, self.acmp_p, self.acmp_max = float(acmp_init), float(acmp_eta), float(acmp_p), float(acmp_max)
-        self.distill, self.distill_weight, self.lr_schedule = (None if distill is None else bool(distill)), float(distill_weight), lr_schedule
-        self.factors = factors
-        self.loss_fn, self.state_file, self.resume = loss_fn, state_file, bool(resume)
-
-    def options(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in (
-            "steps", "lr", "alpha_lr", "batch_size", "train_seq_len", "kappa", "kappa_final", "gate", "init_keep",
-            "acmp_init", "acmp_eta", "acmp_p", "acmp_max", "lr_schedule", "factors", "distill", "distill_weight")}
+    Options = SoftLMOptions
 
     def allocate(self, targets: list[Target], factorizations: dict[str, Factorization], keep: float, min_rank: int = 1,
                  context: AllocationContext | None = None) -> RankMap:

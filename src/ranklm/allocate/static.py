@@ -14,9 +14,12 @@ instead.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..budget import RankMap
 from ..decompose.base import Factorization
-from ..options import Opt
+from ..errors import RanklmError
+from ..options import Configurable, MethodOptions, opt
 from ..targets import Target
 from .base import AllocationContext
 from .energy import EnergyAllocator
@@ -24,28 +27,27 @@ from .uniform import UniformAllocator
 from ..registry import register_allocator
 
 
+@dataclass(frozen=True)
+class StaticOptions(MethodOptions):
+    allocation: str = opt("uniform", "ranks after the dense fine-tune: uniform keep ratio, or energy",
+                          choices=("uniform", "energy"))
+    dense_fraction: float = opt(0.5, "fraction of the total steps spent fine-tuning dense before truncating")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.allocation not in ("uniform", "energy"):
+            raise RanklmError("static allocation must be 'uniform' or 'energy'")
+        if not 0 <= self.dense_fraction < 1:
+            raise RanklmError("static dense_fraction must lie in [0, 1)")
+
+
 @register_allocator("static")
-class StaticAllocator:
+class StaticAllocator(Configurable):
     name = "static"
     needs_context = False
     needs_spectra = True
     dense_first = True  # the task driver fine-tunes the dense model before truncating
-    OPTIONS = (
-        Opt("allocation", str, "uniform", "ranks after the dense fine-tune: uniform keep ratio, or energy", choices=("uniform", "energy")),
-        Opt("dense_fraction", float, 0.5, "fraction of the total steps spent fine-tuning dense before truncating"),
-    )
-
-    def __init__(self, allocation: str = "uniform", dense_fraction: float = 0.5) -> None:
-        from ..errors import RanklmError
-
-        if allocation not in ("uniform", "energy"):
-            raise RanklmError("static allocation must be 'uniform' or 'energy'")
-        if not 0 <= dense_fraction < 1:
-            raise RanklmError("static dense_fraction must lie in [0, 1)")
-        self.allocation, self.dense_fraction = allocation, float(dense_fraction)
-
-    def options(self) -> dict:
-        return {"allocation": self.allocation, "dense_fraction": self.dense_fraction}
+    Options = StaticOptions
 
     def allocate(self, targets: list[Target], factorizations: dict[str, Factorization], keep: float, min_rank: int = 1,
                  context: AllocationContext | None = None) -> RankMap:

@@ -5,17 +5,17 @@ from __future__ import annotations
 from .base import AllocationContext
 from ..budget import RankMap, fit_budget, max_factored_rank
 from ..decompose.base import Factorization
-from ..options import Opt
+from ..options import Configurable, NoOptions
 from ..targets import Target
 from ..registry import register_allocator
 
 
 @register_allocator("uniform")
-class UniformAllocator:
+class UniformAllocator(Configurable):
     name = "uniform"
     needs_context = False
     needs_spectra = False  # shapes only: the block-by-block refit pass can factor without a first pass
-    OPTIONS: tuple[Opt, ...] = ()
+    Options = NoOptions
 
     def allocate(
         self,

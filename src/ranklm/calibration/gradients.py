@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..options import Opt
+from ..options import Configurable, MethodOptions, opt
 from ..registry import register_statistic
 from ..targets import Conv1D, Target
 from .accumulate import add_product, add_square_sum, add_sum, finite
@@ -57,15 +57,17 @@ class _Sum:
     total: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class OutGramOptions(MethodOptions):
+    dense_max: int | None = opt(None, "widest output that keeps a dense G (wider: its diagonal, out_sq); "
+                                "default DENSE_OUT_MAX")
+
+
 @register_statistic("out_gram")
-class OutGram(Statistic):
+class OutGram(Configurable, Statistic):
     kind, reads, keys = GRADIENT, OUTPUT_GRAD, ("out_gram", "out_sq")
     summed_loss, label, what = True, "kfac output gradients", "kfac output gradients"
-    OPTIONS = (Opt("dense_max", int, None, "widest output that keeps a dense G (wider: its diagonal, out_sq); "
-                   "default DENSE_OUT_MAX", nullable=True),)
-
-    def __init__(self, dense_max: int | None = None) -> None:
-        self.dense_max = dense_max
+    Options = OutGramOptions
 
     def start(self, target: Target, module: nn.Module) -> _Sum:
         return _Sum(target.out_features <= (DENSE_OUT_MAX if self.dense_max is None else int(self.dense_max)))

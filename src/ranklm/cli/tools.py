@@ -106,7 +106,7 @@ def list_methods() -> str:
     """Every base, allocator, trainer and recipe with its options, defaults and help."""
     from ..config import DEFAULT_RECIPE, LAYERWISE_DEFAULT_RECIPE, RECIPES
     from ..options import describe_options
-    from ..registry import table
+    from ..registry import declared_options, table
 
     sections = []
     for kind, title in (("base", "Bases"), ("allocator", "Allocators"), ("trainer", "Trainers")):
@@ -116,7 +116,7 @@ def list_methods() -> str:
         flag = {"base": "--base-opt", "allocator": "--alloc-opt", "trainer": "--train-opt"}[kind]
         blocks = []
         for name, cls in sorted(found.items()):
-            spec = getattr(cls, "OPTIONS", None)
+            spec = declared_options(cls)
             blocks.append(describe_options(kind, name, spec) if spec is not None
                           else f"{kind} {name}\n    (options not declared)")
         sections.append(f"{title} (options: {flag} KEY=VALUE)\n\n" + "\n\n".join(blocks))

@@ -8,25 +8,26 @@ Dead channels get a floor of 1e-6 of the mean scale so S stays invertible.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..options import Opt
+from ..options import Configurable, MethodOptions, opt
 from .base import Factorization, split_sqrt, thin_svd
 from ..registry import register_base
 
 
+@dataclass(frozen=True)
+class ASVDOptions(MethodOptions):
+    alpha: float = opt(0.5, "exponent of the activation scaling S = mean|x|^alpha (0 = plain SVD)")
+
+
 @register_base("asvd")
-class ASVDBase:
+class ASVDBase(Configurable):
     name = "asvd"
     needs: frozenset[str] = frozenset({"abs_mean"})
-    OPTIONS: tuple[Opt, ...] = (
-        Opt("alpha", float, 0.5, "exponent of the activation scaling S = mean|x|^alpha (0 = plain SVD)"),
-    )
-
-    def __init__(self, alpha: float = 0.5) -> None:
-        self.alpha = float(alpha)
+    Options = ASVDOptions
 
     def scales(self, abs_mean: torch.Tensor) -> torch.Tensor:
         s = abs_mean.to(torch.float64).clamp_min(0) ** self.alpha

@@ -9,12 +9,13 @@ weight (1e-6 of the mean) so the transform stays invertible.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import RanklmError
-from ..options import Opt
+from ..options import Configurable, MethodOptions, opt
 from .base import Factorization, split_sqrt, thin_svd
 from ..registry import register_base
 
@@ -28,18 +29,21 @@ def fisher_weights(fisher: torch.Tensor, side: str) -> torch.Tensor:
     return d.clamp_min(floor)
 
 
+@dataclass(frozen=True)
+class FWSVDOptions(MethodOptions):
+    side: str = opt("out", "Fisher-weight the rows (out, the paper's) or the columns (in)", choices=SIDES)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.side not in SIDES:
+            raise RanklmError(f"unknown Fisher side {self.side!r}; valid: {', '.join(SIDES)}")
+
+
 @register_base("fwsvd")
-class FWSVDBase:
+class FWSVDBase(Configurable):
     name = "fwsvd"
     needs: frozenset[str] = frozenset({"fisher"})
-    OPTIONS: tuple[Opt, ...] = (
-        Opt("side", str, "out", "Fisher-weight the rows (out, the paper's) or the columns (in)", choices=SIDES),
-    )
-
-    def __init__(self, side: str = "out") -> None:
-        if side not in SIDES:
-            raise RanklmError(f"unknown Fisher side {side!r}; valid: {', '.join(SIDES)}")
-        self.side = side
+    Options = FWSVDOptions
 
     def decompose(self, weight: torch.Tensor, stats: dict[str, Any], max_rank: int) -> Factorization:
         w = weight.detach().to(torch.float64)

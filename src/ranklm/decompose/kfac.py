@@ -24,12 +24,13 @@ damping this base is exactly ``whiten``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import RanklmError
-from ..options import Opt
+from ..options import Configurable, MethodOptions, opt
 from .base import Factorization, split_sqrt, thin_svd
 from .psd import psd_factor, solve_left_transposed, solve_right
 from .whiten import check_fraction
@@ -48,23 +49,26 @@ def diagonal_factor(sq: torch.Tensor, damping: float) -> tuple[torch.Tensor, dic
     return d.clamp_min(floor).sqrt(), info
 
 
+@dataclass(frozen=True)
+class KFACOptions(MethodOptions):
+    damping: float = opt(1e-6, "added to each factor's diagonal, relative to its mean diagonal (trace/size)",
+                         bounds=(0.0, 1e6))
+    shrink: float = opt(0.0, "shrink both factors toward their diagonals, (1-λ)F + λ diag(F) (provisional default)",
+                        bounds=(0.0, 1.0))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.damping >= 0.0:
+            raise RanklmError(f"kfac damping must be >= 0, got {self.damping}")
+        check_fraction("kfac shrink", self.shrink)
+
+
 @register_base("kfac")
-class KFACBase:
+class KFACBase(Configurable):
     name = "kfac"
     needs: frozenset[str] = frozenset({"gram", "out_gram"})
     loss_scale: float | None = 0.5  # ½σ² ≈ increase of the mean per-token loss
-    OPTIONS: tuple[Opt, ...] = (
-        Opt("damping", float, 1e-6, "added to each factor's diagonal, relative to its mean diagonal (trace/size)",
-            bounds=(0.0, 1e6)),
-        Opt("shrink", float, 0.0, "shrink both factors toward their diagonals, (1-λ)F + λ diag(F) (provisional default)",
-            bounds=(0.0, 1.0)),
-    )
-
-    def __init__(self, damping: float = 1e-6, shrink: float = 0.0) -> None:
-        if not damping >= 0.0:
-            raise RanklmError(f"kfac damping must be >= 0, got {damping}")
-        self.damping = float(damping)
-        self.shrink = check_fraction("kfac shrink", shrink)
+    Options = KFACOptions
 
     def decompose(self, weight: torch.Tensor, stats: dict[str, Any], max_rank: int) -> Factorization:
         name = stats.get("name", "")

@@ -6,16 +6,16 @@ from typing import Any
 
 import torch
 
-from ..options import Opt
+from ..options import Configurable, NoOptions
 from .base import Factorization, split_sqrt, thin_svd
 from ..registry import register_base
 
 
 @register_base("svd")
-class SVDBase:
+class SVDBase(Configurable):
     name = "svd"
     needs: frozenset[str] = frozenset()
-    OPTIONS: tuple[Opt, ...] = ()
+    Options = NoOptions
 
     def decompose(self, weight: torch.Tensor, stats: dict[str, Any], max_rank: int) -> Factorization:
         w = weight.detach().to(torch.float64)

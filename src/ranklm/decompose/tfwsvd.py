@@ -20,14 +20,15 @@ Lipschitz constant for the normalised objective.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import RanklmError
-from ..options import Opt
+from ..options import opt
 from .base import Factorization, thin_svd
-from .fwsvd import FWSVDBase
+from .fwsvd import FWSVDBase, FWSVDOptions
 from ..registry import register_base
 
 
@@ -36,35 +37,27 @@ def weighted_error(fisher: torch.Tensor, weight: torch.Tensor, approx: torch.Ten
     return float((fisher.double() * (weight.double() - approx.double()).square()).sum())
 
 
+@dataclass(frozen=True)
+class TFWSVDOptions(FWSVDOptions):
+    adam_steps: int = opt(100, "Adam steps of the per-target refinement (first phase)")
+    sgd_steps: int = opt(50, "SGD-with-momentum steps after Adam (second phase)")
+    adam_lr: float = opt(1e-3, "Adam learning rate, relative to the RMS of the starting factors")
+    sgd_lr: float = opt(0.5, "SGD step as a fraction of 1/L (L: Lipschitz bound of the gradient)")
+    device: str | None = opt(None, "torch device for the refinement, e.g. cuda [default: the weight's device]")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.adam_steps < 0 or self.sgd_steps < 0:
+            raise RanklmError("tfwsvd adam_steps and sgd_steps must be >= 0")
+
+
 @register_base("tfwsvd")
 class TFWSVDBase(FWSVDBase):
     name = "tfwsvd"
-    OPTIONS: tuple[Opt, ...] = (
-        FWSVDBase.OPTIONS[0],
-        Opt("adam_steps", int, 100, "Adam steps of the per-target refinement (first phase)"),
-        Opt("sgd_steps", int, 50, "SGD-with-momentum steps after Adam (second phase)"),
-        Opt("adam_lr", float, 1e-3, "Adam learning rate, relative to the RMS of the starting factors"),
-        Opt("sgd_lr", float, 0.5, "SGD step as a fraction of 1/L (L: Lipschitz bound of the gradient)"),
-        Opt("device", str, None, "torch device for the refinement, e.g. cuda [default: the weight's device]"),
-    )
+    Options = TFWSVDOptions
 
-    def __init__(
-        self,
-        side: str = "out",
-        adam_steps: int = 100,
-        sgd_steps: int = 50,
-        adam_lr: float = 1e-3,
-        sgd_lr: float = 0.5,
-        device: str | None = None,
-    ) -> None:
-        super().__init__(side=side)
-        if int(adam_steps) < 0 or int(sgd_steps) < 0:
-            raise RanklmError("tfwsvd adam_steps and sgd_steps must be >= 0")
-        self.adam_steps = int(adam_steps)
-        self.sgd_steps = int(sgd_steps)
-        self.adam_lr = float(adam_lr)
-        self.sgd_lr = float(sgd_lr)
-        self.device = device
+    def __init__(self, options: TFWSVDOptions | None = None, /, **given: Any) -> None:
+        super().__init__(options, **given)
         self.report: dict[str, dict[str, float]] = {}
 
     def refine(

@@ -30,12 +30,13 @@ across targets as output errors, not as LM loss (the ``global`` allocator accept
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import RanklmError
-from ..options import Opt
+from ..options import Configurable, MethodOptions, opt
 from ..targets import Target
 from .base import Factorization, split_sqrt, thin_svd
 from .psd import psd_factor, solve_right
@@ -78,21 +79,25 @@ def check_fraction(name: str, value: float) -> float:
     return float(value)
 
 
+@dataclass(frozen=True)
+class WhitenOptions(MethodOptions):
+    shrink: float = opt(0.0, "shrink the Gram toward its diagonal, (1-λ)G + λ diag(G) "
+                        "(0 = SVD-LLM, 1 = column-norm-weighted SVD; provisional default, not yet measured)",
+                        bounds=(0.0, 1.0))
+    output_side: bool = opt(True, "factor targets with out <= in from their output covariance: the same "
+                            "optimum from an out x out eigendecomposition (sequential calibration; not with shrink)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_fraction("whiten shrink", self.shrink)
+
+
 @register_base("whiten")
-class WhitenBase:
+class WhitenBase(Configurable):
     name = "whiten"
     needs: frozenset[str] = frozenset({"gram"})
     loss_scale: float | None = 1.0  # discarded sigma^2 = its exact output-error contribution
-    OPTIONS: tuple[Opt, ...] = (
-        Opt("shrink", float, 0.0, "shrink the Gram toward its diagonal, (1-λ)G + λ diag(G) "
-            "(0 = SVD-LLM, 1 = column-norm-weighted SVD; provisional default, not yet measured)", bounds=(0.0, 1.0)),
-        Opt("output_side", bool, True, "factor targets with out <= in from their output covariance: the same "
-            "optimum from an out x out eigendecomposition (sequential calibration; not with shrink)"),
-    )
-
-    def __init__(self, shrink: float = 0.0, output_side: bool = True) -> None:
-        self.shrink = check_fraction("whiten shrink", shrink)
-        self.output_side = bool(output_side)
+    Options = WhitenOptions
 
     def factors_from_output(self, target: Target) -> bool:
         """Whether calibration should give ``target`` its output covariance instead of its input Gram."""

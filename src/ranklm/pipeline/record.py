@@ -125,7 +125,7 @@ def compression_state(
 ) -> CompressionState:
     """What ``model`` (rank map installed) records about its compression: ratios, parameter counts, provenance."""
     return CompressionState(
-        config=config.to_dict(),
+        config=config.record(),  # to_dict() plus each axis's typed options (config.config_from_recipe reads it back)
         method=config.method,
         targets=targets,
         rank_map=rank_map,

@@ -20,12 +20,12 @@ from torch import nn
 from ..modules import lm_loss  # noqa: F401  (re-exported: the one LM loss lives in core)
 from ..errors import RanklmError
 from ..layers import LowRankLinear
-from ..options import Opt
+from ..options import Configurable, MethodOptions, opt
 from .loop import Hooks, LoopConfig, run_loop
 from .objective import Objective, as_objective, batch_for_step, is_causal_lm
 from ..registry import register_trainer
 
-__all__ = ["FactorHooks", "FinetuneTrainer", "TrainResult", "batch_for_step", "finetune_factors", "is_causal_lm", "lm_loss"]
+__all__ = ["FactorHooks", "FinetuneOptions", "FinetuneTrainer", "TrainResult", "batch_for_step", "finetune_factors", "is_causal_lm", "lm_loss"]
 
 
 @dataclass
@@ -55,31 +55,28 @@ class FactorHooks(Hooks):
         return named
 
 
+@dataclass(frozen=True)
+class FinetuneOptions(MethodOptions):
+    steps: int = opt(100, "training steps")
+    lr: float = opt(1e-4, "Adam learning rate")
+    batch_size: int | None = opt(None, "windows per step [the run's --batch-size]")
+    grad_accum: int = opt(1, "micro-batches per step")
+    train_all: bool = opt(False, "also train every other parameter (embeddings, norms, dense targets)")
+    seq_len: int | None = opt(None, "train on the first SEQ_LEN tokens of each calibration window [all]")
+    objective: Any = opt(None, "an Objective or loss_fn(model, ids) [LM loss]", python_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.steps < 0:
+            raise RanklmError("finetune: steps must be >= 0")
+
+
 @register_trainer("finetune")
-class FinetuneTrainer:
+class FinetuneTrainer(Configurable):
     """``--trainer finetune``: a few Adam steps on the installed factors."""
 
     name = "finetune"
-    OPTIONS = (
-        Opt("steps", int, 100, "training steps"),
-        Opt("lr", float, 1e-4, "Adam learning rate"),
-        Opt("batch_size", int, None, "windows per step [the run's --batch-size]"),
-        Opt("grad_accum", int, 1, "micro-batches per step"),
-        Opt("train_all", bool, False, "also train every other parameter (embeddings, norms, dense targets)"),
-        Opt("seq_len", int, None, "train on the first SEQ_LEN tokens of each calibration window [all]"),
-        Opt("objective", object, None, "an Objective or loss_fn(model, ids) [LM loss]", python_only=True),
-    )
-
-    def __init__(self, steps: int = 100, lr: float = 1e-4, batch_size: int | None = None, grad_accum: int = 1,
-                 train_all: bool = False, seq_len: int | None = None, objective: Any = None) -> None:
-        if steps < 0:
-            raise RanklmError("finetune: steps must be >= 0")
-        self.steps, self.lr, self.batch_size, self.grad_accum = int(steps), float(lr), batch_size, int(grad_accum)
-        self.train_all, self.seq_len, self.objective = bool(train_all), seq_len, objective
-
-    def options(self) -> dict[str, Any]:
-        return {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                "train_all": self.train_all, "seq_len": self.seq_len}
+    Options = FinetuneOptions
 
     def train(self, model: nn.Module, context: Any) -> TrainResult:
         windows = context.windows

@@ -147,7 +147,9 @@ class TaskRunConfig:
 
 
 def _declares(cls: type, option: str) -> bool:
-    return any(o.name == option for o in getattr(cls, "OPTIONS", ()))
+    from ..registry import declared_options
+
+    return any(o.name == option for o in declared_options(cls) or ())
 
 
 def plan_steps(cfg: TaskRunConfig) -> dict[str, Any]:
