@@ -203,6 +203,8 @@ def test_bench_cell_commands_carry_threads_fisher_windows_and_every_eval_text(ca
     assert f"--eval-data {main_eval}" in cmd
     assert "&& ranklm evaluate " in cmd and f"--data {other}" in cmd
     assert "--threads 1" in results["command"]
+    dense = next(r for r in results["rows"] if r["method"] == "dense")
+    assert f"--data {main_eval} " in dense["command"] and "--threads 1" in dense["command"]
 
 
 def test_bench_default_recipes_include_the_default_method(capsys):

@@ -22,9 +22,7 @@ def reproduce_command(method: Method, keep: float, opts: BenchOptions, args: dic
         parts += ["--model", str(args["model"])]
     if args.get("data") not in (None, "default"):
         parts += ["--data", str(args["data"])]
-    evals = [str(e) for e in (args.get("eval_data") or [])]
-    if isinstance(args.get("eval_data"), str):
-        evals = [args["eval_data"]]
+    evals = [str(e) for e in (args.get("eval_data") or [])]  # every --eval-data, the first the main one
     if evals:
         parts += ["--eval-data", evals[0]]
     if args.get("dtype"):

@@ -134,10 +134,11 @@ def run_bench(
     if command_args.get("eval_data") or command_args.get("data") in (None, "default"):
         dense_row["command"] = shlex.join(
             ["ranklm", "evaluate"] + ([str(command_args["model"])] if command_args.get("model") not in (None, "default") else [])
-            + (["--data", str(command_args["eval_data"])] if command_args.get("eval_data") else [])
+            + (["--data", str(command_args["eval_data"][0])] if command_args.get("eval_data") else [])  # the main text
             + ["--seq-len", str(opts.eval_seq_len)] + (["--windows", str(opts.eval_windows)] if opts.eval_windows else [])
             + ["--batch-size", str(opts.batch_size)]
             + (["--dtype", str(command_args["dtype"])] if command_args.get("dtype") else [])
+            + (["--threads", str(command_args["threads"])] if command_args.get("threads") is not None else [])
         )
     else:  # the evaluation part of a split --data has no file of its own
         dense_row["command"] = "any cell's ranklm compress command prints it (dense perplexity, --json: ppl_dense)"
