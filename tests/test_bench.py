@@ -9,11 +9,13 @@ import shlex
 from pathlib import Path
 
 import pytest
+
 import torch
 
-from ranklm.bench import calibration_split, parse_keeps, parse_method, parse_scoped_options, reproduce_command
+from ranklm.apps.bench import calibration_split, parse_keeps, parse_method, parse_scoped_options, reproduce_command
 from ranklm.calibration import read_text_source, token_windows
 from ranklm.cli import main
+from ranklm.errors import RanklmError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FAST = ["--calib-windows", "4", "--seq-len", "32", "--eval-seq-len", "32", "--eval-windows", "2", "--batch-size", "2",
@@ -190,13 +192,20 @@ def test_parsers():
     assert parse_keeps("0.6, 0.8,0.6") == [0.8, 0.6]
     assert parse_scoped_options(["tfwsvd:adam_steps=40", "side=in"], "--base-opt") == {
         "tfwsvd": {"adam_steps": 40}, "*": {"side": "in"}}
-    from ranklm.bench import BenchOptions
+    from ranklm.apps.bench import BenchOptions
 
-    cmd = reproduce_command(parse_method("asvd+energy"), 0.6, BenchOptions(calib_windows=7, seq_len=64, eval_windows=3, sequential=False,
-                            base_options={"asvd": {"alpha": 0.25}}), {"model": "m", "data": "d.txt"}, "out")
-    assert cmd == ("ranklm compress --model m --data d.txt --base asvd --allocator energy --keep 0.6 --calib-windows 7 "
-                   "--seq-len 64 --eval-seq-len 512 --eval-windows 3 --batch-size 4 --seed 0 --whole-model --base-opt alpha=0.25 "
-                   "--output out/asvd_energy-keep0.6")
+    opts = BenchOptions(run={"calib_windows": 7, "seq_len": 64, "sequential": False, "round_to": 8, "max_flop_ratio": 0.6},
+                        eval_windows=3, base_options={"asvd": {"alpha": 0.25}})
+    cmd = reproduce_command(parse_method("asvd+energy"), 0.6, opts, {"model": "m", "data": "d.txt"}, "out")
+    assert cmd == ("ranklm compress --model m --data d.txt --base asvd --allocator energy --keep 0.6 --eval-seq-len 512 "
+                   "--eval-windows 3 --calib-windows 7 --seq-len 64 --batch-size 4 --seed 0 --round-to 8 --max-flop-ratio 0.6 "
+                   "--whole-model --base-opt alpha=0.25 --output out/asvd_energy-keep0.6")
+    # a gradient base carries --fisher-windows; a trainer and its scoped options reach the command
+    opts = BenchOptions(run={"trainer": "finetune", "fisher_windows": 4}, trainer_options={"finetune": {"steps": 3}})
+    cmd = reproduce_command(parse_method("kfac-global"), 0.8, opts, {}, "out")
+    assert "--fisher-windows 4" in cmd and "--trainer finetune --train-opt steps=3" in cmd and "--calib-windows 128" in cmd
+    with pytest.raises(RanklmError, match="round-to must be a positive integer"):
+        BenchOptions(run={"round_to": 0})
 
 
 def test_save_dir_keeps_every_cell_as_a_checkpoint(capsys, tiny_llama_dir, text_file, tmp_path):

@@ -142,10 +142,22 @@ def _imports(path: Path) -> set[str]:
 def test_checkpoint_code_does_not_import_the_pipeline_and_no_cycles_between_core_modules():
     files = {".".join(p.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__"): p for p in SRC.rglob("*.py")}
     graph = {m: {i for i in _imports(p) if i in files and i != m} for m, p in files.items()}
-    assert not graph["ranklm.io"] & {"ranklm.api", "ranklm.pipeline", "ranklm.bench", "ranklm.models"}
+    assert not graph["ranklm.io"] & {"ranklm.api", "ranklm.pipeline", "ranklm.apps.bench", "ranklm.apps", "ranklm.models"}
     assert "ranklm.io" not in graph["ranklm.architectures"]
     # models -> io (loading checkpoints) must not come back: io -> models
     assert "ranklm.models" not in graph["ranklm.io"]
     # nothing below the pipeline imports it
     for m in ("ranklm.io", "ranklm.state", "ranklm.layers", "ranklm.budget", "ranklm.targets", "ranklm.models"):
         assert "ranklm.pipeline" not in graph[m] and "ranklm.api" not in graph[m], m
+
+
+def test_drivers_sit_on_top_nothing_below_imports_apps_or_cli():
+    """cli -> apps -> pipeline -> methods -> core: only the CLI (and the package's own entry points) import the
+    drivers, and nothing but ``__main__`` imports the CLI."""
+    files = {".".join(p.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__"): p for p in SRC.rglob("*.py")}
+    graph = {m: {i for i in _imports(p) if i in files and i != m} for m, p in files.items()}
+    for m, deps in graph.items():
+        if not (m.startswith("ranklm.cli") or m.startswith("ranklm.apps")):
+            assert not {d for d in deps if d.startswith("ranklm.apps")}, m
+        if not (m.startswith("ranklm.cli") or m == "ranklm.__main__"):
+            assert not {d for d in deps if d.startswith("ranklm.cli")}, m

@@ -126,7 +126,7 @@ def _weights_digest(model) -> str:
 
 def test_resume_equals_uninterrupted(tmp_path, tiny_bert_dir, task_file, monkeypatch):  # noqa: F811
     from ranklm.tasks import load_task
-    from ranklm.train.task import TaskRunConfig, finetune_task
+    from ranklm.apps.finetune import TaskRunConfig, finetune_task
 
     task = load_task(task_file)
     cfg = TaskRunConfig(keep=0.5, allocator="rankdyna", steps=12, batch_size=8, max_length=16, save_every=4,
@@ -166,7 +166,7 @@ def test_two_process_gloo_same_rank_map_and_weights(tmp_path, tiny_bert_dir, tas
         "from ranklm.models import load_classifier\n"
         "from ranklm.tasks import load_task\n"
         "from ranklm.train.loop import process_state\n"
-        "from ranklm.train.task import TaskRunConfig, finetune_task\n"
+        "from ranklm.apps.finetune import TaskRunConfig, finetune_task\n"
         "from ranklm.io import save\n"
         "task_path, model_path, out = sys.argv[1:4]\n"
         "st = process_state()\n"

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import ranklm
-from ranklm.allocate import AllocationContext, get_allocator
-from ranklm.budget import TOLERANCE, keep_ratio, target_cost, targets_dense_params
+from ranklm.allocate import get_allocator
+from ranklm.budget import TOLERANCE, target_cost, targets_dense_params
 from ranklm.config import CompressConfig
 from ranklm.decompose import get_base
 from ranklm.errors import RanklmError

@@ -12,7 +12,7 @@ import torch
 
 from ranklm.cli import main
 from ranklm.errors import RanklmError
-from ranklm.tasks import build_task, load_task, split_of
+from ranklm.tasks import load_task, split_of
 
 POS = "good great fine lovely superb wonderful".split()
 NEG = "bad awful poor dull boring terrible".split()
@@ -184,7 +184,8 @@ def test_head_warmup_trains_only_the_head(tiny_bert_dir, task_file):
     """The LP-FT stage: the classifier (and pooler) move, every encoder weight stays as loaded."""
     from ranklm.models import load_classifier
     from ranklm.tasks import load_task
-    from ranklm.train.task import TaskRunConfig, finetune_task, head_parameters
+    from ranklm.apps.finetune import TaskRunConfig, finetune_task
+    from ranklm.train.task import head_parameters
 
     task = load_task(str(task_file))
     model, tok, _ = load_classifier(str(tiny_bert_dir), task.label_names)

@@ -13,6 +13,8 @@ from functools import lru_cache
 import transformers
 from transformers import AutoModel, AutoModelForCausalLM
 
+from .errors import RanklmError
+
 # config attributes that hold the number of positions, in the order transformers' families use them
 POSITION_ATTRS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "max_seq_len", "seq_length")
 # families whose learned positions start after the padding index (RoBERTa-style): padding_idx + 1 fewer usable
@@ -129,3 +131,14 @@ def max_positions(config) -> int | None:
                     value -= pad + 1
             return int(value)
     return None
+
+
+def check_positions(model, lengths: dict[str, int | None]) -> None:
+    """Refuse a window length the model has no positions for (before any statistics or evaluation)."""
+    limit = max_positions(model.config)
+    if limit is None:
+        return
+    for flag, n in lengths.items():
+        if n is not None and n > limit:
+            raise RanklmError(f"{flag} {n} is longer than the {limit} positions {type(model).__name__} has "
+                              f"(max_position_embeddings): use {flag} {limit} or less")

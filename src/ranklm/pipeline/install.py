@@ -7,11 +7,11 @@ from torch import nn
 
 from ..allocate import AllocationContext
 from ..budget import DENSE, RankMap, latency_dense_rule, round_ranks
-from ..config import CompressConfig
 from ..decompose import Factorization
 from ..errors import RanklmError
 from ..layers import LowRankLinear, replace_module
 from ..targets import Target, weight_matrix
+from .plan import BudgetPlan
 
 
 def check_finite_weights(model: nn.Module, targets: list[Target]) -> None:
@@ -20,31 +20,31 @@ def check_finite_weights(model: nn.Module, targets: list[Target]) -> None:
             raise RanklmError(f"non-finite weights (NaN/Inf) in {t.name}")
 
 
-def allocate_ranks(allocator, targets, factorizations, config: CompressConfig, context: AllocationContext) -> RankMap:
+def allocate_ranks(allocator, targets, factorizations, budget: BudgetPlan, context: AllocationContext) -> RankMap:
     """``allocator.allocate`` with an unreachable budget reported as a user error."""
     try:
-        return allocator.allocate(targets, factorizations, config.keep, config.min_rank, context)
+        return allocator.allocate(targets, factorizations, budget.keep, budget.min_rank, context)
     except ValueError as e:
-        raise RanklmError(f"keep ratio {config.keep} cannot be met: {e}") from None
+        raise RanklmError(f"keep ratio {budget.keep} cannot be met: {e}") from None
 
 
-def adjusted_rank_map(targets: list[Target], rank_map: RankMap, config: CompressConfig,
-                      context: AllocationContext) -> RankMap:
-    """The allocated rank map after ``config.max_flop_ratio`` (budget.latency_dense_rule), then ``config.round_to``
+def adjusted_rank_map(targets: list[Target], rank_map: RankMap, budget: BudgetPlan,
+                      context: AllocationContext, allocator: str = "") -> RankMap:
+    """The allocated rank map after ``budget.max_flop_ratio`` (budget.latency_dense_rule), then ``budget.round_to``
     (budget.round_ranks, under the rule's ceilings); either failure is one error line naming its option."""
-    steps = [("--max-flop-ratio", config.max_flop_ratio, config.max_flop_ratio < 1.0,
-              lambda m: latency_dense_rule(targets, m, config.keep, config.max_flop_ratio, config.round_to)),
-             ("--round-to", config.round_to, config.round_to > 1,
-              lambda m: round_ranks(targets, m, config.keep, config.round_to, config.max_flop_ratio))]
+    steps = [("--max-flop-ratio", budget.max_flop_ratio, budget.max_flop_ratio < 1.0,
+              lambda m: latency_dense_rule(targets, m, budget.keep, budget.max_flop_ratio, budget.round_to)),
+             ("--round-to", budget.round_to, budget.round_to > 1,
+              lambda m: round_ranks(targets, m, budget.keep, budget.round_to, budget.max_flop_ratio))]
     for flag, value, active, adjust in steps:
         if not active:
             continue
         if context.trained_factors is not None:
-            raise RanklmError(f"{flag} does not apply to the {config.allocator} allocator: it trains factors at its own ranks")
+            raise RanklmError(f"{flag} does not apply to the {allocator} allocator: it trains factors at its own ranks")
         try:
             rank_map = adjust(rank_map)
         except ValueError as e:
-            raise RanklmError(f"keep ratio {config.keep} with {flag} {value}: {e}") from None
+            raise RanklmError(f"keep ratio {budget.keep} with {flag} {value}: {e}") from None
     return rank_map
 
 

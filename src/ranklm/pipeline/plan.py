@@ -20,15 +20,44 @@ Data = Union[None, str, os.PathLike, TextSource, list, torch.Tensor]
 ACTIVATION_NEEDS = StatisticNames(ACTIVATION)  # live view of the registry: statistics collectable block by block
 
 
+@dataclass(frozen=True)
+class BudgetPlan:
+    """What the allocation must meet: the keep ratio and the rank rules applied after it."""
+
+    keep: float
+    min_rank: int = 1
+    round_to: int = 1
+    max_flop_ratio: float = 1.0
+
+
+@dataclass(frozen=True)
+class CalibrationPlan:
+    """How calibration windows are cut and batched (the field names are CompressConfig's)."""
+
+    calib_windows: int
+    seq_len: int
+    batch_size: int
+    fisher_windows: int
+    seed: int
+
+
 @dataclass
 class Plan:
-    """The three axes built from a config, and how statistics are gathered."""
+    """A run resolved from its config: the three axes built (options validated), the budget, the
+    calibration, the targets' patterns and how statistics are gathered. The pipeline reads only this;
+    ``config`` stays for what ranklm.json and resumable state record about the run."""
 
     base: Base
     allocator: Any
     trainer: Any | None
     sequential: bool  # statistics block by block (dense propagation for pass 1)
     refit: bool  # re-factor block by block on compressed activations at the allocated ranks
+    budget: BudgetPlan
+    calibration: CalibrationPlan
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    method: str  # the human-readable name (recipe, or base+allocator, + trainer)
+    config: CompressConfig
 
     @property
     def needs_windows(self) -> bool:
@@ -38,16 +67,29 @@ class Plan:
     def needs_pass1(self) -> bool:
         return not self.refit or bool(getattr(self.allocator, "needs_spectra", True))
 
+    @property
+    def trains(self) -> bool:
+        """True when something in the run trains (a learning allocator or a trainer): resumable state applies."""
+        return bool(getattr(self.allocator, "needs_training", False)) or self.trainer is not None
 
-def make_plan(config: CompressConfig) -> Plan:
-    """Build base, allocator and trainer (options validated) and choose the statistics mode.
+    def record(self) -> dict[str, Any]:
+        """``recipe.config`` of ranklm.json (``CompressConfig.record``)."""
+        return self.config.record()
+
+
+def make_plan(config: CompressConfig | None = None, model: Any = None) -> Plan:
+    """Resolve a config into a Plan: the default recipe for ``model`` (``CompressConfig.for_model``), base,
+    allocator and trainer built (options validated), and the statistics mode chosen.
 
     Activation-statistics bases (whiten, asvd) calibrate block by block by default, with
-    compressed propagation (measured: SmolLM2 keep 0.6, 117.8 vs 152.5 perplexity);
+    compressed propagation (measured better at keep 0.6, benchmarks/sequential.py);
     Fisher bases need end-to-end gradients and run whole-model; ``--whole-model`` opts out.
     """
     from ..train import get_trainer
 
+    config = config or CompressConfig()
+    if model is not None:
+        config = config.for_model(model)
     base = get_base(config.base, **config.base_options)
     allocator = get_allocator(config.allocator, **config.allocator_options)
     trainer = None if config.trainer in (None, "none") else get_trainer(config.trainer, **config.trainer_options)
@@ -58,4 +100,10 @@ def make_plan(config: CompressConfig) -> Plan:
             "gradients (Fisher): drop --sequential"
         )
     sequential = activation_only and (config.sequential is None or bool(config.sequential))
-    return Plan(base, allocator, trainer, sequential, sequential and config.propagate == "compressed")
+    return Plan(
+        base, allocator, trainer, sequential, sequential and config.propagate == "compressed",
+        budget=BudgetPlan(float(config.keep), int(config.min_rank), int(config.round_to), float(config.max_flop_ratio)),
+        calibration=CalibrationPlan(int(config.calib_windows), int(config.seq_len), int(config.batch_size),
+                                    int(config.fisher_windows), int(config.seed)),
+        include=tuple(config.include), exclude=tuple(config.exclude), method=config.method, config=config,
+    )

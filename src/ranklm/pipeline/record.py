@@ -15,7 +15,7 @@ from ..budget import (
     targets_cost,
     targets_dense_params,
 )
-from ..config import CompressConfig
+from .plan import Plan
 from ..state import CompressionState
 from ..targets import Target
 
@@ -119,17 +119,17 @@ def run_warnings(state: CompressionState) -> list[str]:
 
 
 def compression_state(
-    model: nn.Module, config: CompressConfig, targets: list[Target], rank_map: RankMap, dense_model: int,
+    model: nn.Module, plan: Plan, targets: list[Target], rank_map: RankMap, dense_model: int,
     calibration: dict[str, Any] | None, base_model: dict[str, Any], timings: dict[str, float], artifacts: dict[str, Any],
     training: list[dict[str, Any]] | None = None,
 ) -> CompressionState:
     """What ``model`` (rank map installed) records about its compression: ratios, parameter counts, provenance."""
     return CompressionState(
-        config=config.record(),  # to_dict() plus each axis's typed options (config.config_from_recipe reads it back)
-        method=config.method,
+        config=plan.record(),  # to_dict() plus each axis's typed options (config.config_from_recipe reads it back)
+        method=plan.method,
         targets=targets,
         rank_map=rank_map,
-        keep_requested=config.keep,
+        keep_requested=plan.budget.keep,
         keep_achieved=keep_ratio(targets, rank_map),
         keep_achieved_model=model_keep_ratio(dense_model, targets, rank_map),
         params={

@@ -8,12 +8,11 @@ from typing import Any
 
 import torch
 
-from ..allocate import get_allocator
-from ..config import CompressConfig
+from .plan import Plan
 from .windows import windows_sha256
 
 
-def open_run_state(state_dir: str | os.PathLike, resume: bool, config: CompressConfig, model_info: dict[str, Any],
+def open_run_state(state_dir: str | os.PathLike, resume: bool, plan: Plan, model_info: dict[str, Any],
                    windows: torch.Tensor) -> bool:
     """Create (or, with ``resume``, check) a run's state folder; True when the run trains something.
 
@@ -26,9 +25,8 @@ def open_run_state(state_dir: str | os.PathLike, resume: bool, config: CompressC
 
     fingerprint = {
         "model": str(model_info.get("path") or model_info.get("name_or_path")),
-        "config": json.loads(json.dumps(config.to_dict(), default=str)),
+        "config": json.loads(json.dumps(plan.config.to_dict(), default=str)),
         "calibration_sha256": windows_sha256(windows),
     }
     open_state_dir(state_dir, fingerprint, resume)
-    return bool(getattr(get_allocator(config.allocator, **config.allocator_options), "needs_training", False)) or (
-        config.trainer not in (None, "none"))
+    return plan.trains

@@ -27,7 +27,7 @@ from .install import (
     install_factors,
     install_rank_map,
 )
-from .plan import Data, make_plan
+from .plan import Data, Plan, make_plan
 from .record import compression_state
 from .windows import calibration_windows
 
@@ -35,7 +35,7 @@ from .windows import calibration_windows
 def run(
     model: nn.Module,
     tokenizer=None,
-    config: CompressConfig | None = None,
+    plan: Plan | CompressConfig | None = None,
     data: Data = None,
     progress: bool = True,
     base_model: dict[str, Any] | None = None,
@@ -46,7 +46,10 @@ def run(
     resume: bool = False,
     save_every: int = 50,
 ) -> nn.Module:
-    """Compress ``model`` in place to ``config.keep`` of its targets' parameters; returns it.
+    """Compress ``model`` in place to ``plan.budget.keep`` of its targets' parameters; returns it.
+
+    ``plan``: a resolved ``Plan`` (``make_plan(config, model)``), or a ``CompressConfig`` resolved here
+    (None: the default config).
 
     ``data``: None for the packaged corpus's calibration part, a path, a list of strings, a
     ``TextSource`` or a ``[N, seq_len]`` tensor of token ids (``calibration`` then describes
@@ -54,33 +57,34 @@ def run(
     dense model (bench). ``objective`` (a ``train.Objective``) replaces the default training
     loss of learning allocators and trainers. ``state_dir`` keeps resumable training state.
     """
-    config = (config or CompressConfig()).for_model(model)
     # 1. prepare
     if any(isinstance(m, LowRankLinear) for m in model.modules()):
         raise RanklmError("this model is already compressed by ranklm (it has LowRankLinear layers)")
-    targets = find_targets(model, config.include, config.exclude)
-    if config.keep >= 1.0:
+    if not isinstance(plan, Plan):
+        plan = make_plan(plan, model)
+    budget, calib = plan.budget, plan.calibration
+    targets = find_targets(model, list(plan.include), list(plan.exclude))
+    if budget.keep >= 1.0:
         raise RanklmError("--keep 1.0 keeps every target dense: nothing to compress, no output written")
     onload_offloaded(model)  # accelerate CPU/disk offload: decompositions need the weights themselves
     check_finite_weights(model, targets)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(calib.seed)
     dense_model = model_params(model)
-    plan = make_plan(config)
     # results can depend on the thread count (reduction order), so it is recorded next to the times it gave
     timings: dict[str, float] = {"torch_threads": torch.get_num_threads()}
     t0 = time.perf_counter()
     windows, calib_info = None, None
     if plan.needs_windows:
-        windows, calib_info = calibration_windows(tokenizer, data, config)
+        windows, calib_info = calibration_windows(tokenizer, data, calib)
         if calibration is not None:
             calib_info = calibration
     context = AllocationContext(
-        model=model, windows=windows, batch_size=config.batch_size, seed=config.seed, progress=progress,
+        model=model, windows=windows, batch_size=calib.batch_size, seed=calib.seed, progress=progress,
         objective=objective, state_dir=None if state_dir is None else Path(state_dir), resume=resume, save_every=save_every,
     )
     if cache is None:
         task_loss = objective if objective is not None and "labels" in getattr(objective, "examples", {}) else None
-        cache = FactorCache(model, targets, windows, config.batch_size, config.fisher_windows, progress, loss_fn=task_loss)
+        cache = FactorCache(model, targets, windows, calib.batch_size, calib.fisher_windows, progress, loss_fn=task_loss)
 
     # 2. statistics + factorize (pass 1)
     factorizations: dict[str, Factorization] = {}
@@ -91,8 +95,8 @@ def run(
 
     # 3. allocate
     t1 = time.perf_counter()
-    rank_map = allocate_ranks(plan.allocator, targets, factorizations, config, context)
-    rank_map = adjusted_rank_map(targets, rank_map, config, context)
+    rank_map = allocate_ranks(plan.allocator, targets, factorizations, budget, context)
+    rank_map = adjusted_rank_map(targets, rank_map, budget, context, getattr(plan.allocator, "name", plan.config.allocator))
     timings["allocate_s"] = time.perf_counter() - t1
 
     # 4-5. refit / refine, install
@@ -102,7 +106,7 @@ def run(
         context.trained_factors = None
     elif plan.refit:
         split: dict[str, float] = {}
-        refit_sequential(model, targets, plan.base, windows, rank_map, config.batch_size, progress, numerics, split)
+        refit_sequential(model, targets, plan.base, windows, rank_map, calib.batch_size, progress, numerics, split)
         timings.update({f"refit_{k}": v for k, v in split.items()})  # statistics / factorize+install / propagate
     else:
         facs = factorizations
@@ -128,11 +132,11 @@ def run(
 
     # 7. record
     model.ranklm = compression_state(  # type: ignore[assignment]
-        model, config, targets, rank_map, dense_model, calib_info,
+        model, plan, targets, rank_map, dense_model, calib_info,
         base_model or {"name_or_path": getattr(model.config, "name_or_path", "") or type(model).__name__},
         timings, context.artifacts, context.training,
     )
-    if not meets_budget(model.ranklm.keep_achieved, config.keep):
+    if not meets_budget(model.ranklm.keep_achieved, budget.keep):
         # Only possible when single rank steps are large relative to the whole budget (tiny models).
-        warnings.warn(f"achieved keep ratio {model.ranklm.keep_achieved:.4f} is not within {TOLERANCE:.1%} below {config.keep}")
+        warnings.warn(f"achieved keep ratio {model.ranklm.keep_achieved:.4f} is not within {TOLERANCE:.1%} below {budget.keep}")
     return model

@@ -8,12 +8,11 @@ from typing import Any
 import torch
 
 from ..calibration import TextSource, default_corpus, read_text_source, token_windows
-from ..config import CompressConfig
 from ..errors import RanklmError
-from .plan import Data
+from .plan import CalibrationPlan, Data
 
 
-def calibration_windows(tokenizer, data: Data, config: CompressConfig) -> tuple[torch.Tensor, dict[str, Any]]:
+def calibration_windows(tokenizer, data: Data, config: CalibrationPlan) -> tuple[torch.Tensor, dict[str, Any]]:
     """Token windows for calibration from any supported data form, plus a description."""
     if isinstance(data, torch.Tensor):
         windows = data[: config.calib_windows]
@@ -32,8 +31,9 @@ def calibration_windows(tokenizer, data: Data, config: CompressConfig) -> tuple[
     return windows, calibration_info(source.description, windows, config)
 
 
-def calibration_info(description: str, windows: torch.Tensor, config: CompressConfig) -> dict[str, Any]:
-    """What ranklm.json records about the calibration data."""
+def calibration_info(description: str, windows: torch.Tensor, config: CalibrationPlan | Any) -> dict[str, Any]:
+    """What ranklm.json records about the calibration data (``config``: a CalibrationPlan or a CompressConfig,
+    both have ``calib_windows`` and ``seed``)."""
     return {
         "source": description,
         "windows": int(len(windows)),

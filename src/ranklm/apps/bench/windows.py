@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..calibration import TextSource, token_stream
-from ..calibration.data import seeded_split, stream_windows
-from ..errors import RanklmError
+from ...calibration import TextSource, token_stream
+from ...calibration.data import seeded_split, stream_windows
+from ...errors import RanklmError
 
 
 def calibration_split(

@@ -6,8 +6,9 @@ import json
 import shlex
 from typing import Any
 
-from ..calibration import GRADIENT, StatisticNames
-from ..decompose import get_base
+from ...calibration import GRADIENT, StatisticNames
+from ...config import run_args
+from ...decompose import get_base
 from .grid import BenchOptions, Method, _scoped
 
 # Statistics computed from gradients on --fisher-windows windows (fwsvd/tfwsvd's Fisher, kfac's output-gradient Gram):
@@ -31,31 +32,27 @@ def reproduce_command(method: Method, keep: float, opts: BenchOptions, args: dic
         parts += ["--recipe", method.recipe]
     else:
         parts += ["--base", method.base, "--allocator", method.allocator]
-    parts += ["--keep", f"{keep:g}", "--calib-windows", str(opts.calib_windows), "--seq-len", str(opts.seq_len),
-              "--eval-seq-len", str(opts.eval_seq_len)]
+    parts += ["--keep", f"{keep:g}", "--eval-seq-len", str(opts.eval_seq_len)]
     if opts.eval_windows is not None:
         parts += ["--eval-windows", str(opts.eval_windows)]
-    parts += ["--batch-size", str(opts.batch_size), "--seed", str(opts.seed)]
-    if get_base(method.base).needs & GRADIENT_STATISTICS:
-        parts += ["--fisher-windows", str(opts.fisher_windows)]
-    if opts.sequential is False and get_base(method.base).needs:
-        parts += ["--whole-model"]
-    if opts.propagate != "compressed":
-        parts += ["--propagate", opts.propagate]
-    for k, v in _scoped(opts.base_options, method.base, "base").items():
-        parts += ["--base-opt", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
-    for k, v in _scoped(opts.allocator_options, method.allocator, "allocator").items():
-        parts += ["--alloc-opt", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
-    for p in opts.include:
-        parts += ["--include", p]
-    for p in opts.exclude:
-        parts += ["--exclude", p]
+    needs = get_base(method.base).needs
+    skip = tuple(name for name, applies in (("fisher_windows", bool(needs & GRADIENT_STATISTICS)),
+                                             ("sequential", bool(needs))) if not applies)
+    # every run field the bench set (the same CompressConfig fields compress takes), windows and seed always
+    parts += run_args(opts.run, always=("calib_windows", "seq_len", "batch_size", "seed", "fisher_windows"), skip=skip)
+    scoped = [("--base-opt", opts.base_options, method.base, "base"),
+              ("--alloc-opt", opts.allocator_options, method.allocator, "allocator")]
+    if opts.run.get("trainer", "none") != "none":
+        scoped.append(("--train-opt", opts.trainer_options, opts.run["trainer"], "trainer"))
+    for flag, options, name, kind in scoped:
+        for k, v in _scoped(options, name, kind).items():
+            parts += [flag, f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
     if args.get("threads") is not None:
         parts += ["--threads", str(args["threads"])]
     out = f"{out_dir}/{method.name.replace('+', '_')}-keep{keep:g}"
     parts += ["--output", out]
     # The second and later evaluation texts: the same windows through `ranklm evaluate` on the saved cell.
-    extra = [["ranklm", "evaluate", out, "--data", e, "--seq-len", str(opts.eval_seq_len), "--batch-size", str(opts.batch_size)]
+    extra = [["ranklm", "evaluate", out, "--data", e, "--seq-len", str(opts.eval_seq_len), "--batch-size", str(opts.run["batch_size"])]
              + (["--windows", str(opts.eval_windows)] if opts.eval_windows is not None else [])
              + (["--threads", str(args["threads"])] if args.get("threads") is not None else [])
              for e in evals[1:]]

@@ -16,18 +16,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..budget import TOLERANCE, meets_budget, model_params, targets_dense_params
-from ..calibration import TextSource
-from ..config import CompressConfig
-from ..errors import RanklmError
-from ..eval.generate import generation_quality, prompts_from_stream
-from ..eval.latency import flop_ratio_limit, measure_decode, measure_latency
-from ..eval.perplexity import perplexity, require_causal_lm
-from ..pipeline import FactorCache, calibration_info, make_plan
-from ..pipeline import run as run_pipeline
-from ..targets import find_targets
+from ...budget import TOLERANCE, meets_budget, model_params, targets_dense_params
+from ...calibration import TextSource
+from ...errors import RanklmError
+from ...eval.generate import generation_quality, prompts_from_stream
+from ...eval.latency import flop_ratio_limit, measure_decode, measure_latency
+from ...eval.perplexity import perplexity, require_causal_lm
+from ...pipeline import FactorCache, calibration_info, make_plan
+from ...pipeline import run as run_pipeline
+from ...targets import find_targets
 from .commands import reproduce_command
-from .grid import BenchOptions, BenchResult, Method, _scoped
+from .grid import BenchOptions, BenchResult, Method
 from .memory import PeakRSS
 from .windows import calibration_split, eval_windows_of
 
@@ -82,12 +81,13 @@ def run_bench(
     command_args = command_args or {}
     log = log or (lambda s: None)
     model.eval()
-    targets = find_targets(model, opts.include, opts.exclude)
+    shared = opts.shared  # the run fields every cell shares (windows, seed, rank rules, trainer)
+    targets = find_targets(model, shared.include, shared.exclude)
     dense_params = model_params(model)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     calib, held = calibration_split(
-        tokenizer, calib_src, opts.seq_len, opts.calib_windows, opts.auto_windows if opts.auto else 0, opts.seed
+        tokenizer, calib_src, shared.seq_len, shared.calib_windows, opts.auto_windows if opts.auto else 0, shared.seed
     )
     evals = []
     for label, src in eval_srcs:
@@ -103,7 +103,7 @@ def run_bench(
     def evaluate(m: nn.Module, row: dict[str, Any], dense: bool = False) -> None:
         for i, (label, src, w, _) in enumerate(evals):
             bar.set_postfix_str(f"{row['method']}@{row['keep']:g}: perplexity {label}")
-            r = perplexity(m, w, opts.batch_size, progress=False)
+            r = perplexity(m, w, shared.batch_size, progress=False)
             row["ppl" if i == 0 else f"ppl_{label}"] = r.ppl
             if i == 0:
                 row.update(eval_windows=r.windows, eval_tokens=r.tokens, seq_len=r.seq_len)
@@ -112,7 +112,7 @@ def run_bench(
             q = generation_quality(m, prompts, opts.gen_new_tokens, tokenizer=tokenizer)
             row.update(distinct2=q.distinct2, repeat4=q.repeat4)
         if opts.auto:
-            row["calib_ppl"] = perplexity(m, held, opts.batch_size, progress=False).ppl
+            row["calib_ppl"] = perplexity(m, held, shared.batch_size, progress=False).ppl
         if opts.latency and not dense:
             bar.set_postfix_str(f"{row['method']}@{row['keep']:g}: latency")
             lat = measure_latency(model, m, opts.latency_shapes, opts.latency_reps, opts.latency_warmup)
@@ -136,7 +136,7 @@ def run_bench(
             ["ranklm", "evaluate"] + ([str(command_args["model"])] if command_args.get("model") not in (None, "default") else [])
             + (["--data", str(command_args["eval_data"][0])] if command_args.get("eval_data") else [])  # the main text
             + ["--seq-len", str(opts.eval_seq_len)] + (["--windows", str(opts.eval_windows)] if opts.eval_windows else [])
-            + ["--batch-size", str(opts.batch_size)]
+            + ["--batch-size", str(shared.batch_size)]
             + (["--dtype", str(command_args["dtype"])] if command_args.get("dtype") else [])
             + (["--threads", str(command_args["threads"])] if command_args.get("threads") is not None else [])
         )
@@ -146,7 +146,7 @@ def run_bench(
     log(json.dumps({k: v for k, v in dense_row.items() if k != "latency"}, default=str))
     bar.update(1)
 
-    cache = FactorCache(model, targets, calib, opts.batch_size, opts.fisher_windows, progress=False)
+    cache = FactorCache(model, targets, calib, shared.batch_size, shared.fisher_windows, progress=False)
     rank_maps: dict[str, dict[str, Any]] = {}
     best: dict[str, Any] | None = None
     best_model: nn.Module | None = None
@@ -160,14 +160,7 @@ def run_bench(
         row["command"] = reproduce_command(method, keep, opts, command_args, out_dir)
         cell_model = None
         try:
-            config = CompressConfig(
-                keep=keep, recipe=method.recipe, base=method.base, allocator=method.allocator,
-                include=list(opts.include), exclude=list(opts.exclude), calib_windows=opts.calib_windows,
-                seq_len=opts.seq_len, batch_size=opts.batch_size, seed=opts.seed, min_rank=opts.min_rank,
-                fisher_windows=opts.fisher_windows, sequential=opts.sequential, propagate=opts.propagate,
-                base_options=_scoped(opts.base_options, method.base, "base"),
-                allocator_options=_scoped(opts.allocator_options, method.allocator, "allocator"),
-            )
+            config = opts.cell_config(method, keep)
             plan = make_plan(config)
             key = (method.base, plan.sequential)
             if plan.needs_pass1 and key not in shared_cost:  # pass 1 once per base and mode, timed on its own
@@ -180,10 +173,10 @@ def run_bench(
             bar.set_postfix_str(f"{method.name}@{keep:g}: compress")
             t0 = time.perf_counter()
             with PeakRSS() as mem:
-                torch.manual_seed(opts.seed)
+                torch.manual_seed(shared.seed)
                 cell_model = _deepcopy_model(model)
                 calib_info = {**calibration_info(calib_src.description, calib, config), "used": True}
-                run_pipeline(cell_model, tokenizer, config, data=calib, calibration=calib_info, cache=cache,
+                run_pipeline(cell_model, tokenizer, plan, data=calib, calibration=calib_info, cache=cache,
                              progress=False, base_model=model_info)
             cell_s = time.perf_counter() - t0
             if not plan.needs_windows:
@@ -208,7 +201,7 @@ def run_bench(
                                  "tokens": row.get("eval_tokens"), "seq_len": opts.eval_seq_len}}
             cell_model.ranklm.evaluation = ev
             if opts.save_dir:
-                from ..io import save
+                from ...io import save
 
                 cell_dir = Path(opts.save_dir) / f"{method.name}@{keep:g}"
                 save(cell_model, tokenizer, cell_dir, overwrite=True)
@@ -236,7 +229,7 @@ def run_bench(
     if opts.auto and opts.save_best:
         if best_model is None:
             raise RanklmError("--auto: no cell succeeded with a finite calibration perplexity: nothing to save")
-        from ..io import save
+        from ...io import save
 
         save(best_model, tokenizer, opts.save_best, overwrite=True)
         best["saved"] = str(opts.save_best)
@@ -249,15 +242,15 @@ def run_bench(
         "model_mib": param_bytes / 2**20,
         "targets": len(targets),
         "targets_params": targets_dense_params(targets),
-        "calibration": f"{len(calib)} x {opts.seq_len} tokens of {calib_src.description}",
+        "calibration": f"{len(calib)} x {shared.seq_len} tokens of {calib_src.description}",
         "evaluation": {label: f"{len(w)} x {opts.eval_seq_len} tokens ({len(w) * (opts.eval_seq_len - 1)} predicted) of {src.description}"
                        for label, src, w, _ in evals},
         "eval_labels": [label for label, *_ in evals],
         "generation": (f"greedy, {opts.gen_new_tokens} new tokens after {len(prompts)} prompts of {opts.gen_prompt_len} tokens "
                        f"at evenly spaced positions of the '{evals[0][0]}' evaluation text") if prompts is not None else None,
-        "auto": f"{len(held)} held-out calibration windows x {opts.seq_len} tokens" if opts.auto else None,
+        "auto": f"{len(held)} held-out calibration windows x {shared.seq_len} tokens" if opts.auto else None,
         "stats_seconds": dict(cache.seconds),
-        "statistics": "block by block (sequential)" if opts.sequential is not False else "whole model",
+        "statistics": "block by block (sequential)" if shared.sequential is not False else "whole model",
         "torch_threads": torch.get_num_threads(),
         "keeps": keeps,
         "methods": [m.name for m in methods],

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import RECIPES, CompressConfig, parse_option_value, resolve_keep
-from ..errors import RanklmError
-from ..eval.latency import DEFAULT_DECODE, DEFAULT_SHAPES
-from ..targets import Target
+from ...config import DEFAULT_CALIB_WINDOWS, RECIPES, CompressConfig, parse_option_value, field_default, resolve_keep, run_fields
+from ...errors import RanklmError
+from ...eval.latency import DEFAULT_DECODE, DEFAULT_SHAPES
+from ...targets import Target
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def parse_scoped_options(items: list[str], flag: str) -> dict[str, dict[str, Any
 
 def _scoped(options: dict[str, dict[str, Any]], name: str, kind: str) -> dict[str, Any]:
     """A method's options: the unscoped ones it declares, then the ones scoped to its name (validated later)."""
-    from ..registry import method_options
+    from ...registry import method_options
 
     declared = {o.name for o in method_options(kind, name)}
     shared = {k: v for k, v in options.get("*", {}).items() if k.replace("-", "_") in declared}
@@ -93,20 +93,16 @@ def _scoped(options: dict[str, dict[str, Any]], name: str, kind: str) -> dict[st
 
 @dataclass
 class BenchOptions:
-    calib_windows: int = 128
-    seq_len: int = 512  # calibration windows
+    """A bench's settings: ``run`` = the CompressConfig run fields every cell shares (``--seq-len``,
+    ``--round-to``, ``--trainer``, ...; the same fields ``compress`` takes), the per-name method options,
+    and what bench itself measures."""
+
+    run: dict[str, Any] = field(default_factory=dict)
     eval_seq_len: int = 512  # evaluation windows
-    sequential: bool | None = None  # None: the pipeline's default (block by block for activation bases)
-    propagate: str = "compressed"
     eval_windows: int | None = 40
-    batch_size: int = 4
-    seed: int = 0
-    fisher_windows: int = 32
-    min_rank: int = 1
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
     base_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # {base or "*": {k: v}}
     allocator_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    trainer_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     gen_prompts: int = 20  # 0 = no generation-quality columns
     gen_prompt_len: int = 32
     gen_new_tokens: int = 64
@@ -121,6 +117,26 @@ class BenchOptions:
     save_dir: str | None = None  # save every cell's model as save_dir/<method>@<keep> (ranklm checkpoints)
     rank_plot_keep: float | None = None
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        known = {f.name for f in run_fields()}
+        unknown = sorted(set(self.run) - known)
+        if unknown:
+            raise RanklmError(f"bench run options this ranklm does not know: {', '.join(unknown)}")
+        # the cells share one set of calibration windows, so "not given" means the default count for all of them
+        self.run = {**{f.name: field_default(f) for f in run_fields()}, "calib_windows": DEFAULT_CALIB_WINDOWS, **{
+            k: v for k, v in self.run.items() if not (k == "calib_windows" and v is None)}}
+        self.shared = CompressConfig(recipe=None, **self.run)  # validated once, before any cell; read by the runner
+
+    def cell_config(self, method: Method, keep: float) -> CompressConfig:
+        """The CompressConfig of one cell: the shared run fields, the method, its options by name."""
+        return CompressConfig(
+            keep=keep, recipe=method.recipe, base=method.base, allocator=method.allocator, **self.run,
+            base_options=_scoped(self.base_options, method.base, "base"),
+            allocator_options=_scoped(self.allocator_options, method.allocator, "allocator"),
+            trainer_options=(_scoped(self.trainer_options, self.run["trainer"], "trainer")
+                             if self.run.get("trainer", "none") != "none" else {}),
+        )
 
 
 @dataclass

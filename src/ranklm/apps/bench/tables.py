@@ -143,8 +143,8 @@ def results_markdown(result: BenchResult, command: str | None = None) -> str:
 
 def write_outputs(result: BenchResult, out: str | os.PathLike, command: str | None = None, overwrite: bool = False) -> Path:
     """results.csv, results.md, results.json, ppl_vs_keep.png, ranks.png, written atomically to ``out``."""
-    from ..io import atomic_dir
-    from ..report.bench import plot_perplexity_vs_keep, plot_rank_heatmap
+    from ...io import atomic_dir
+    from ...report.bench import plot_perplexity_vs_keep, plot_rank_heatmap
 
     with atomic_dir(out, overwrite) as tmp:
         (tmp / "results.csv").write_text(results_csv(result))
