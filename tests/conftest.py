@@ -93,3 +93,23 @@ def text_file(tmp_path) -> Path:
     p = tmp_path / "text.txt"
     p.write_text("\n\n".join(TEXT for _ in range(60)))
     return p
+
+
+def edit_compression(ckpt, edit):
+    """Apply ``edit`` to a checkpoint's ranklm.json and mirror the rank map and shapes into config.json's
+    quantization_config (the two records of the compression), as a hand-edited or damaged checkpoint would."""
+    import json as _json
+
+    meta = _json.loads((ckpt / "ranklm.json").read_text())
+    edit(meta)
+    (ckpt / "ranklm.json").write_text(_json.dumps(meta))
+    config = _json.loads((ckpt / "config.json").read_text())
+    old = config["quantization_config"]["modules"]
+    modules = {}
+    for name, rank in meta["rank_map"].items():
+        info = meta["modules"].get(name)
+        if not isinstance(info, dict):
+            continue
+        modules[name] = {**old.get(name, {"bias": False, "block": -1}), **info, "rank": rank}
+    config["quantization_config"]["modules"] = modules
+    (ckpt / "config.json").write_text(_json.dumps(config))

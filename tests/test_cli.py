@@ -151,11 +151,15 @@ def test_corrupt_checkpoint(capsys, ckpt, tmp_path):
 
 
 def test_rank_map_that_does_not_fit(capsys, ckpt, tmp_path):
-    meta = json.loads((ckpt / "ranklm.json").read_text())
-    meta["rank_map"]["model.layers.7.self_attn.q_proj"] = 4
-    meta["modules"]["model.layers.7.self_attn.q_proj"] = {"out": 64, "in": 64, "kind": "linear"}
-    (ckpt / "ranklm.json").write_text(json.dumps(meta))
-    _bad(capsys, tmp_path, "evaluate", ckpt, "--windows", "1", "--seq-len", "32", match="rank map does not fit")
+    from conftest import edit_compression
+
+    def add(meta):
+        meta["rank_map"]["model.layers.7.self_attn.q_proj"] = 4
+        meta["modules"]["model.layers.7.self_attn.q_proj"] = {"out": 64, "in": 64, "kind": "linear"}
+
+    edit_compression(ckpt, add)
+    _bad(capsys, tmp_path, "evaluate", ckpt, "--windows", "1", "--seq-len", "32",
+         match="rank map (quantization_config) does not fit the model: it names model.layers.7")
 
 
 def test_info_on_a_non_checkpoint(capsys, tiny_llama_dir, tmp_path):

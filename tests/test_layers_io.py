@@ -177,12 +177,12 @@ def test_checkpoint_modes_follow_the_umask_like_save_pretrained(tmp_path, umask,
 
 def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
     model, _ = _compress("llama")
-    import safetensors.torch as st
+    import ranklm.checkpoint.writing as writing
 
-    def boom(*a, **k):
+    def boom(*a, **k):  # interrupted after the weights are written, before ranklm.json
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(st, "save_file", boom)
+    monkeypatch.setattr(writing, "sha256_file", boom)
     with pytest.raises(KeyboardInterrupt):
         ranklm.save(model, None, tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []
@@ -207,9 +207,17 @@ def test_edited_weights_are_detected(saved):
 
 
 def _edit_meta(ckpt: Path, fn):
-    meta = json.loads((ckpt / "ranklm.json").read_text())
-    fn(meta)
-    (ckpt / "ranklm.json").write_text(json.dumps(meta))
+    from conftest import edit_compression
+
+    edit_compression(ckpt, fn)
+
+
+def _load_both_ways(ckpt: Path, match: str) -> None:
+    """ranklm.load and transformers' own from_pretrained (ranklm imported) refuse with the same cause."""
+    with pytest.raises(RanklmError, match=match):
+        ranklm.load(ckpt)
+    with pytest.raises(Exception, match=match):
+        AutoModelForCausalLM.from_pretrained(ckpt)
 
 
 def test_rank_map_naming_a_missing_module(saved):
@@ -218,14 +226,12 @@ def test_rank_map_naming_a_missing_module(saved):
         meta["modules"]["model.layers.9.mlp.up_proj"] = {"out": 160, "in": 64, "kind": "linear"}
 
     _edit_meta(saved, add)
-    with pytest.raises(RanklmError, match="rank map does not fit.*layers.9"):
-        ranklm.load(saved)
+    _load_both_ways(saved, "does not (fit the model|match).*layers.9")
 
 
 def test_rank_map_with_wrong_shape(saved):
     _edit_meta(saved, lambda m: m["modules"]["model.layers.0.mlp.up_proj"].update({"out": 99}))
-    with pytest.raises(RanklmError, match="does not fit.*up_proj"):
-        ranklm.load(saved)
+    _load_both_ways(saved, "does not (fit the model|match).*up_proj")
 
 
 def test_rank_map_with_wrong_rank(saved):
@@ -234,16 +240,33 @@ def test_rank_map_with_wrong_rank(saved):
         meta["rank_map"][name] += 1
 
     _edit_meta(saved, bump)
-    with pytest.raises(RanklmError, match="do not fit"):
+    _load_both_ways(saved, r"does not match its quantization_config: \S+\.A\.weight is \[\d+, \d+\] in the weights, rank")
+
+
+def test_records_that_disagree_are_refused(saved):
+    """ranklm.json and config.json's quantization_config must describe the same ranks."""
+    meta = json.loads((saved / "ranklm.json").read_text())
+    name = next(n for n, r in meta["rank_map"].items() if r != "dense")
+    meta["rank_map"][name] += 1
+    (saved / "ranklm.json").write_text(json.dumps(meta))
+    with pytest.raises(RanklmError, match=f"ranklm.json gives {name} rank"):
         ranklm.load(saved)
 
 
-def test_missing_or_unknown_metadata(saved):
+def test_unknown_format_versions_and_missing_records(saved):
     _edit_meta(saved, lambda m: m.update({"format_version": 99}))
     with pytest.raises(RanklmError, match="format version 99"):
         ranklm.load(saved)
-    (saved / "ranklm.json").unlink()
-    with pytest.raises(RanklmError, match="ranklm.json is missing"):
+    (saved / "ranklm.json").unlink()  # what save_pretrained writes: loads from config.json alone
+    model, _ = ranklm.load(saved)
+    assert any(isinstance(m, LowRankLinear) for m in model.modules())
+    config = json.loads((saved / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 7
+    (saved / "config.json").write_text(json.dumps(config))
+    _load_both_ways(saved, "format_version 7")
+    del config["quantization_config"]
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RanklmError, match="not a ranklm checkpoint"):
         ranklm.load(saved)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -114,22 +115,43 @@ def _compressed(family: str):
     return ranklm.compress(model, None, cfg, data=random_ids(8, 32), progress=False)
 
 
-def test_save_pretrained_of_a_compressed_model_is_refused(tmp_path, monkeypatch, tiny_tokenizer):
+def _without_quantization_config(folder: Path) -> None:
+    """What ``save_pretrained`` wrote before checkpoint format 2: factors, and a config without the compression."""
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_save_pretrained_of_a_compressed_model_loads_back(tmp_path, tiny_tokenizer):
+    d = tmp_path / "uploaded"
+    model = _compressed("llama")
+    model.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    assert not (d / "ranklm.json").exists()
+    loaded, tok, info = load_model(str(d))
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert info["checkpoint"] and tok is not None
+
+
+def test_factors_without_any_compression_record_are_refused(tmp_path, monkeypatch, tiny_tokenizer):
     d = tmp_path / "uploaded"
     _compressed("llama").save_pretrained(d)
     tiny_tokenizer.save_pretrained(d)
-    assert not (d / "ranklm.json").exists()
+    _without_quantization_config(d)
     with pytest.raises(RanklmError, match=r"ranklm-compressed weights \(factors such as model\.layers\.0\.\S+\.A\.weight\).* missing its ranklm.json"):
         load_model(str(d))
-    # the check after loading catches it too (e.g. .bin weights whose names are not read up front)
+    # without that check, the rank markers (<target>.weight, int32 [rank]) stop transformers' own loader
     monkeypatch.setattr(models, "refuse_factored_folder", lambda path: None)
-    with pytest.raises(RanklmError, match="missing its ranklm.json"):
+    with pytest.raises(RanklmError, match="cannot load the model weights.*ignore_mismatched_sizes"):
         load_model(str(d))
 
 
-def test_save_pretrained_of_a_compressed_encoder_is_refused_as_classifier(tmp_path):
+def test_factors_without_any_compression_record_are_refused_as_classifier(tmp_path):
     d = tmp_path / "bert-compressed"
     _compressed("bert").save_pretrained(d)
+    _without_quantization_config(d)
     with pytest.raises(RanklmError, match="missing its ranklm.json"):
         load_classifier(str(d), ["neg", "pos"])
 

@@ -325,10 +325,10 @@ def ckpt(capsys, tiny_llama_dir, text_file, tmp_path_factory):
     return d
 
 
-def _edit_meta(ckpt, edit):
-    meta = json.loads((ckpt / "ranklm.json").read_text())
-    edit(meta)
-    (ckpt / "ranklm.json").write_text(json.dumps(meta))
+def _edit_compression(ckpt, edit):
+    from conftest import edit_compression
+
+    edit_compression(ckpt, edit)
 
 
 def test_a_checkpoints_recipe_rebuilds_its_config(ckpt):
@@ -392,16 +392,16 @@ def _bad_modules_entry(meta):
 @pytest.mark.parametrize(
     "edit, match",
     [
-        (_name_a_missing_module, "rank map does not fit the model: it names model.layers.7.self_attn.q_proj"),
+        (_name_a_missing_module, "does not fit the model: it names model.layers.7.self_attn.q_proj"),
         (_rank_map_without_shape_entry, "rank map does not fit the model: model.layers.7.self_attn.q_proj has no shape entry"),
-        (_wrong_shape, "rank map does not fit the model"),
+        (_wrong_shape, "does not fit the model"),
         (_bad_rank, "bad rank 10000"),
         (_not_a_linear_layer, "not a linear layer"),
         (_bad_modules_entry, "bad shape entry"),
     ],
 )
 def test_info_refuses_what_evaluate_refuses(capsys, ckpt, tmp_path, edit, match):
-    _edit_meta(ckpt, edit)
+    _edit_compression(ckpt, edit)
     line = _bad(capsys, tmp_path, "info", ckpt, match=match)
     assert _bad(capsys, tmp_path, "info", ckpt, "--json", match=match) == line
     # evaluate (ranklm.load) refuses the same folder with the same line

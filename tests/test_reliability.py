@@ -23,18 +23,18 @@ SAVE_SLOWLY = textwrap.dedent(
     signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGINT}})
     import torch
     sys.path.insert(0, {tests!r})
-    import safetensors.torch as st
+    import transformers.modeling_utils as st  # save_pretrained writes each shard through its safe_save_file
     import ranklm
     from conftest import make_model, random_ids
     model = make_model("llama")
     ranklm.compress(model, None, ranklm.CompressConfig(keep={keep}, seq_len=32, calib_windows=4), data=random_ids(), progress=False)
-    real = st.save_file
+    real = st.safe_save_file
     def slow(*a, **k):
         real(*a, **k)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {{signal.SIGINT}})
         print("WRITING", flush=True)
         time.sleep(60)
-    st.save_file = slow
+    st.safe_save_file = slow
     ranklm.save(model, None, {out!r}, overwrite=True)
     """
 )

@@ -28,9 +28,20 @@ _EXPORTS = {
     "load": ".io",
     "save": ".io",
     "LowRankLinear": ".layers",
+    "merge_and_unload": ".hf",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def _install_transformers_hook() -> None:
+    """``quant_method: "ranklm"`` becomes known to transformers when it is imported (ranklm.transformers_hook)."""
+    from .transformers_hook import install
+
+    install()
+
+
+_install_transformers_hook()
 
 
 def __getattr__(name: str) -> Any:

@@ -94,9 +94,8 @@ def load_model(
     if ckpt is not None:
         from .checkpoint.reading import load
 
-        m, tok = load(ckpt, device=device)
-        if isinstance(dtype, torch.dtype) and next(m.parameters()).dtype != dtype:
-            m.to(dtype)
+        m, tok = load(ckpt, device=device, dtype=dtype if isinstance(dtype, torch.dtype) else None,
+                      device_map=device_map)
         return m, tok, {"name_or_path": str(model), "checkpoint": True, "dtype": dtype_name(m)}
     try:
         config = AutoConfig.from_pretrained(path)

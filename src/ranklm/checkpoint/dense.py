@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..atomic import atomic_dir, check_output_dir
-from ..layers import merge_low_rank
+from ..hf import merge_and_unload
 from .reading import load
 
 
@@ -14,8 +14,7 @@ def export_dense(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrit
     """Multiply the factors back and write a plain Hugging Face folder (no ranklm needed to load it)."""
     check_output_dir(out, overwrite)
     model, tokenizer = load(checkpoint)
-    merge_low_rank(model)
-    del model.ranklm
+    merge_and_unload(model)  # also drops the quantization_config: the export is a plain dense folder
     with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:

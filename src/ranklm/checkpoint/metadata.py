@@ -1,10 +1,14 @@
 """The checkpoint format: its file names and what ``ranklm.json`` must hold.
 
-A checkpoint directory holds the Hugging Face ``config.json`` (+ generation config and
-tokenizer files), ``model.safetensors`` with the factor weights under their module names
-(``...q_proj.A.weight``, ``...q_proj.B.weight``), optionally ``allocator.safetensors`` (tensors
-an allocator left in ``CompressionState.artifacts``) and ``ranklm.json`` (rank map, recipe,
-ratios, versions, calibration, sha256 of the weight files). Nothing is pickled.
+A checkpoint directory (format version 2, docs/checkpoint-format.md) holds the Hugging Face
+``config.json`` with a ``quantization_config`` (``quant_method: "ranklm"``, every target's rank
+and shape; ``ranklm.hf``), generation config and tokenizer files, ``model.safetensors`` (or
+shards + ``model.safetensors.index.json``) with the factors under their module names
+(``...q_proj.A.weight``, ``...q_proj.B.weight``) and a rank marker ``...q_proj.weight``,
+``modeling_ranklm.py`` (for ``trust_remote_code=True``), a model card ``README.md``, optionally
+``allocator.safetensors`` (tensors an allocator left in ``CompressionState.artifacts``) and
+``ranklm.json`` (rank map, recipe, ratios, versions, calibration, sha256 of every weight file).
+Version 1 (no quantization_config, no marker, one weight file) is still read. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from typing import Any
 from ..budget import DENSE
 from ..errors import RanklmError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 META_FILE = "ranklm.json"
 WEIGHTS_FILE = "model.safetensors"
 ARTIFACTS_FILE = "allocator.safetensors"  # tensors an allocator left in CompressionState.artifacts
@@ -36,9 +41,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise RanklmError(f"{meta_path} is corrupt: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != "ranklm":
         raise RanklmError(f"{meta_path} is not a ranklm metadata file")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise RanklmError(
-            f"{meta_path} has format version {meta.get('format_version')!r}; this ranklm reads version {FORMAT_VERSION}"
+            f"{meta_path} has format version {meta.get('format_version')!r}; this ranklm reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     validate_metadata(meta, meta_path)
     return meta
@@ -84,5 +90,5 @@ def metadata_summary(meta: dict[str, Any]) -> dict[str, Any]:
     return {k: meta.get(k) for k in ("recipe", "keep_requested", "keep_achieved", "keep_achieved_model", "params", "base_model")}
 
 
-__all__ = ["ARTIFACTS_FILE", "FORMAT_VERSION", "META_FILE", "WEIGHTS_FILE", "metadata_summary", "read_metadata",
+__all__ = ["ARTIFACTS_FILE", "FORMAT_VERSION", "META_FILE", "READABLE_VERSIONS", "WEIGHTS_FILE", "metadata_summary", "read_metadata",
            "validate_metadata"]

@@ -19,26 +19,15 @@ from torch import nn
 
 from ..atomic import atomic_dir, sha256_file
 from ..errors import RanklmError
-from .metadata import ARTIFACTS_FILE, FORMAT_VERSION, META_FILE, WEIGHTS_FILE
+from .metadata import ARTIFACTS_FILE, FORMAT_VERSION, META_FILE
+
+DEFAULT_SHARD_SIZE = "5GB"  # transformers' own default
 
 
 def _version() -> str:
     from .._version import __version__
 
     return __version__
-
-
-def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with tied/shared tensors stored once (the loader re-ties them)."""
-    seen: set[int] = set()
-    out = {}
-    for name, tensor in model.state_dict().items():
-        key = tensor.untyped_storage().data_ptr() if tensor.numel() else id(tensor)
-        if key in seen and tensor.numel():
-            continue
-        seen.add(key)
-        out[name] = tensor.detach().contiguous()
-    return out
 
 
 def _json_artifacts(artifacts: dict[str, Any]) -> dict[str, Any]:
@@ -95,24 +84,50 @@ def build_metadata(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def save(model: nn.Module, tokenizer, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write a compressed model (and its tokenizer) as a ranklm checkpoint, atomically."""
+def _weights_files(folder: Path) -> list[str]:
+    """The weight files ``save_pretrained`` wrote: one ``model.safetensors`` or the shards and their index."""
+    return sorted(f.name for f in folder.iterdir() if f.name.startswith("model") and
+                  (f.name.endswith(".safetensors") or f.name.endswith(".safetensors.index.json")))
+
+
+def save(model: nn.Module, tokenizer, path: str | os.PathLike, overwrite: bool = False,
+         max_shard_size: str | int = DEFAULT_SHARD_SIZE) -> Path:
+    """Write a compressed model (and its tokenizer) as a ranklm checkpoint, atomically.
+
+    The weights go through transformers' ``save_pretrained`` (sharded above ``max_shard_size``,
+    with ``model.safetensors.index.json``) with the ranklm quantizer attached, so ``config.json``
+    carries the ``quantization_config`` that lets ``from_pretrained`` rebuild the factored layers;
+    the folder also gets ``modeling_ranklm.py`` (+ ``auto_map``) for processes without ranklm,
+    a model card, and ``ranklm.json`` with the full record and the sha256 of every weight file.
+    """
+    from ..hf import REMOTE_FILE, attach, remote_code
+    from .card import CARD_FILE, model_card
+
     meta = build_metadata(model)
+    attach(model)
+    source, auto_map = remote_code(model)
     model.config.architectures = [type(model).__name__]
+    had_auto_map = getattr(model.config, "auto_map", None)
     with atomic_dir(path, overwrite) as tmp:
-        model.config.save_pretrained(tmp)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None and getattr(model, "can_generate", lambda: False)():
-            gen.save_pretrained(tmp)
+        model.config.auto_map = {**(had_auto_map or {}), **auto_map}
+        try:
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        finally:
+            if had_auto_map is None:
+                del model.config.auto_map
+            else:
+                model.config.auto_map = had_auto_map
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        safetensors.torch.save_file(_unique_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        meta["files"] = {WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE)}
+        (tmp / REMOTE_FILE).write_text(source)
+        meta["files"] = {name: sha256_file(tmp / name) for name in _weights_files(tmp)}
         tensors = _tensor_artifacts(getattr(model.ranklm, "artifacts", {}) or {})
         if tensors:  # allocator/base tensors (e.g. ARS hypernetwork state and masks)
             safetensors.torch.save_file(tensors, str(tmp / ARTIFACTS_FILE), metadata={"format": "pt"})
             meta["files"][ARTIFACTS_FILE] = sha256_file(tmp / ARTIFACTS_FILE)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
+        task = "text-generation" if next(iter(auto_map)) == "AutoModelForCausalLM" else None
+        (tmp / CARD_FILE).write_text(model_card(json.loads((tmp / META_FILE).read_text()), next(iter(auto_map)), task))
     return Path(path)
 
 

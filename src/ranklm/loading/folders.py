@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -12,8 +13,17 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
-    """A ranklm checkpoint: a folder with ``ranklm.json``."""
-    return (Path(path) / "ranklm.json").is_file()
+    """A ranklm checkpoint: a folder with ``ranklm.json``, or whose ``config.json`` says
+    ``quantization_config.quant_method: "ranklm"`` (written by ``save_pretrained``)."""
+    p = Path(path)
+    if (p / "ranklm.json").is_file():
+        return True
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(quant, dict) and quant.get("quant_method") == "ranklm"
 
 
 def has_weights(folder: Path) -> bool:

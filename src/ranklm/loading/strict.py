@@ -51,27 +51,20 @@ def ranklm_factor_names(names: Iterable[str]) -> list[str]:
 
 def _refuse_factors(path: str | Path, factors: list[str]) -> None:
     raise RanklmError(
-        f"{path} holds ranklm-compressed weights (factors such as {factors[0]}) but no ranklm.json: it is a "
-        "ranklm checkpoint missing its ranklm.json (e.g. saved with save_pretrained or uploaded without it); "
-        "loaded as a dense model its factored layers would be random: put its ranklm.json back next to config.json"
+        f"{path} holds ranklm-compressed weights (factors such as {factors[0]}) but neither a ranklm.json nor a "
+        "ranklm quantization_config in config.json: it is a ranklm checkpoint missing its ranklm.json (e.g. "
+        "saved with save_pretrained by a ranklm before format 2, or uploaded without it); loaded as a dense model "
+        "its factored layers would be random: put its ranklm.json back next to config.json"
     )
 
 
 def refuse_factored_folder(path: str | Path) -> None:
-    """RanklmError for a local folder without ranklm.json whose weights are ranklm factors (or whose
-    config says ``quant_method: ranklm``); checked before any weights are read."""
+    """RanklmError for a local folder that is not a ranklm checkpoint (no ranklm.json, no ranklm
+    quantization_config) but whose weights are ranklm factors; checked before any weights are read."""
     p = Path(path)
     if not p.is_dir() or is_checkpoint(p):
         return
-    with_config = {}
-    try:
-        with_config = json.loads((p / "config.json").read_text())
-    except (OSError, ValueError):
-        pass
-    quant = with_config.get("quantization_config") if isinstance(with_config, dict) else None
     factors = ranklm_factor_names(_weight_names(p))
-    if not factors and isinstance(quant, dict) and quant.get("quant_method") == "ranklm":
-        factors = ["(quantization_config: quant_method ranklm)"]
     if factors:
         _refuse_factors(p, factors)
 

@@ -16,6 +16,7 @@ from ..budget import TOLERANCE, meets_budget, model_params
 from ..config import CompressConfig
 from ..decompose import Factorization
 from ..errors import RanklmError
+from ..hf import attach as attach_to_transformers
 from ..layers import LowRankLinear
 from ..models import onload_offloaded
 from ..targets import find_targets
@@ -136,6 +137,7 @@ def run(
         base_model or {"name_or_path": getattr(model.config, "name_or_path", "") or type(model).__name__},
         timings, context.artifacts, context.training,
     )
+    attach_to_transformers(model)  # save_pretrained / push_to_hub now write a loadable checkpoint
     if not meets_budget(model.ranklm.keep_achieved, budget.keep):
         # Only possible when single rank steps are large relative to the whole budget (tiny models).
         warnings.warn(f"achieved keep ratio {model.ranklm.keep_achieved:.4f} is not within {TOLERANCE:.1%} below {budget.keep}")
