@@ -41,6 +41,7 @@ def evaluate(
     latency_reps: int = typer.Option(10, "--latency-reps", help="With --latency: timed repetitions per model and shape (interleaved)."),
     latency_warmup: int = typer.Option(2, "--latency-warmup", help="With --latency: untimed warm-up passes per model and shape."),
     decode_tokens: str = typer.Option("128x128", "--decode-tokens", help="With --latency: decode speed at batch 1 with a KV cache, PROMPTxNEW tokens (0 = skip)."),
+    onnx: bool = typer.Option(False, "--onnx", help="With --latency: export the checkpoint and its dense twin to ONNX and time both in onnxruntime on CPU (file sizes, logit check) instead of torch; no decode timing (needs ranklm[onnx])."),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="With --latency on a GPU: time forwards and decode steps replayed from CUDA graphs (static KV cache), free of launch and Python overhead."),
     dtype: str = dtype_option("Run the model in this dtype"),
     device: str = device_option("evaluate (perplexity and --latency)"),
@@ -74,6 +75,12 @@ def evaluate(
         decode = parse_decode_tokens(decode_tokens)
         if latency_reps < 1 or latency_warmup < 0:
             raise RanklmError("--latency-reps must be >= 1 and --latency-warmup >= 0")
+    if onnx and (not latency or cuda_graphs):
+        raise RanklmError("--onnx needs --latency (and times onnxruntime on CPU: not with --cuda-graphs)")
+    if onnx:
+        from ..checkpoint.onnx import require_onnx
+
+        require_onnx()
     if cuda_graphs and (not latency or torch_device(device).type != "cuda"):
         raise RanklmError("--cuda-graphs needs --latency and --device cuda")
     if lm_eval is not None:
@@ -98,17 +105,21 @@ def evaluate(
     if state is not None:
         out.update(method=state.method, keep_achieved=state.keep_achieved, keep_achieved_model=state.keep_achieved_model)
     lat = None
+    onnx_table = None
     if shapes is not None:
-        from ..eval.latency import (
-            dense_counterpart,
-            measure_decode,
-            measure_latency,
-            tensor_core_note,
-        )
         from ..layers import LowRankLinear
 
         if not any(isinstance(x, LowRankLinear) for x in m.modules()):
             raise RanklmError(f"--latency compares a ranklm checkpoint with its dense counterpart; {info['name_or_path']} is not compressed")
+    if shapes is not None and onnx:
+        from ..eval.onnx_latency import onnx_serving_report
+
+        report = onnx_serving_report(m, shapes, latency_reps, latency_warmup)
+        out.update(onnx={k: v for k, v in report.items() if k != "table"}, speedup=report["onnx_speedup"])
+        onnx_table = report["table"]
+    elif shapes is not None:
+        from ..eval.latency import dense_counterpart, measure_decode, measure_latency, tensor_core_note
+
         note = tensor_core_note(m, next(m.parameters()).device, next(m.parameters()).dtype)
         if note:
             echo_err(note)
@@ -128,6 +139,12 @@ def evaluate(
         typer.echo(json.dumps(out))
     else:
         typer.echo(f"{info['name_or_path']}: {res}  params {out['params']:,}  data: {src.description}")
+        if onnx_table is not None:
+            o = out["onnx"]
+            typer.echo(f"ONNX (onnxruntime {o['onnxruntime_version']}): {o['onnx_bytes']['compressed']:,} bytes vs dense "
+                       f"{o['onnx_bytes']['dense']:,} ({o['onnx_bytes_ratio']:.3f}); max rel. logit error "
+                       f"{o['onnx_max_rel_err']['compressed']:.1e}")
+            typer.echo(onnx_table)
         if lat is not None:
             typer.echo(lat.table())
             h = lat.headline

@@ -43,14 +43,25 @@ def plot(
 @app.command()
 def export(
     checkpoint: Path = typer.Argument(..., help="A ranklm checkpoint directory."),
-    dense: Path = typer.Option(..., "--dense", help="Write a plain Hugging Face folder here (factors multiplied back)."),
+    dense: Optional[Path] = typer.Option(None, "--dense", help="Write a plain Hugging Face folder here (factors multiplied back)."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Write an ONNX folder here (model.onnx, factored targets as two MatMuls; checked in onnxruntime; needs ranklm[onnx])."),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
-    """Export a checkpoint as a dense Hugging Face model that loads without ranklm."""
-    from ..io import export_dense
+    """Export a checkpoint: as a dense Hugging Face model that loads without ranklm (--dense), or as
+    an ONNX graph for onnxruntime that keeps the savings (--onnx)."""
+    if dense is None and onnx is None:
+        raise RanklmError("export needs --dense DIR and/or --onnx DIR")
+    if dense is not None:
+        from ..io import export_dense
 
-    export_dense(checkpoint, dense, overwrite)
-    typer.echo(f"wrote dense Hugging Face model to {dense}")
+        export_dense(checkpoint, dense, overwrite)
+        typer.echo(f"wrote dense Hugging Face model to {dense}")
+    if onnx is not None:
+        from ..checkpoint.onnx import export_onnx
+
+        res = export_onnx(checkpoint, onnx, overwrite)
+        typer.echo(f"wrote ONNX model to {onnx} ({res['bytes'] / 2**20:.1f} MiB; onnxruntime matches the "
+                   f"checkpoint to {res['max_rel_err']:.1e} relative)")
 
 
 @app.command()

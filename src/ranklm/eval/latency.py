@@ -109,6 +109,26 @@ class LatencyResult:
         return "\n".join(lines)
 
 
+def timed_point(batch: int, seq_len: int, runs: list[Callable[[], Any]], reps: int, warmup: int,
+                sync_fn: Callable[[], None] = lambda: None) -> LatencyPoint:
+    """Median time of ``runs[0]`` (dense) and ``runs[1]`` (compressed) over ``reps`` interleaved
+    repetitions, after ``warmup`` untimed calls of each; the order alternates every repetition."""
+    for _ in range(warmup):
+        for run in runs:
+            run()
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for r in range(reps):
+        order = (0, 1) if r % 2 == 0 else (1, 0)  # alternate who goes first too
+        for which in order:
+            sync_fn()
+            t0 = time.perf_counter()
+            runs[which]()
+            sync_fn()
+            times[which].append(time.perf_counter() - t0)
+    d, c = statistics.median(times[0]), statistics.median(times[1])
+    return LatencyPoint(batch, seq_len, d * 1e3, c * 1e3, d / c if c > 0 else float("inf"), reps)
+
+
 def measure_latency(
     dense: nn.Module,
     compressed: nn.Module,
@@ -145,21 +165,8 @@ def measure_latency(
                     for i, run in enumerate(runs):
                         runs[i], graph = graphed(run, warmup)
                         graphs.append(graph)
-                for _ in range(warmup):
-                    for run in runs:
-                        run()
-                times: dict[int, list[float]] = {0: [], 1: []}
-                for r in range(reps):
-                    order = (0, 1) if r % 2 == 0 else (1, 0)  # alternate who goes first too
-                    for which in order:
-                        sync(device)
-                        t0 = time.perf_counter()
-                        runs[which]()
-                        sync(device)
-                        times[which].append(time.perf_counter() - t0)
+                points.append(timed_point(batch, seq, runs, reps, warmup, lambda: sync(device)))
                 del runs, graphs  # free the graphs' memory pools before the next shape
-                d, c = statistics.median(times[0]), statistics.median(times[1])
-                points.append(LatencyPoint(batch, seq, d * 1e3, c * 1e3, d / c if c > 0 else float("inf"), reps))
     finally:
         for m, was in modes:
             m.train(was)
@@ -219,5 +226,6 @@ __all__ = [
     "parse_shapes",
     "target_macs",
     "tensor_core_note",
+    "timed_point",
     "weight_bytes_per_token",
 ]
