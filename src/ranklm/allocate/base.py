@@ -27,6 +27,7 @@ class AllocationContext:
 
     model: nn.Module | None = None  # the dense model (targets not yet replaced)
     windows: torch.Tensor | None = None  # calibration token ids [N, seq_len]
+    validation: torch.Tensor | None = None  # validation token ids (no document of calibration or evaluation)
     batch_size: int = 4
     seed: int = 0
     progress: bool = True

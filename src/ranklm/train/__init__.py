@@ -6,6 +6,7 @@ after the rank map is installed (``--trainer finetune --train-opt steps=100``).
 
 from ..registry import build, registered
 from .finetune import FinetuneTrainer, TrainResult, finetune_factors
+from .heal import HealTrainer
 from .loop import Hooks, LoopConfig, LoopResult, run_loop
 from .masks import HyperNetwork, MaskedFactorized, gumbel_sigmoid_mask, is_prefix, logistic_noise, prefix_fraction
 from .objective import Objective, default_objective, lm_objective
@@ -20,6 +21,7 @@ def get_trainer(name: str, **options):
 
 __all__ = [
     "FinetuneTrainer",
+    "HealTrainer",
     "Hooks",
     "HyperNetwork",
     "LoopConfig",

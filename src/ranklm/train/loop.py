@@ -44,6 +44,7 @@ from .objective import Batch, Objective
 from .state import load_optimizer_tensors, optimizer_tensors, read_state_file, write_state_file
 
 STATE_VERSION = 2
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 @dataclass
@@ -59,7 +60,8 @@ class LoopConfig:
     progress: bool = True
     desc: str = "train"
     max_grad_norm: float | None = None
-    lr_schedule: str = "constant"  # or "cosine": decay every group's lr to 0 over the steps
+    lr_schedule: str = "constant"  # or "cosine": decay every group's lr to 0 over the steps; or "linear"
+    warmup_steps: int = 0  # > 0 (or lr_schedule "linear"): transformers' schedule of that name with this warm-up
     others_trainable: bool = False  # also train every model parameter that hooks.parameters does not name
 
     def __post_init__(self) -> None:
@@ -67,14 +69,17 @@ class LoopConfig:
             raise RanklmError(f"{self.desc}: steps must be >= 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise RanklmError(f"{self.desc}: lr must be a positive number")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise RanklmError(f"{self.desc}: lr_schedule must be constant or cosine")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise RanklmError(f"{self.desc}: lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
+        if int(self.warmup_steps) < 0:
+            raise RanklmError(f"{self.desc}: warmup_steps must be >= 0")
         if int(self.batch_size) < 1 or int(self.grad_accum) < 1 or int(self.save_every) < 1:
             raise RanklmError(f"{self.desc}: batch_size, grad_accum and save_every must be positive integers")
 
     def fingerprint(self) -> dict[str, Any]:
         return {"lr": self.lr, "batch_size": int(self.batch_size), "seed": int(self.seed), "grad_accum": int(self.grad_accum),
-                "max_grad_norm": self.max_grad_norm, "others_trainable": self.others_trainable, "lr_schedule": self.lr_schedule}
+                "max_grad_norm": self.max_grad_norm, "others_trainable": self.others_trainable, "lr_schedule": self.lr_schedule,
+                **({"warmup_steps": int(self.warmup_steps)} if self.warmup_steps else {})}
 
 
 class Hooks:
@@ -111,6 +116,10 @@ class Hooks:
     def fingerprint(self) -> dict[str, Any]:
         return {}
 
+    def should_stop(self) -> bool:
+        """True ends the run before its next step (early stopping); the state is saved at that step."""
+        return False
+
 
 @dataclass
 class LoopResult:
@@ -119,6 +128,7 @@ class LoopResult:
     history: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
     world_size: int = 1
+    stopped_at: int | None = None  # the step count at which hooks.should_stop() ended the run
 
     @property
     def final_loss(self) -> float | None:
@@ -145,6 +155,25 @@ def _average_gradients(params: list[torch.Tensor], world: int) -> None:
         p.grad /= world
 
 
+def lr_factors(cfg: LoopConfig, opt: torch.optim.Optimizer) -> Any:
+    """``factor(step)``, the multiplier of every group's base lr at ``step`` (a function of the step only,
+    so a resumed run follows the same schedule). With warm-up, or for ``linear``, it is transformers'
+    schedule of that name (``get_scheduler``: cosine / linear decay, constant, after a linear warm-up);
+    without warm-up ``cosine`` and ``constant`` keep the loop's own formulas (ARS and SoftLMs ran on them)."""
+    if not cfg.warmup_steps and cfg.lr_schedule in ("constant", "cosine"):
+        if cfg.lr_schedule == "constant":
+            return lambda step: 1.0
+        return lambda step: 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.steps)))
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
+    sched = get_scheduler(name, opt, num_warmup_steps=int(cfg.warmup_steps), num_training_steps=max(1, int(cfg.steps)))
+    fn = sched.lr_lambdas[0]
+    for g, lr0 in zip(opt.param_groups, sched.base_lrs):  # undo the scheduler's own first step
+        g["lr"] = lr0
+    return fn
+
+
 def run_loop(model: nn.Module, objective: Objective, hooks: Hooks, cfg: LoopConfig) -> LoopResult:
     """Train ``hooks.parameters(model)`` for ``cfg.steps`` steps (see the module docstring)."""
     state = process_state()
@@ -154,6 +183,7 @@ def run_loop(model: nn.Module, objective: Objective, hooks: Hooks, cfg: LoopConf
     t0 = time.perf_counter()
     history: dict[str, list[float]] = {}
     start = 0
+    stopped_at: int | None = None
     hooks.begin(model)
     try:
         named = hooks.parameters(model)
@@ -170,6 +200,7 @@ def run_loop(model: nn.Module, objective: Objective, hooks: Hooks, cfg: LoopConf
                 scales.setdefault(float(hooks.lr_scale(n)), []).append(p)
             opt = torch.optim.Adam([{"params": ps, "lr": cfg.lr * sc} for sc, ps in scales.items()], lr=cfg.lr)
             base_lrs = [g["lr"] for g in opt.param_groups]
+            factor = lr_factors(cfg, opt)
             fp = {"version": STATE_VERSION, "trainer": hooks.name, "loop": cfg.fingerprint(), "hooks": hooks.fingerprint(),
                   "objective": objective.fingerprint(), "params": {n: list(p.shape) for n, p in named}}
             if cfg.resume and cfg.state_file is not None and Path(cfg.state_file).is_file():
@@ -177,8 +208,11 @@ def run_loop(model: nn.Module, objective: Objective, hooks: Hooks, cfg: LoopConf
             bar = tqdm(range(start, cfg.steps), desc=cfg.desc, disable=not cfg.progress or rank != 0, unit="step",
                        initial=start, total=cfg.steps)
             for step in bar:
-                if cfg.lr_schedule == "cosine":  # a function of the step only: resumes exactly
-                    f = 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.steps)))
+                if hooks.should_stop():  # a resumed run that had stopped early stays stopped
+                    stopped_at = step
+                    break
+                if cfg.lr_schedule != "constant" or cfg.warmup_steps:  # a function of the step only: resumes exactly
+                    f = factor(step)
                     for g, lr0 in zip(opt.param_groups, base_lrs):
                         g["lr"] = lr0 * f
                 opt.zero_grad(set_to_none=True)
@@ -201,12 +235,18 @@ def run_loop(model: nn.Module, objective: Objective, hooks: Hooks, cfg: LoopConf
                 for k, v in logs.items():
                     history.setdefault(k, []).append(float(v))
                 bar.set_postfix({k: f"{v:.4g}" for k, v in list(logs.items())[:5]})
-                if cfg.state_file is not None and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps) and rank == 0:
+                stop = hooks.should_stop()
+                if cfg.state_file is not None and rank == 0 and (
+                        (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop):
                     _save(cfg.state_file, named, opt, hooks, fp, step + 1, history)
+                if stop:
+                    stopped_at = step + 1
+                    break
             bar.close()
     finally:
         hooks.end(model)
-    return LoopResult(steps=cfg.steps, start_step=start, history=history, seconds=time.perf_counter() - t0, world_size=world)
+    return LoopResult(steps=cfg.steps, start_step=start, history=history, seconds=time.perf_counter() - t0, world_size=world,
+                      stopped_at=stopped_at)
 
 
 def _mean_logs(logs: dict[str, float], world: int) -> dict[str, float]:

@@ -1,0 +1,251 @@
+"""``--trainer heal``: end-to-end distillation of the compressed model from the dense one (docs/design.md §13).
+
+Every allocator and base optimises each matrix alone; healing trains the installed factors (and,
+with ``norms=true``, the norms' weights and biases) of the whole compressed model so that its
+next-token distributions match the dense model's: loss = KL(dense || compressed) per position
+(``train.logit_distill``; by default against the dense model's top-64 log-probabilities cached
+once before the targets are replaced, ``top_k=0`` for a live full-vocabulary teacher).
+
+It runs on the one resumable loop (``train.loop``: seeded batches, accumulation, clipping, state
+every ``--save-every`` steps, ``--resume``, data-parallel under torchrun) with a learning-rate
+warm-up and a decay from transformers' schedulers (``lr_schedule`` cosine / linear / constant,
+``warmup`` steps). Every ``eval_every`` steps it measures the validation split (``ranklm
+compress`` passes the corpus's validation part: for the default corpus, speeches that neither
+calibration nor evaluation reads): the mean next-token NLL and KL. It keeps the trained tensors
+of the best validation ``monitor`` so far (the step-0 model included, so healing never ends worse
+on validation than it started), stops after ``patience`` evaluations without an improvement of at
+least ``min_delta``, and puts the best tensors back at the end. Without validation windows
+(Python callers who pass none) it trains all its steps and records that nothing was validated.
+
+What it learned is in its record (ranklm.json ``training``): steps run, first/final training
+loss, the validation curve, the best step and value, whether it stopped early.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import RanklmError
+from ..layers import LowRankLinear
+from ..options import Configurable, MethodOptions, opt
+from ..registry import register_trainer
+from .finetune import TrainResult
+from .logit_distill import Teacher, kl_objective, measure, teacher_top_k
+from .loop import LR_SCHEDULES, Hooks, LoopConfig, process_state, run_loop
+from .objective import Batch, Objective, is_causal_lm
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HealOptions(MethodOptions):
+    steps: int = opt(120, "training steps (at most: early stopping may end sooner)")
+    lr: float = opt(1e-4, "peak Adam learning rate")
+    warmup: int = opt(10, "linear learning-rate warm-up steps")
+    lr_schedule: str = opt("cosine", "decay after the warm-up (transformers' schedulers)", choices=LR_SCHEDULES)
+    max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0: off)", bounds=(0.0, 1e9))
+    batch_size: int | None = opt(None, "windows per step [the run's --batch-size]")
+    grad_accum: int = opt(1, "micro-batches per step")
+    seq_len: int | None = opt(None, "train on the first SEQ_LEN tokens of each calibration window [all]")
+    top_k: int = opt(64, "cache the dense model's top-k next-token log-probabilities once (0: live full-vocabulary teacher)")
+    norms: bool = opt(False, "also train the norms' weights and biases")
+    eval_every: int = opt(20, "steps between validation measurements")
+    patience: int = opt(2, "stop after this many validation measurements without improvement")
+    min_delta: float = opt(0.0, "an improvement smaller than this does not count", bounds=(0.0, 1e9))
+    monitor: str = opt("nll", "validation number early stopping watches", choices=("nll", "kl"))
+    val_windows: int = opt(16, "at most this many validation windows")
+    restore_best: bool = opt(True, "end with the tensors of the best validation measurement")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("steps", "warmup", "top_k"):
+            if getattr(self, name) < 0:
+                raise RanklmError(f"heal: {name} must be >= 0")
+        for name in ("grad_accum", "eval_every", "patience", "val_windows"):
+            if getattr(self, name) < 1:
+                raise RanklmError(f"heal: {name} must be a positive integer")
+        if not self.lr > 0:
+            raise RanklmError("heal: lr must be positive")
+        if self.warmup > self.steps:
+            raise RanklmError(f"heal: warmup ({self.warmup}) is longer than steps ({self.steps})")
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+def healed_parameters(model: nn.Module, norms: bool) -> list[tuple[str, torch.Tensor]]:
+    """Every LowRankLinear's factors and bias, and with ``norms`` every norm's weight and bias."""
+    named = [(f"{n}.{pn}", p) for n, m in model.named_modules() if isinstance(m, LowRankLinear)
+             for pn, p in m.named_parameters()]
+    if not named:
+        raise RanklmError("heal: the model has no LowRankLinear layers to train")
+    if norms:
+        named += [(f"{n}.{pn}", p) for n, m in model.named_modules() if _is_norm(m) for pn, p in m.named_parameters()]
+    return named
+
+
+class HealHooks(Hooks):
+    """The loop's additions: KL loss, validation every ``eval_every`` steps, best tensors, early stop."""
+
+    name = "heal"
+
+    def __init__(self, opts: HealOptions, teacher: Teacher, validation: Batch | None, batch_size: int) -> None:
+        self.o, self.teacher, self.validation, self.batch_size = opts, teacher, validation, batch_size
+        self.named: list[tuple[str, torch.Tensor]] = []
+        self.curve: dict[str, list[float]] = {"step": [], "nll": [], "kl": []}
+        self.best_value, self.best_step, self.bad, self.stopped = float("inf"), 0, 0, False
+        self.best: dict[str, torch.Tensor] = {}
+        self.model: nn.Module | None = None
+
+    def parameters(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        self.named = healed_parameters(model, self.o.norms)
+        return self.named
+
+    def loss(self, model: nn.Module, objective: Objective, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = objective.loss(model, batch)
+        return loss, {"loss": float(loss.detach())}
+
+    def validate(self, model: nn.Module, step: int) -> None:
+        """Measure the validation split at ``step`` (steps done) and update best / patience."""
+        if self.validation is None:
+            return
+        state = process_state()
+        res = measure(model, self.teacher, self.validation, self.batch_size, int(state.process_index), int(state.num_processes))
+        for k, v in (("step", float(step)), ("nll", res["nll"]), ("kl", res["kl"])):
+            self.curve[k].append(v)
+        value = res[self.o.monitor]
+        if value < self.best_value - self.o.min_delta or not self.curve["step"][:-1]:
+            self.best_value, self.best_step, self.bad = value, step, 0
+            if self.o.restore_best:
+                self.best = {n: p.detach().clone() for n, p in self.named}
+        else:
+            self.bad += 1
+            self.stopped = self.bad >= self.o.patience
+
+    def after_step(self, model: nn.Module, step: int, logs: dict[str, float]) -> None:
+        if (step + 1) % self.o.eval_every == 0:
+            self.validate(model, step + 1)
+
+    def should_stop(self) -> bool:
+        return self.stopped
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"curve.{k}": torch.tensor(v, dtype=torch.float64) for k, v in self.curve.items()}
+        out["early"] = torch.tensor([self.best_value, self.best_step, self.bad, float(self.stopped)], dtype=torch.float64)
+        out.update({f"best.{n}": t for n, t in self.best.items()})
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.curve = {k: tensors[f"curve.{k}"].tolist() for k in self.curve if f"curve.{k}" in tensors}
+        if "early" in tensors:
+            bv, bs, bad, stopped = tensors["early"].tolist()
+            self.best_value, self.best_step, self.bad, self.stopped = bv, int(bs), int(bad), bool(stopped)
+        self.best = {k[5:]: v.clone() for k, v in tensors.items() if k.startswith("best.")}
+
+    def fingerprint(self) -> dict[str, Any]:
+        o = self.o
+        return {"top_k": o.top_k, "norms": o.norms, "eval_every": o.eval_every, "patience": o.patience,
+                "min_delta": o.min_delta, "monitor": o.monitor, "restore_best": o.restore_best, "steps": o.steps,
+                "validation": None if self.validation is None else list(self.validation["input_ids"].shape)}
+
+
+@register_trainer("heal")
+class HealTrainer(Configurable):
+    """``--trainer heal``: distil the dense model's next-token distributions into the compressed one."""
+
+    name = "heal"
+    Options = HealOptions
+    validates = True  # ranklm compress cuts validation windows for it (context.validation)
+
+    def __init__(self, options: Any = None, /, **given: Any) -> None:
+        super().__init__(options, **given)
+        self.teacher: Teacher | None = None
+        self.cache: dict[str, torch.Tensor] | None = None
+        self.val_cache: dict[str, torch.Tensor] | None = None
+        self.val_ids: torch.Tensor | None = None
+        self.prepare_seconds = 0.0
+
+    def prepare(self, model: nn.Module, context: Any) -> None:
+        """Called by the pipeline on the dense model, before any target is replaced: the teacher."""
+        import time
+
+        if not is_causal_lm(model):
+            raise RanklmError(f"heal distils next-token distributions: it needs a causal LM; {type(model).__name__} has none")
+        if context.windows is None:
+            raise RanklmError("heal needs calibration windows to train on")
+        t0 = time.perf_counter()
+        val = getattr(context, "validation", None)
+        self.val_ids = None if val is None else val[: self.val_windows]
+        windows = self._train_windows(context.windows)
+        bs = self.batch_size or context.batch_size
+        if self.top_k:
+            self.teacher = Teacher()
+            self.cache = teacher_top_k(model, windows, self.top_k, bs)
+            if self.val_ids is not None:
+                self.val_cache = teacher_top_k(model, self.val_ids, self.top_k, bs)
+        else:
+            live = copy.deepcopy(model).eval()
+            for p in live.parameters():
+                p.requires_grad_(False)
+            self.teacher = Teacher(live)
+        self.prepare_seconds = time.perf_counter() - t0
+
+    def _train_windows(self, windows: torch.Tensor) -> torch.Tensor:
+        return windows[:, : self.seq_len] if self.seq_len else windows
+
+    def train(self, model: nn.Module, context: Any) -> TrainResult:
+        if self.teacher is None:
+            raise RanklmError("heal: no teacher (the pipeline calls prepare() on the dense model before installing)")
+        windows = self._train_windows(context.windows)
+        objective = kl_objective(windows, self.teacher, self.cache, self.top_k)
+        validation = None if self.val_ids is None else self.teacher.examples(self.val_ids, self.val_cache)
+        bs = self.batch_size or context.batch_size
+        hooks = HealHooks(self.config, self.teacher, validation, bs)
+        hooks.named = healed_parameters(model, self.norms)
+        if validation is None:
+            logger.warning("heal: no validation windows: training all %d steps, no early stopping", self.steps)
+        else:
+            hooks.validate(model, 0)  # the starting point (overwritten by a resumed state)
+        cfg = LoopConfig(
+            steps=self.steps, lr=self.lr, batch_size=bs, seed=context.seed, grad_accum=self.grad_accum,
+            save_every=context.save_every, state_file=context.state_file(self.name), resume=context.resume,
+            progress=context.progress, desc="heal", max_grad_norm=self.max_grad_norm or None,
+            lr_schedule=self.lr_schedule, warmup_steps=self.warmup,
+        )
+        res = run_loop(model, objective, hooks, cfg)
+        restored = False
+        if self.restore_best and hooks.best:
+            with torch.no_grad():
+                for n, p in hooks.named:
+                    p.copy_(hooks.best[n])
+            restored = True
+        losses = res.history.get("loss") or []
+        curve = hooks.curve
+        record = {
+            "trainer": self.name, "stage": "train", "steps": self.steps, "steps_run": len(losses),
+            "options": self.options(), "objective": objective.description, "teacher":
+                {"kind": "top-k cache" if self.top_k else "live copy", "top_k": self.top_k,
+                 "cache_mib": round(sum(t.numel() * t.element_size() for t in (self.cache or {}).values()) / 2**20, 2),
+                 "prepare_seconds": round(self.prepare_seconds, 2)},
+            "trained_tensors": len(hooks.named), "trained_params": int(sum(p.numel() for _, p in hooks.named)),
+            "first_loss": losses[0] if losses else None, "final_loss": res.final_loss,
+            "stopped_early": res.stopped_at is not None and res.stopped_at < self.steps,
+            "validation": None if validation is None else {
+                "windows": int(len(self.val_ids)), "seq_len": int(self.val_ids.shape[1]), "monitor": self.monitor,
+                "curve": curve, "start": {"nll": curve["nll"][0], "kl": curve["kl"][0]} if curve["nll"] else None,
+                "best_step": hooks.best_step, "best": hooks.best_value, "restored_best": restored},
+            "seconds": round(res.seconds, 2), "resumed_from_step": res.start_step, "world_size": res.world_size,
+            "history": res.history,
+        }
+        self.teacher = self.cache = self.val_cache = None  # free the teacher (a live copy is a whole model)
+        return TrainResult(record=record)
+
+
+__all__ = ["HealHooks", "HealOptions", "HealTrainer", "healed_parameters"]
