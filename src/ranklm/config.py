@@ -136,6 +136,13 @@ class CompressConfig:
     sequential: bool | None = run_field(
         None, "--sequential/--whole-model", "Block-by-block calibration (memory ~ model + one block's statistics) "
         "and refit of the allocated ranks on compressed activations.", show_default="on for whiten/asvd")
+    # How a gradient base's statistics and factorizations are held (pipeline/memory.py, pipeline/bounded.py):
+    # "bounded" one block at a time (factors spilled to disk; the same result), "whole" every target at once,
+    # "auto" whole when the preflight's estimate fits the available memory, else bounded.
+    memory_mode: str = run_field(
+        "auto", "--memory-mode", "kfac statistics and factorizations: 'bounded' one block at a time (the same result; "
+        "factors spilled to a temporary folder, RANKLM_SPILL_DIR), 'whole' every target at once, 'auto' whole when "
+        "the memory preflight's estimate fits (RANKLM_MEMORY_LIMIT caps it), else bounded.")
     propagate: str = run_field("compressed", "--propagate", "With --sequential: later blocks see the 'compressed' "
                                "(refit) or 'dense' outputs.")
     base_options: dict[str, Any] = field(default_factory=dict)
@@ -188,6 +195,8 @@ class CompressConfig:
             self.calib_windows = int(getattr(ALLOCATORS[self.allocator], "default_calib_windows", DEFAULT_CALIB_WINDOWS))
         if self.recipe and (self.base, self.allocator) != RECIPES[self.recipe]:
             self.recipe = None  # explicit axes override the recipe's name
+        if self.memory_mode not in ("auto", "bounded", "whole"):
+            raise RanklmError(f"unknown memory mode {self.memory_mode!r}; valid: auto, bounded, whole")
         if self.propagate not in ("compressed", "dense"):
             raise RanklmError(f"unknown propagate mode {self.propagate!r}; valid: compressed, dense")
         for f in run_fields(type(self)):

@@ -39,9 +39,12 @@ def shrink_toward_diagonal(m: torch.Tensor, shrink: float) -> None:
 
 
 def psd_factor(
-    mat: torch.Tensor, name: str = "", shrink: float = 0.0, damping: float = 0.0
+    mat: torch.Tensor, name: str = "", shrink: float = 0.0, damping: float = 0.0, divisor: float = 1.0
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """``L`` with ``L L^T ~= M'`` (M' = M shrunk and damped) and a record of the numerics.
+    """``L`` with ``L L^T ~= M'`` (M' = M / divisor, shrunk and damped) and a record of the numerics.
+
+    ``divisor`` (a token count: a summed Gram to its mean) is applied to the working copy, so the caller
+    never holds a second n x n matrix for the mean (the same values as ``psd_factor(M / divisor)``).
 
     Returns ``(L, info)``; ``info["method"]`` is ``"cholesky"`` (L lower triangular) or
     ``"eigh"`` (``L = Q sqrt(lam)``, orthogonal times diagonal); ``info["jitter"]`` is the
@@ -50,6 +53,8 @@ def psd_factor(
     # One working copy (the caller's Gram may be shared by q/k/v); jitter goes on its diagonal in
     # place, so peak memory is two n x n matrices (copy + factor), not five.
     g = mat.to(torch.float64, copy=True)
+    if divisor != 1.0:
+        g.div_(divisor)
     if not torch.isfinite(g).all():
         raise RanklmError(f"non-finite calibration statistics (NaN/Inf in the Gram matrix) for {name or 'a target'}")
     shrink_toward_diagonal(g, shrink)

@@ -63,7 +63,10 @@ class FactorCache:
         self.stats: dict[str, dict] = {t.name: {"name": t.name} for t in targets}
         self.collected: set[str] = set()
         self.seconds: dict[str, float] = {}  # "act"/"fisher"/"<base>:<mode>" -> seconds
-        self._facs: dict[tuple[str, bool], dict[str, Factorization]] = {}
+        self._facs: dict[tuple[str, Any], dict[str, Factorization]] = {}
+        self._stores: dict[str, Any] = {}  # base -> spill.FactorStore of its bounded factorizations
+        self.memory: dict[str, Any] = {}  # base -> the memory preflight's choice (pipeline.memory.preflight)
+        self.blocks: dict[str, dict[str, Any]] = {}  # base -> the bounded pass's timing split and per-block costs
 
     def _collect(self, needs: frozenset[str]) -> None:
         kinds = collection_passes(needs)  # ("act", activation statistics), then (name, {name}) per gradient one
@@ -79,11 +82,23 @@ class FactorCache:
             self.collected |= want
             self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - t0
 
-    def factorizations(self, base: Base, sequential: bool) -> dict[str, Factorization]:
-        key = (base.name, sequential)
+    def factorizations(self, base: Base, sequential: bool, bounded: bool = False) -> dict[str, Factorization]:
+        """Every target's factorization: whole-model statistics, block by block (``sequential``: activation
+        bases), or ``bounded`` (``pipeline.bounded``: the whole-model result with its factors spilled to disk)."""
+        key = (base.name, sequential) if not bounded else (base.name, "bounded")
         if key not in self._facs:
             t0 = time.perf_counter()
-            if sequential:
+            if bounded:
+                from .bounded import bounded_factorizations
+                from .spill import FactorStore
+
+                store = FactorStore()
+                self._stores[base.name] = store
+                split: dict[str, Any] = {}
+                facs = bounded_factorizations(self.model, self.targets, base, self.windows, self.batch_size,
+                                              self.fisher_windows, store, self.progress, self.loss_fn, split)
+                self.blocks[base.name] = split
+            elif sequential:
                 facs: dict[str, Factorization] = {}
                 _sequential_pass(self.model, self.targets, base, self.windows, self.batch_size, self.progress,
                                  lambda bt, f, _s: facs.update(f), desc="statistics (block by block)")
@@ -92,7 +107,8 @@ class FactorCache:
                     self._collect(base.needs)
                 facs = decompose_targets(self.model, self.targets, base, {n: dict(s) for n, s in self.stats.items()}, self.progress)
             self._facs[key] = facs
-            self.seconds[f"{base.name}:{'sequential' if sequential else 'whole'}"] = time.perf_counter() - t0
+            mode = "bounded" if bounded else "sequential" if sequential else "whole"
+            self.seconds[f"{base.name}:{mode}"] = time.perf_counter() - t0
         return self._facs[key]
 
     def stats_for_refine(self, base: Base) -> dict[str, dict]:
@@ -103,6 +119,14 @@ class FactorCache:
     def release(self, base_name: str) -> None:
         for key in [k for k in self._facs if k[0] == base_name]:
             del self._facs[key]
+        store = self._stores.pop(base_name, None)
+        if store is not None:
+            store.close()
+
+    def close(self) -> None:
+        """Drop every factorization and remove the spilled factors' folders."""
+        for name in {k[0] for k in self._facs} | set(self._stores):
+            self.release(name)
 
 
 def refine_factors(

@@ -58,6 +58,7 @@ class Plan:
     exclude: tuple[str, ...]
     method: str  # the human-readable name (recipe, or base+allocator, + trainer)
     config: CompressConfig
+    memory_mode: str = "auto"  # requested: auto, bounded, whole (the preflight decides auto: pipeline.memory)
 
     @property
     def needs_windows(self) -> bool:
@@ -100,10 +101,21 @@ def make_plan(config: CompressConfig | None = None, model: Any = None) -> Plan:
             "gradients (Fisher): drop --sequential"
         )
     sequential = activation_only and (config.sequential is None or bool(config.sequential))
+    memory_mode = getattr(config, "memory_mode", "auto")
+    if memory_mode == "bounded":
+        from .bounded import can_bound
+
+        if sequential or not can_bound(base, allocator):
+            raise RanklmError(
+                f"--memory-mode bounded applies to whole-model statistics of a base with activation statistics "
+                f"and an allocator that reads only spectra (kfac-global); {base.name} + {allocator.name}"
+                + (" already runs block by block (--sequential)" if sequential else " cannot")
+                + ": drop --memory-mode bounded")
     return Plan(
         base, allocator, trainer, sequential, sequential and config.propagate == "compressed",
         budget=BudgetPlan(float(config.keep), int(config.min_rank), int(config.round_to), float(config.max_flop_ratio)),
         calibration=CalibrationPlan(int(config.calib_windows), int(config.seq_len), int(config.batch_size),
                                     int(config.fisher_windows), int(config.seed)),
         include=tuple(config.include), exclude=tuple(config.exclude), method=config.method, config=config,
+        memory_mode=memory_mode,
     )

@@ -21,6 +21,7 @@ from ..layers import LowRankLinear
 from ..models import onload_offloaded
 from ..targets import find_targets
 from .factorize import FactorCache, numerics_records, refine_factors, refit_sequential
+from .memory import out_of_memory_as_error, preflight
 from .install import (
     adjusted_rank_map,
     allocate_ranks,
@@ -83,14 +84,21 @@ def run(
         model=model, windows=windows, batch_size=calib.batch_size, seed=calib.seed, progress=progress,
         objective=objective, state_dir=None if state_dir is None else Path(state_dir), resume=resume, save_every=save_every,
     )
+    own_cache = cache is None
     if cache is None:
         task_loss = objective if objective is not None and "labels" in getattr(objective, "examples", {}) else None
         cache = FactorCache(model, targets, windows, calib.batch_size, calib.fisher_windows, progress, loss_fn=task_loss)
 
     # 2. statistics + factorize (pass 1)
     factorizations: dict[str, Factorization] = {}
+    memory = preflight(plan, model, targets, windows, cache)  # the mode, or one error line if it cannot fit
+    if memory is not None:
+        context.artifacts["memory"] = memory.record()
     if plan.needs_pass1:
-        factorizations = cache.factorizations(plan.base, plan.sequential)
+        with out_of_memory_as_error(memory):
+            factorizations = cache.factorizations(plan.base, plan.sequential, bounded=bool(memory and memory.bounded))
+        if memory is not None and memory.bounded and plan.base.name in cache.blocks:
+            context.artifacts["memory"]["bounded"] = cache.blocks[plan.base.name]
     numerics = numerics_records(factorizations)  # replaced per target by the refit's, which are installed
     timings["factorize_s"] = time.perf_counter() - t0
 
@@ -116,6 +124,9 @@ def run(
             if getattr(plan.base, "report", None):
                 context.artifacts["base_report"] = plan.base.report
         install_rank_map(model, targets, facs, rank_map)
+    if own_cache:
+        cache.close()  # a private cache: its spilled factors are installed, their folder goes
+    del factorizations
     timings["refit_install_s"] = time.perf_counter() - t2
     if numerics:
         context.artifacts["numerics"] = numerics

@@ -23,6 +23,7 @@ from ...eval.generate import generation_quality, prompts_from_stream
 from ...eval.latency import flop_ratio_limit, measure_decode, measure_latency
 from ...eval.perplexity import perplexity, require_causal_lm
 from ...pipeline import FactorCache, calibration_info, make_plan
+from ...pipeline.memory import out_of_memory_as_error, preflight
 from ...pipeline import run as run_pipeline
 from ...targets import find_targets
 from .commands import reproduce_command
@@ -151,7 +152,7 @@ def run_bench(
     best: dict[str, Any] | None = None
     best_model: nn.Module | None = None
     remaining = {m.base: sum(1 for c in cells if c[0].base == m.base) for m in methods}
-    shared_cost: dict[tuple[str, bool], tuple[float, float]] = {}  # pass 1 per (base, mode): seconds, RSS growth
+    shared_cost: dict[tuple[str, bool, bool], tuple[float, float]] = {}  # pass 1 per (base, mode): seconds, RSS growth
 
     for method, keep in cells:
         bar.set_postfix_str(f"{method.name}@{keep:g}")
@@ -162,12 +163,14 @@ def run_bench(
         try:
             config = opts.cell_config(method, keep)
             plan = make_plan(config)
-            key = (method.base, plan.sequential)
+            memory = preflight(plan, model, targets, calib, cache)  # once per base: the cells share its mode
+            bounded = bool(memory and memory.bounded)
+            key = (method.base, plan.sequential, bounded)
             if plan.needs_pass1 and key not in shared_cost:  # pass 1 once per base and mode, timed on its own
                 bar.set_postfix_str(f"{method.name}@{keep:g}: statistics + decomposition ({method.base})")
                 t0 = time.perf_counter()
-                with PeakRSS() as mem:
-                    cache.factorizations(plan.base, plan.sequential)
+                with PeakRSS() as mem, out_of_memory_as_error(memory):
+                    cache.factorizations(plan.base, plan.sequential, bounded=bounded)
                 shared_cost[key] = (time.perf_counter() - t0, mem.growth_mib)
             shared_s, shared_rss = shared_cost.get(key, (0.0, 0.0)) if plan.needs_pass1 else (0.0, 0.0)
             bar.set_postfix_str(f"{method.name}@{keep:g}: compress")
