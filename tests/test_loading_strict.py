@@ -303,3 +303,26 @@ def test_max_positions():
         model_type = "custom"
 
     assert max_positions(NoLimit()) is None
+
+
+def test_ranklm_load_takes_a_cached_hub_id(tmp_path, monkeypatch, empty_hub_cache):
+    """A checkpoint pushed to the hub and downloaded into the cache loads by its id, with dtype."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(model_paths, "_hub_probe", _no_probe)
+    model = _compressed("llama")
+    ranklm.save(model, None, tmp_path / "ck")
+    repo = empty_hub_cache / "models--org--tiny-ranklm"
+    snap = repo / "snapshots" / ("b" * 40)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("b" * 40)
+    for f in (tmp_path / "ck").iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    loaded, _ = ranklm.load("org/tiny-ranklm")
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    half, _ = ranklm.load("org/tiny-ranklm", dtype="bfloat16")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    with pytest.raises(RanklmError, match="not in the Hugging Face cache"):
+        ranklm.load("org/absent")
