@@ -219,3 +219,18 @@ def test_lm_eval_plain_hf_model_type_agrees_with_the_bridge(tiny_ckpt, tmp_path,
     assert proc.returncode == 0, proc.stderr[-3000:]
     plain = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert plain == pytest.approx(bridge["bits_per_byte"], rel=1e-6)
+
+
+def test_disk_offload_through_device_map(tmp_path):
+    """A block offloaded to disk by accelerate (device_map) still gives the saved model's logits."""
+    model = _compressed("llama")
+    ranklm.save(model, None, tmp_path / "ck")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    native = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", device_map=device_map, offload_folder=tmp_path / "off")
+    assert isinstance(native.model.layers[1].self_attn.q_proj, LowRankLinear)
+    assert native.model.layers[1].self_attn.q_proj.B.weight.is_meta  # really offloaded, loaded per forward
+    ids = random_ids(2, 16)
+    assert torch.equal(outputs(native, ids), outputs(model, ids))
+    loaded, _ = ranklm.load(tmp_path / "ck", device_map=device_map)
+    assert torch.equal(outputs(loaded, ids), outputs(model, ids))
