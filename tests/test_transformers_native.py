@@ -234,3 +234,18 @@ def test_disk_offload_through_device_map(tmp_path):
     assert torch.equal(outputs(native, ids), outputs(model, ids))
     loaded, _ = ranklm.load(tmp_path / "ck", device_map=device_map)
     assert torch.equal(outputs(loaded, ids), outputs(model, ids))
+
+
+def test_model_card_names_the_command_and_the_perplexity(tiny_llama_dir, text_file, tmp_path, capsys):
+    from ranklm.cli import main
+
+    args = ["compress", str(tiny_llama_dir), "--data", str(text_file), "--keep", "0.6", "--recipe", "svd",
+            "--calib-windows", "2", "--seq-len", "32", "--eval-seq-len", "32", "--eval-windows", "2",
+            "--output", str(tmp_path / "ck")]
+    assert main(args) == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "ck" / "ranklm.json").read_text())
+    assert meta["command"].startswith("ranklm compress ") and "--keep 0.6" in meta["command"]
+    card = (tmp_path / "ck" / "README.md").read_text()
+    ppl = meta["evaluation"]["compressed"]["ppl"]
+    assert f"| perplexity | {ppl:.3f}" in card and meta["command"] in card
+    assert "keep requested / achieved (targets) | 0.6 /" in card

@@ -55,8 +55,8 @@ def model_card(meta: dict[str, Any], auto_class: str, task: str | None) -> str:
         lines.append(f"| perplexity | {compressed:.3f} (dense {dense:.3f}, {windows} windows of "
                      f"{evaluation.get('data', 'the evaluation text')}) |" if dense is not None
                      else f"| perplexity | {compressed:.3f} |")
-    if evaluation.get("command"):
-        lines += ["", "Produced by:", "", "```", evaluation["command"], "```"]
+    if meta.get("command"):
+        lines += ["", "Produced (compression and the perplexity above) by:", "", "```", meta["command"], "```"]
     lines += [
         "",
         "## Load it",

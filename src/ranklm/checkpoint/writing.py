@@ -53,9 +53,12 @@ def build_metadata(model: nn.Module) -> dict[str, Any]:
     state = getattr(model, "ranklm", None)
     if state is None:
         raise RanklmError("this model was not compressed by ranklm (no compression state to save)")
+    from ..provenance import command
+
     return {
         "format": "ranklm",
         "format_version": FORMAT_VERSION,
+        "command": command(),
         "ranklm_version": _version(),
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,

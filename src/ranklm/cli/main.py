@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     help_classes = _click_exception_classes("NoArgsIsHelpError")  # bare `ranklm`: the help text, not an error
     click_classes = _click_exception_classes("ClickException")
 
+    from ..provenance import set_command
+
+    set_command([str(a) for a in (sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     quiet_libraries()
     try:
