@@ -80,25 +80,28 @@ def _estimates(model, ids):
     return memory_mod.estimate("whole", *args), memory_mod.estimate("bounded", *args)
 
 
-def test_preflight_switches_to_bounded_when_whole_does_not_fit(monkeypatch, caplog, tmp_path):
+def test_auto_mode_is_bounded_and_says_so_in_one_line(monkeypatch, caplog, tmp_path):
     monkeypatch.setenv("RANKLM_SPILL_DIR", str(tmp_path))
     dense, ids = make_model("llama"), random_ids(12, 32)
     whole, bounded = _estimates(dense, ids)
     assert bounded.extra < whole.extra  # the point of the mode, already on a 2-block model
-    limit = (whole.extra + bounded.extra) / 2 / memory_mod.HEADROOM
-    monkeypatch.setattr(memory_mod, "available_memory", lambda: (int(limit), "test limit"))
-    with caplog.at_level(logging.INFO, logger="ranklm"):
-        model = _compress(copy.deepcopy(dense), "auto", ids)
-    assert model.ranklm.artifacts["memory"]["mode"] == "bounded"
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory:")]
-    assert len(lines) == 1 and "block by block" in lines[0] and "test limit" in lines[0]
-    # with room for the whole-model run, auto keeps it (no line)
-    monkeypatch.setattr(memory_mod, "available_memory", lambda: (whole.extra * 2, "test limit"))
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="ranklm"):
-        model = _compress(copy.deepcopy(dense), "auto", ids)
-    assert model.ranklm.artifacts["memory"]["mode"] == "whole"
-    assert not [r for r in caplog.records if r.getMessage().startswith("memory:")]
+    for room, said in ((whole.extra * 4, "it would fit"), ((whole.extra + bounded.extra) / 2 / memory_mod.HEADROOM,
+                                                          "it would not fit")):
+        monkeypatch.setattr(memory_mod, "available_memory", lambda room=room: (int(room), "test limit"))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="ranklm"):
+            model = _compress(copy.deepcopy(dense), "auto", ids)
+        assert model.ranklm.artifacts["memory"]["mode"] == "bounded"
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory:")]
+        assert len(lines) == 1 and "block by block" in lines[0] and "test limit" in lines[0] and said in lines[0]
+
+
+def test_preflight_refuses_bounded_mode_that_cannot_fit(monkeypatch):
+    dense, ids = make_model("llama"), random_ids(12, 32)
+    whole, bounded = _estimates(dense, ids)
+    monkeypatch.setattr(memory_mod, "available_memory", lambda: (int(bounded.extra / 2), "test limit"))
+    with pytest.raises(RanklmError, match=r"not enough memory: the bounded statistics need about .* GiB.*test limit"):
+        _compress(copy.deepcopy(dense), "auto", ids)
 
 
 def test_preflight_refuses_whole_mode_that_cannot_fit(monkeypatch):

@@ -138,11 +138,11 @@ class CompressConfig:
         "and refit of the allocated ranks on compressed activations.", show_default="on for whiten/asvd")
     # How a gradient base's statistics and factorizations are held (pipeline/memory.py, pipeline/bounded.py):
     # "bounded" one block at a time (factors spilled to disk; the same result), "whole" every target at once,
-    # "auto" whole when the preflight's estimate fits the available memory, else bounded.
+    # "auto" bounded wherever it applies (kfac-global), else whole; the preflight refuses a mode that cannot fit.
     memory_mode: str = run_field(
         "auto", "--memory-mode", "kfac statistics and factorizations: 'bounded' one block at a time (the same result; "
-        "factors spilled to a temporary folder, RANKLM_SPILL_DIR), 'whole' every target at once, 'auto' whole when "
-        "the memory preflight's estimate fits (RANKLM_MEMORY_LIMIT caps it), else bounded.")
+        "factors spilled to a temporary folder, RANKLM_SPILL_DIR), 'whole' every target at once, 'auto' bounded "
+        "where it applies. A memory preflight refuses a mode whose estimate does not fit (RANKLM_MEMORY_LIMIT caps it).")
     propagate: str = run_field("compressed", "--propagate", "With --sequential: later blocks see the 'compressed' "
                                "(refit) or 'dense' outputs.")
     base_options: dict[str, Any] = field(default_factory=dict)

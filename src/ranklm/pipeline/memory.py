@@ -11,9 +11,12 @@ by block, the calibration activations at one layer. It is an estimate (labelled 
 conservative terms where the exact size depends on LAPACK or the attention kernel.
 
 Modes (``--memory-mode``): ``whole`` (every target at once), ``bounded`` (``pipeline.bounded``: the same
-result, one block at a time), ``auto`` (whole when its estimate fits in 90 % of the available memory,
-else bounded, said in one log line). A mode that does not fit is one ``RanklmError`` line with the estimate
-and what to do; so is an out-of-memory error while collecting statistics (``out_of_memory_as_error``).
+result, one block at a time), ``auto`` (bounded wherever it applies, said in one log line with both
+estimates; whole-model otherwise). Why bounded by default rather than "whole when it fits": the results are
+identical, it costs one extra forward pass of each block and a write of the factors (measured in
+benchmarks/README.md), and "fits" on a shared machine is a guess the OOM killer settles. A mode that does not
+fit (estimate > 90 % of the available memory) is one ``RanklmError`` line with the estimate and what to do;
+so is an out-of-memory error while collecting statistics (``out_of_memory_as_error``).
 """
 
 from __future__ import annotations
@@ -98,7 +101,8 @@ def decompose_bytes(t: Target) -> int:
 
 def backward_bytes(model: nn.Module, batch: int, seq_len: int) -> int:
     """One backward pass of the LM loss on ``batch`` windows: float32 logits (three copies: logits, their
-    log-softmax, its gradient) and every layer's saved activations in the model's dtype."""
+    log-softmax, its gradient) and every layer's saved activations in the model's dtype (per token: about
+    8 hidden-sized tensors for norms, attention and residuals, 4 MLP-sized ones for gate, up, act, product)."""
     cfg = getattr(model, "config", None)
     hidden = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0) or 1024)
     inter = int(getattr(cfg, "intermediate_size", 0) or getattr(cfg, "ffn_dim", 0) or getattr(cfg, "n_inner", 0) or 4 * hidden)
@@ -106,7 +110,7 @@ def backward_bytes(model: nn.Module, batch: int, seq_len: int) -> int:
     vocab = int(getattr(cfg, "vocab_size", 0) or 0)
     act = next(model.parameters()).element_size()
     tokens = batch * seq_len
-    return 3 * F32 * tokens * vocab + act * tokens * layers * (16 * hidden + 6 * inter)
+    return 3 * F32 * tokens * vocab + act * tokens * layers * (8 * hidden + 4 * inter)
 
 
 def activation_cache_bytes(model: nn.Module, windows: int, seq_len: int) -> int:
@@ -220,18 +224,18 @@ def choose_mode(requested: str, model: nn.Module, targets: list[Target], base: A
     if requested == "whole" or bounded is None:
         _check(whole, available, source, model, bounded_ok, bounded)
         return MemoryChoice(False, whole, available, source)
-    if requested == "bounded" or (available is not None and whole.extra > HEADROOM * available):
-        _check(bounded, available, source, model, False)
-        _check_disk(bounded)
-        note = ""
-        if requested == "auto":
-            note = (f"whole-model statistics need about {gib(whole.extra)} beyond the model (estimate), "
-                    f"{gib(available or 0)} available ({source})")
-            log.info(f"memory: {note}: computing them block by block instead (--memory-mode bounded: the same "
-                     f"result, about {gib(bounded.extra)}; factors spilled to disk, {gib(bounded.spill)})")
-        return MemoryChoice(True, bounded, available, source, note)
+    _check(bounded, available, source, model, False)
+    _check_disk(bounded)
+    note = ""
+    if requested == "auto":
+        fits = available is not None and whole.extra <= HEADROOM * available
+        note = (f"statistics block by block (bounded: about {gib(bounded.extra)} beyond the model, estimate; factors "
+                f"spilled to disk, {gib(bounded.spill)}); whole-model would need about {gib(whole.extra)}, "
+                f"{gib(available or 0)} available ({source}): " + ("it would fit, --memory-mode whole for it"
+                                                                  if fits else "it would not fit"))
+        log.info(f"memory: {note}")
     del device
-    return MemoryChoice(False, whole, available, source)
+    return MemoryChoice(True, bounded, available, source, note)
 
 
 def _check(est: Estimate, available: int | None, source: str, model: nn.Module, bounded_ok: bool,
