@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 class HealOptions(MethodOptions):
     steps: int = opt(120, "training steps (at most: early stopping may end sooner)")
     lr: float = opt(1e-4, "peak Adam learning rate")
-    warmup: int = opt(10, "linear learning-rate warm-up steps")
+    warmup: int = opt(10, "linear learning-rate warm-up steps (at most steps)")
     lr_schedule: str = opt("cosine", "decay after the warm-up (transformers' schedulers)", choices=LR_SCHEDULES)
     max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0: off)", bounds=(0.0, 1e9))
     batch_size: int | None = opt(None, "windows per step [the run's --batch-size]")
@@ -72,8 +72,6 @@ class HealOptions(MethodOptions):
                 raise RanklmError(f"heal: {name} must be a positive integer")
         if not self.lr > 0:
             raise RanklmError("heal: lr must be positive")
-        if self.warmup > self.steps:
-            raise RanklmError(f"heal: warmup ({self.warmup}) is longer than steps ({self.steps})")
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -217,7 +215,7 @@ class HealTrainer(Configurable):
             steps=self.steps, lr=self.lr, batch_size=bs, seed=context.seed, grad_accum=self.grad_accum,
             save_every=context.save_every, state_file=context.state_file(self.name), resume=context.resume,
             progress=context.progress, desc="heal", max_grad_norm=self.max_grad_norm or None,
-            lr_schedule=self.lr_schedule, warmup_steps=self.warmup,
+            lr_schedule=self.lr_schedule, warmup_steps=min(self.warmup, self.steps),
         )
         res = run_loop(model, objective, hooks, cfg)
         restored = False

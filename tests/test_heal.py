@@ -1,0 +1,160 @@
+"""--trainer heal and the validation split (docs/design.md §13): KL zero against itself, early stopping,
+resume equality, disjoint splits, heal after kfac and whiten bases, through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_model, outputs, random_ids
+
+import ranklm
+from ranklm.calibration.data import TextSource, corpus_splits, split_source3, token_windows
+from ranklm.config import CompressConfig
+from ranklm.errors import RanklmError
+from ranklm.train import heal as heal_mod
+from ranklm.train.logit_distill import Teacher, full_kl, measure, teacher_top_k, top_k_kl
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_distillation_loss_is_zero_for_the_dense_model_against_itself():
+    model, ids = make_model("llama"), random_ids(4, 32)
+    logits = _logits(model, ids)
+    cache = teacher_top_k(model, ids, k=16, batch_size=2)
+    assert cache["t_logp"].shape == (4, 32, 16)
+    assert abs(float(top_k_kl(logits, cache["t_logp"], cache["t_idx"]))) < 1e-6
+    assert abs(float(full_kl(logits, logits))) < 1e-6
+    got = measure(model, Teacher(), {"input_ids": ids, **cache}, batch_size=3)
+    assert abs(got["kl"]) < 1e-6 and got["nll"] > 0
+    live = measure(model, Teacher(make_model("llama")), {"input_ids": ids}, batch_size=3)
+    assert abs(live["kl"]) < 1e-6
+    # and it is not zero for another model: the loss sees a difference
+    other = make_model("llama")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    other_logits = _logits(other, ids)
+    assert float(top_k_kl(other_logits, cache["t_logp"], cache["t_idx"])) > 1e-4
+    assert float(full_kl(other_logits, logits)) >= float(top_k_kl(other_logits, cache["t_logp"], cache["t_idx"])) - 1e-6
+
+
+def _heal(ids, val, keep=0.5, recipe="svd", **opts):
+    model = make_model("llama")
+    options = {"steps": 8, "lr": 1e-2, "warmup": 2, "eval_every": 2, **opts}
+    cfg = CompressConfig(keep=keep, recipe=recipe, trainer="heal", trainer_options=options)
+    return ranklm.compress(model, None, cfg, data=ids, progress=False, validation=val)
+
+
+def test_early_stopping_stops_on_a_rising_validation_loss_and_restores_the_best(monkeypatch):
+    ids, val = random_ids(8, 32), random_ids(4, 32, seed=1)
+    untrained = ranklm.compress(make_model("llama"), None, CompressConfig(keep=0.5, recipe="svd"), data=ids, progress=False)
+    rising = iter([1.0, 1.1, 1.2, 1.3, 1.4, 1.5])
+    monkeypatch.setattr(heal_mod, "measure", lambda *a, **k: {"nll": next(rising), "kl": 0.5})
+    model = _heal(ids, val, patience=2)
+    rec = model.ranklm.training[-1]
+    assert rec["stopped_early"] is True and rec["steps_run"] == 4  # measured at 0, 2 (worse), 4 (worse): stop
+    assert rec["validation"]["curve"]["step"] == [0.0, 2.0, 4.0] and rec["validation"]["best_step"] == 0
+    assert rec["validation"]["restored_best"] is True
+    assert torch.equal(outputs(model, ids), outputs(untrained, ids))  # the step-0 tensors are back
+
+    falling = iter([1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
+    monkeypatch.setattr(heal_mod, "measure", lambda *a, **k: {"nll": next(falling), "kl": 0.5})
+    rec = _heal(ids, val, patience=2).ranklm.training[-1]
+    assert rec["stopped_early"] is False and rec["steps_run"] == 8 and rec["validation"]["best_step"] == 8
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    ids, val = random_ids(8, 32), random_ids(4, 32, seed=1)
+    full = _heal(ids, val, steps=10, patience=10)
+    cfg = CompressConfig(keep=0.5, recipe="svd", trainer="heal",
+                         trainer_options={"steps": 10, "lr": 1e-2, "warmup": 2, "eval_every": 2, "patience": 10})
+    original = heal_mod.HealHooks.loss
+    calls = {"n": 0}
+
+    def interrupted(self, model, objective, batch, step):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return original(self, model, objective, batch, step)
+
+    monkeypatch.setattr(heal_mod.HealHooks, "loss", interrupted)
+    state = tmp_path / "state"
+    with pytest.raises(KeyboardInterrupt):
+        ranklm.compress(make_model("llama"), None, cfg, data=ids, progress=False, state_dir=state, save_every=2, validation=val)
+    monkeypatch.setattr(heal_mod.HealHooks, "loss", original)
+    resumed = ranklm.compress(make_model("llama"), None, cfg, data=ids, progress=False, state_dir=state, resume=True,
+                              validation=val)
+    a, b = full.ranklm.training[-1], resumed.ranklm.training[-1]
+    assert b["resumed_from_step"] == 6
+    assert a["history"] == b["history"] and a["validation"]["curve"] == b["validation"]["curve"]
+    for (n, x), (_, y) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(x, y), n
+
+
+def test_the_three_splits_are_disjoint_and_keep_the_evaluation_windows(tiny_tokenizer):
+    parts = corpus_splits()
+    c, e, v = (set(p.documents) for p in (parts.calibration, parts.evaluation, parts.validation))
+    assert c and e and v and not (c & e) and not (c & v) and not (e & v)
+    assert (len(parts.calibration.documents), len(parts.evaluation.documents), len(parts.validation.documents)) == (152, 28, 9)
+    # the evaluation windows are the first windows of the former evaluation part (evaluation + validation speeches)
+    before = TextSource("held out", parts.evaluation.documents + parts.validation.documents)
+    n = len(token_windows(tiny_tokenizer, parts.evaluation, 512, None, purpose="evaluation"))
+    assert n >= 40
+    assert torch.equal(token_windows(tiny_tokenizer, parts.evaluation, 512, 40, purpose="evaluation"),
+                       token_windows(tiny_tokenizer, before, 512, 40, purpose="evaluation"))
+    # user text, by document: several documents, and one document cut at a blank line
+    docs = [f"document {i} " * 20 for i in range(40)]
+    s = split_source3(TextSource("docs", docs))
+    sets = [set(p.documents) for p in (s.calibration, s.evaluation, s.validation)]
+    assert all(sets) and not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+    assert sum(len(x) for x in sets) == 40
+    one = "\n\n".join(f"paragraph {i} " * 30 for i in range(30))
+    s = split_source3(TextSource("one", [one]))
+    assert s.evaluation.documents[0] + "\n\n" + s.validation.documents[0] in one
+    assert not set(s.validation.documents[0].split("\n\n")) & set(s.calibration.documents[0].split("\n\n"))
+
+
+@pytest.mark.parametrize("recipe", ["kfac-global", "svd-llm"])
+def test_heal_lowers_the_distillation_loss_after_kfac_and_whiten_bases(recipe, tmp_path):
+    ids = random_ids(8, 32)
+    # random tokens do not generalise: validate on windows it trains on, to see the KL fall there
+    model = _heal(ids, ids[:4], keep=0.5, recipe=recipe, steps=12, patience=10, norms=True, lr=3e-4, monitor="kl")
+    rec = model.ranklm.training[-1]
+    assert rec["trainer"] == "heal" and model.ranklm.method.endswith("+heal")
+    loss = rec["history"]["loss"]
+    assert sum(loss[-3:]) / 3 < loss[0]  # healing moved the compressed model toward the dense one
+    curve = rec["validation"]["curve"]
+    assert min(curve["kl"][1:]) < curve["kl"][0] and rec["validation"]["best"] < curve["kl"][0]
+    assert rec["trained_tensors"] > sum(1 for r in model.ranklm.rank_map.values() if r != "dense") * 2
+    ckpt = ranklm.save(model, None, tmp_path / "ckpt")
+    meta = json.loads((ckpt / "ranklm.json").read_text())
+    assert meta["training"][0]["trainer"] == "heal" and meta["training"][0]["validation"]["windows"] == 4
+    loaded, _ = ranklm.load(ckpt)
+    assert torch.equal(outputs(model, ids), outputs(loaded, ids))
+
+
+def test_cli_heal_validates_on_the_held_out_documents(capsys, tiny_llama_dir, text_file):
+    from ranklm.cli import main
+
+    fast = ["--calib-windows", "4", "--seq-len", "32", "--eval-seq-len", "32", "--eval-windows", "2", "--batch-size", "2"]
+    code = main(["compress", "--model", str(tiny_llama_dir), "--data", str(text_file), "--trainer", "heal",
+                 "--train-opt", "steps=2", "--train-opt", "eval_every=1", "--keep", "0.5", "--json", *fast])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "validation:" in err and "validation part" in err
+    code = main(["compress", "--model", str(tiny_llama_dir), "--data", str(text_file), "--trainer", "heal",
+                 "--train-opt", "monitor=loss", *fast])
+    _, err = capsys.readouterr()
+    assert code == 2 and err.strip().startswith("error:") and len(err.strip().splitlines()) == 1
+
+
+def test_options_are_checked():
+    with pytest.raises(RanklmError, match="warmup"):
+        heal_mod.HealTrainer(steps=5, warmup=-1)
+    with pytest.raises(RanklmError):
+        heal_mod.HealTrainer(top_k=-1)
