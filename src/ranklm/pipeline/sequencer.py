@@ -47,6 +47,7 @@ def run(
     state_dir: str | os.PathLike | None = None,
     resume: bool = False,
     save_every: int = 50,
+    validation: torch.Tensor | None = None,
 ) -> nn.Module:
     """Compress ``model`` in place to ``plan.budget.keep`` of its targets' parameters; returns it.
 
@@ -58,6 +59,7 @@ def run(
     it). ``cache`` shares pass-1 statistics/factorizations between runs on copies of the same
     dense model (bench). ``objective`` (a ``train.Objective``) replaces the default training
     loss of learning allocators and trainers. ``state_dir`` keeps resumable training state.
+    ``validation``: token windows a trainer validates on (``heal``'s early stopping).
     """
     # 1. prepare
     if any(isinstance(m, LowRankLinear) for m in model.modules()):
@@ -83,7 +85,10 @@ def run(
     context = AllocationContext(
         model=model, windows=windows, batch_size=calib.batch_size, seed=calib.seed, progress=progress,
         objective=objective, state_dir=None if state_dir is None else Path(state_dir), resume=resume, save_every=save_every,
+        validation=validation,
     )
+    if plan.trainer is not None and hasattr(plan.trainer, "prepare"):
+        plan.trainer.prepare(model, context)  # on the dense model, before any target is replaced (a teacher)
     own_cache = cache is None
     if cache is None:
         task_loss = objective if objective is not None and "labels" in getattr(objective, "examples", {}) else None
