@@ -45,21 +45,22 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class HealOptions(MethodOptions):
-    steps: int = opt(120, "training steps (at most: early stopping may end sooner)")
+    steps: int = opt(64, "training steps (at most: early stopping may end sooner)")
     lr: float = opt(1e-4, "peak Adam learning rate")
-    warmup: int = opt(10, "linear learning-rate warm-up steps (at most steps)")
+    warmup: int = opt(6, "linear learning-rate warm-up steps (at most steps)")
     lr_schedule: str = opt("cosine", "decay after the warm-up (transformers' schedulers)", choices=LR_SCHEDULES)
     max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0: off)", bounds=(0.0, 1e9))
-    batch_size: int | None = opt(None, "windows per step [the run's --batch-size]")
+    batch_size: int = opt(2, "windows per step")
     grad_accum: int = opt(1, "micro-batches per step")
     seq_len: int | None = opt(None, "train on the first SEQ_LEN tokens of each calibration window [all]")
     top_k: int = opt(64, "cache the dense model's top-k next-token log-probabilities once (0: live full-vocabulary teacher)")
     norms: bool = opt(False, "also train the norms' weights and biases")
-    eval_every: int = opt(20, "steps between validation measurements")
+    balance: bool = opt(True, "rescale each rank component so A's column and B's row have equal norms (same product)")
+    eval_every: int = opt(8, "steps between validation measurements")
     patience: int = opt(2, "stop after this many validation measurements without improvement")
     min_delta: float = opt(0.0, "an improvement smaller than this does not count", bounds=(0.0, 1e9))
     monitor: str = opt("nll", "validation number early stopping watches", choices=("nll", "kl"))
-    val_windows: int = opt(16, "at most this many validation windows")
+    val_windows: int = opt(8, "at most this many validation windows")
     restore_best: bool = opt(True, "end with the tensors of the best validation measurement")
 
     def __post_init__(self) -> None:
@@ -67,7 +68,7 @@ class HealOptions(MethodOptions):
         for name in ("steps", "warmup", "top_k"):
             if getattr(self, name) < 0:
                 raise RanklmError(f"heal: {name} must be >= 0")
-        for name in ("grad_accum", "eval_every", "patience", "val_windows"):
+        for name in ("batch_size", "grad_accum", "eval_every", "patience", "val_windows"):
             if getattr(self, name) < 1:
                 raise RanklmError(f"heal: {name} must be a positive integer")
         if not self.lr > 0:
@@ -76,6 +77,26 @@ class HealOptions(MethodOptions):
 
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+@torch.no_grad()
+def balance_factors(model: nn.Module) -> int:
+    """Give each rank component of every LowRankLinear equal norms in A (column) and B (row).
+
+    The product A B is unchanged, but bases leave the two sides on very different scales (kfac:
+    ``A = L_G^-T U S``, ``B = V^T L_A^-1``), and Adam's step is about the same size on every
+    element: balanced, one learning rate means the same relative step on both sides. Returns how
+    many layers were rescaled."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, LowRankLinear) and m.rank > 0:
+            na, nb = m.A.weight.norm(dim=0), m.B.weight.norm(dim=1)
+            ok = (na > 0) & (nb > 0)
+            d = torch.where(ok, (nb / na.clamp_min(1e-30)).sqrt(), torch.ones_like(na))
+            m.A.weight.mul_(d.unsqueeze(0))
+            m.B.weight.div_(d.unsqueeze(1))
+            n += 1
+    return n
 
 
 def healed_parameters(model: nn.Module, norms: bool) -> list[tuple[str, torch.Tensor]]:
@@ -151,6 +172,7 @@ class HealHooks(Hooks):
         o = self.o
         return {"top_k": o.top_k, "norms": o.norms, "eval_every": o.eval_every, "patience": o.patience,
                 "min_delta": o.min_delta, "monitor": o.monitor, "restore_best": o.restore_best, "steps": o.steps,
+                "balance": o.balance,
                 "validation": None if self.validation is None else list(self.validation["input_ids"].shape)}
 
 
@@ -182,7 +204,7 @@ class HealTrainer(Configurable):
         val = getattr(context, "validation", None)
         self.val_ids = None if val is None else val[: self.val_windows]
         windows = self._train_windows(context.windows)
-        bs = self.batch_size or context.batch_size
+        bs = self.batch_size
         if self.top_k:
             self.teacher = Teacher()
             self.cache = teacher_top_k(model, windows, self.top_k, bs)
@@ -204,7 +226,8 @@ class HealTrainer(Configurable):
         windows = self._train_windows(context.windows)
         objective = kl_objective(windows, self.teacher, self.cache, self.top_k)
         validation = None if self.val_ids is None else self.teacher.examples(self.val_ids, self.val_cache)
-        bs = self.batch_size or context.batch_size
+        bs = self.batch_size
+        balanced = balance_factors(model) if self.balance else 0
         hooks = HealHooks(self.config, self.teacher, validation, bs)
         hooks.named = healed_parameters(model, self.norms)
         if validation is None:
@@ -232,7 +255,7 @@ class HealTrainer(Configurable):
                 {"kind": "top-k cache" if self.top_k else "live copy", "top_k": self.top_k,
                  "cache_mib": round(sum(t.numel() * t.element_size() for t in (self.cache or {}).values()) / 2**20, 2),
                  "prepare_seconds": round(self.prepare_seconds, 2)},
-            "trained_tensors": len(hooks.named), "trained_params": int(sum(p.numel() for _, p in hooks.named)),
+            "balanced_layers": balanced, "trained_tensors": len(hooks.named), "trained_params": int(sum(p.numel() for _, p in hooks.named)),
             "first_loss": losses[0] if losses else None, "final_loss": res.final_loss,
             "stopped_early": res.stopped_at is not None and res.stopped_at < self.steps,
             "validation": None if validation is None else {
