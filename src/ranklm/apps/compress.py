@@ -23,6 +23,7 @@ from ..models import is_checkpoint, load_model, require_tokenizer
 from ..pipeline import calibration_info, make_plan, open_run_state
 from ..pipeline import run as run_pipeline
 from ..targets import find_targets
+from .parallel import join, leave
 
 
 @dataclass
@@ -84,7 +85,10 @@ def compress_job(config: CompressConfig, job: CompressJob) -> CompressOutcome:
         job.val_source = job.val_source or parts.validation
 
     t0 = time.perf_counter()
-    m, tok, info = load_model(job.model, dtype=job.dtype, device=job.device, device_map=job.device_map)
+    rank, world, device = join(job.device)  # torchrun / accelerate launch: windows shared, statistics all-reduced
+    if world > 1:
+        log(f"process {rank} of {world}: calibration batches shared, statistics all-reduced; rank 0 writes")
+    m, tok, info = load_model(job.model, dtype=job.dtype, device=device, device_map=job.device_map)
     log(f"loaded {info['name_or_path']} ({sum(p.numel() for p in m.parameters()):,} params, {info['dtype']}) "
         f"in {time.perf_counter() - t0:.1f}s")
     tok = require_tokenizer(tok, info.get("path", str(job.model)))
@@ -134,8 +138,10 @@ def compress_job(config: CompressConfig, job: CompressJob) -> CompressOutcome:
     if eval_windows is not None:
         evaluation["compressed"] = perplexity(m, eval_windows, config.batch_size, desc="perplexity (compressed)").to_dict()
         m.ranklm.evaluation = evaluation
-    if job.output is not None:
+    if job.output is not None and rank == 0:
         save(m, tok, job.output, overwrite=job.overwrite)
+    if world > 1:
+        leave()
     return CompressOutcome(m, tok, config, evaluation, seconds)
 
 

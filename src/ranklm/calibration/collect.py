@@ -11,6 +11,9 @@ logits). ``backward_pass`` runs the loss on whole windows (the LM loss, a ``loss
 or a task ``train.Objective``, whose first ``len(windows)`` examples it uses) with only the
 weights that ``WEIGHT_GRAD`` statistics read requiring grad (none: the input embeddings' output is
 made to require grad so that activation gradients still flow); any statistic may ride along.
+
+Under ``torch.distributed`` (torchrun, accelerate launch) each process runs its contiguous share of the
+batches and ``finalize`` all-reduces the running sums and token counts first (``distributed``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ..errors import RanklmError
 from ..modules import lm_loss, training_only
 from ..targets import Target
 from .accumulate import product_dtype
+from .distributed import all_reduce_counts, all_reduce_sum, shard, world
 from .statistic import (
     ACTIVATION,
     GRADIENT,
@@ -144,8 +148,20 @@ class Collector:
                 self._update(name, WEIGHT_GRAD, w.grad, self.modules[name], convert=False)
                 w.grad = None
 
+    def reduce(self) -> None:
+        """Sum every running sum and token count over the processes of a data-parallel run (``distributed``)."""
+        if world()[1] == 1:
+            return
+        stats = {(t.name, s.name): s for t in self.targets for side in SIDES for s in self.sides[t.name][side]}
+        keys = sorted(self.acc)
+        if any(self.acc[k] is None for k in keys):
+            raise RanklmError("a process saw no calibration batch: give more windows or fewer processes")
+        all_reduce_sum([x for k in keys for x in stats[k].tensors(self.acc[k])])
+        self.tokens = all_reduce_counts(self.tokens)
+
     def finalize(self) -> dict[str, dict[str, Any]]:
         """``{target: entry}``: every statistic's keys, plus ``"tokens"``/``"out_tokens"``."""
+        self.reduce()
         out: dict[str, dict[str, Any]] = {}
         for t in self.targets:
             name, entry = t.name, {}
@@ -181,7 +197,7 @@ def forward_pass(
     col = Collector(model, targets, wanted)
     handles = col.attach()
     try:
-        for i in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, unit="batch"):
+        for i in tqdm(shard(len(windows), batch_size), desc=desc, disable=not progress, unit="batch"):
             run_batches(model, windows[i : i + batch_size], batch_size, "", progress=False)
             col.first = False
     finally:
@@ -219,7 +235,7 @@ def backward_pass(
     device = next(model.parameters()).device
     try:
         with training_only(model, params):
-            for i in tqdm(range(0, total, batch_size), desc=desc, disable=not progress, unit="batch"):
+            for i in tqdm(shard(total, batch_size), desc=desc, disable=not progress, unit="batch"):
                 j = min(i + batch_size, total)
                 if objective is not None:
                     n = j - i

@@ -81,6 +81,9 @@ class OutGram(Configurable, Statistic):
             acc.total = add_product(acc.total, g) if acc.dense else add_square_sum(acc.total, g)
         return acc
 
+    def tensors(self, acc: _Sum) -> list[torch.Tensor]:
+        return [acc.total] if acc.total is not None else []
+
     def finalize(self, acc: _Sum, tokens: int, name: str, module: nn.Module) -> dict[str, Any]:
         bad = f"non-finite kfac output-gradient statistics for {name}"
         return {"out_gram" if acc.dense else "out_sq": finite(acc.total, bad)}

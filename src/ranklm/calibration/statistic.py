@@ -27,7 +27,8 @@ name, so adding one is one new module::
   (``scale``: ``None``, or for a gradient pass over the *mean* loss the factor that turns its
   gradients into per-token gradients of the summed loss); ``finalize(acc, tokens, name, module)``
   returns the entry keys (``keys``) a base reads. The collector adds ``"tokens"`` (input/output
-  statistics) or ``"out_tokens"`` (output-gradient statistics).
+  statistics) or ``"out_tokens"`` (output-gradient statistics). ``tensors(acc)`` lists the running sums that
+  data-parallel runs all-reduce before ``finalize`` (default: the accumulator if it is a tensor).
 - ``replaces``: the statistic it is collected instead of for a target that a base factors from
   its output side (``out_cov`` for ``gram``: ``WhitenBase.factors_from_output``).
 - Gradient statistics: ``per_example`` (one window per backward pass: squared per-example
@@ -73,6 +74,10 @@ class Statistic:
 
     def finalize(self, acc: Any, tokens: int, name: str, module: nn.Module) -> dict[str, Any]:
         raise NotImplementedError
+
+    def tensors(self, acc: Any) -> list[torch.Tensor]:
+        """The accumulator's running sums, summed over processes before ``finalize`` (data-parallel statistics)."""
+        return [acc] if torch.is_tensor(acc) else []
 
 
 def get_statistic(name: str, **options: Any) -> Statistic:

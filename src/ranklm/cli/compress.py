@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -95,6 +96,8 @@ def compress(
         save_every=save_every, log=echo_err,
     )
     outcome = compress_job(config, job)
+    if os.environ.get("RANK", "0") != "0":  # torchrun / accelerate launch: rank 0 reports (and wrote the output)
+        return
     st, config, evaluation = outcome.model.ranklm, outcome.config, outcome.evaluation
     for line in learning_summary(st):
         echo_err(line)
