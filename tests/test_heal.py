@@ -162,3 +162,40 @@ def test_options_are_checked():
         heal_mod.HealTrainer(steps=5, warmup=-1)
     with pytest.raises(RanklmError):
         heal_mod.HealTrainer(top_k=-1)
+
+
+def test_two_gloo_processes_agree(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import hashlib, json, os, sys\n"
+        "import ranklm\n"
+        "from conftest import make_model, random_ids\n"
+        "from ranklm.config import CompressConfig\n"
+        "from ranklm.train.loop import process_state\n"
+        "st = process_state()\n"
+        "ids, val = random_ids(8, 32), random_ids(4, 32, seed=1)\n"
+        "cfg = CompressConfig(keep=0.5, recipe='svd', trainer='heal', trainer_options={'steps': 6, 'lr': 1e-2, "
+        "'warmup': 2, 'eval_every': 2, 'patience': 10})\n"
+        "m = ranklm.compress(make_model('llama'), None, cfg, data=ids, progress=False, validation=val)\n"
+        "h = hashlib.sha256()\n"
+        "for k, v in sorted(m.state_dict().items()):\n"
+        "    h.update(k.encode()); h.update(v.detach().float().contiguous().numpy().tobytes())\n"
+        "r = m.ranklm.training[-1]\n"
+        "json.dump({'digest': h.hexdigest(), 'world_size': r['world_size'], 'history': r['history'],\n"
+        "           'curve': r['validation']['curve']}, open(os.path.join(sys.argv[1], f'rank{st.process_index}.json'), 'w'))\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = str(Path(__file__).parent) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29527", str(script),
+           str(tmp_path)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    assert a["world_size"] == b["world_size"] == 2
+    assert a["digest"] == b["digest"] and a["history"] == b["history"] and a["curve"] == b["curve"]
+    assert len(a["curve"]["step"]) == 4  # validated at 0, 2, 4, 6

@@ -119,7 +119,8 @@ def compress_job(config: CompressConfig, job: CompressJob) -> CompressOutcome:
     validation = None
     if getattr(plan.trainer, "validates", False):
         validation = validation_windows(tok, job, config.seq_len)
-        log(f"validation: {len(validation)} windows x {validation.shape[1]} tokens ({job.val_source.description})")
+        used = min(len(validation), int(getattr(plan.trainer, "val_windows", len(validation))))
+        log(f"validation: {used} of {len(validation)} windows x {validation.shape[1]} tokens ({job.val_source.description})")
 
     if job.state_dir is not None:
         if not open_run_state(job.state_dir, job.resume, plan, info, calib):
