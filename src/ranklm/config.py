@@ -143,6 +143,11 @@ class CompressConfig:
         "auto", "--memory-mode", "kfac statistics and factorizations: 'bounded' one block at a time (the same result; "
         "factors spilled to a temporary folder, RANKLM_SPILL_DIR), 'whole' every target at once, 'auto' bounded "
         "where it applies. A memory preflight refuses a mode whose estimate does not fit (RANKLM_MEMORY_LIMIT caps it).")
+    # Running sums of the statistics (calibration/accumulate.py): float64 in CPU memory, or float32 where the
+    # activations are (no device-to-host copy per batch); "auto" = float32 on a GPU, float64 on the CPU.
+    stats_dtype: str = run_field(
+        "auto", "--stats-dtype", "Running sums of calibration statistics: 'float64' (in CPU memory), 'float32' (kept "
+        "on the model's device), 'auto' (float32 on a GPU, float64 on the CPU).")
     propagate: str = run_field("compressed", "--propagate", "With --sequential: later blocks see the 'compressed' "
                                "(refit) or 'dense' outputs.")
     base_options: dict[str, Any] = field(default_factory=dict)
@@ -195,6 +200,8 @@ class CompressConfig:
             self.calib_windows = int(getattr(ALLOCATORS[self.allocator], "default_calib_windows", DEFAULT_CALIB_WINDOWS))
         if self.recipe and (self.base, self.allocator) != RECIPES[self.recipe]:
             self.recipe = None  # explicit axes override the recipe's name
+        if self.stats_dtype not in ("auto", "float32", "float64"):
+            raise RanklmError(f"unknown stats dtype {self.stats_dtype!r}; valid: auto, float32, float64")
         if self.memory_mode not in ("auto", "bounded", "whole"):
             raise RanklmError(f"unknown memory mode {self.memory_mode!r}; valid: auto, bounded, whole")
         if self.propagate not in ("compressed", "dense"):

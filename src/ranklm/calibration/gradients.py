@@ -28,7 +28,7 @@ from torch import nn
 from ..options import Configurable, MethodOptions, opt
 from ..registry import register_statistic
 from ..targets import Conv1D, Target
-from .accumulate import add_product, add_square_sum, add_sum, finite
+from .accumulate import add_product, add_square_sum, add_sum, finite, to_running
 from .statistic import GRADIENT, OUTPUT_GRAD, WEIGHT_GRAD, Statistic
 
 DENSE_OUT_MAX: int = int(os.environ.get("RANKLM_KFAC_DENSE_OUT_MAX", "4096"))
@@ -75,7 +75,7 @@ class OutGram(Configurable, Statistic):
     def update(self, acc: _Sum, g: torch.Tensor, module: nn.Module, scale: float | None) -> _Sum:
         if scale is None:  # gradients of the summed loss: one product per batch, then added
             part = (g.T @ g) if acc.dense else g.square().sum(0)
-            acc.total = add_sum(acc.total, part.to(device="cpu", dtype=torch.float64))
+            acc.total = add_sum(acc.total, to_running(part))
         else:  # gradients of the batch-mean loss (shared with Fisher's passes): per-token gradients of the sum
             g = g * scale
             acc.total = add_product(acc.total, g) if acc.dense else add_square_sum(acc.total, g)

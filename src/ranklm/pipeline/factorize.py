@@ -56,8 +56,9 @@ class FactorCache:
     """
 
     def __init__(self, model: nn.Module, targets: list[Target], windows: torch.Tensor | None, batch_size: int,
-                 fisher_windows: int, progress: bool = True, loss_fn: Any = None) -> None:
+                 fisher_windows: int, progress: bool = True, loss_fn: Any = None, stats_dtype: str = "auto") -> None:
         self.model, self.targets, self.windows = model, targets, windows
+        self.stats_dtype = stats_dtype  # running sums: float64 on the CPU, float32 on the device, auto
         self.loss_fn = loss_fn  # Fisher's loss: a task Objective for encoders (None: the LM loss)
         self.batch_size, self.fisher_windows, self.progress = batch_size, fisher_windows, progress
         self.stats: dict[str, dict] = {t.name: {"name": t.name} for t in targets}
@@ -68,6 +69,14 @@ class FactorCache:
         self.memory: dict[str, Any] = {}  # base -> the memory preflight's choice (pipeline.memory.preflight)
         self.blocks: dict[str, dict[str, Any]] = {}  # base -> the bounded pass's timing split and per-block costs
 
+    def sums(self) -> Any:
+        """The running-sum context of this cache's statistics (``--stats-dtype``; auto: float32 on a GPU)."""
+        from ..calibration.accumulate import running_sums
+
+        on_gpu = next(self.model.parameters()).device.type != "cpu"
+        f32 = self.stats_dtype == "float32" or (self.stats_dtype == "auto" and on_gpu)
+        return running_sums(torch.float32, on_device=True) if f32 else running_sums(torch.float64)
+
     def _collect(self, needs: frozenset[str]) -> None:
         kinds = collection_passes(needs)  # ("act", activation statistics), then (name, {name}) per gradient one
         for kind, want in kinds:
@@ -75,8 +84,9 @@ class FactorCache:
             if not want:
                 continue
             t0 = time.perf_counter()
-            st = collect_stats(self.model, self.targets, self.windows, frozenset(want),
-                               self.batch_size, self.progress, fisher_windows=self.fisher_windows, loss_fn=self.loss_fn)
+            with self.sums():
+                st = collect_stats(self.model, self.targets, self.windows, frozenset(want), self.batch_size,
+                                   self.progress, fisher_windows=self.fisher_windows, loss_fn=self.loss_fn)
             for name, entry in st.items():
                 self.stats[name].update(entry)
             self.collected |= want
@@ -95,13 +105,15 @@ class FactorCache:
                 store = FactorStore()
                 self._stores[base.name] = store
                 split: dict[str, Any] = {}
-                facs = bounded_factorizations(self.model, self.targets, base, self.windows, self.batch_size,
-                                              self.fisher_windows, store, self.progress, self.loss_fn, split)
+                with self.sums():
+                    facs = bounded_factorizations(self.model, self.targets, base, self.windows, self.batch_size,
+                                                  self.fisher_windows, store, self.progress, self.loss_fn, split)
                 self.blocks[base.name] = split
             elif sequential:
                 facs: dict[str, Factorization] = {}
-                _sequential_pass(self.model, self.targets, base, self.windows, self.batch_size, self.progress,
-                                 lambda bt, f, _s: facs.update(f), desc="statistics (block by block)")
+                with self.sums():
+                    _sequential_pass(self.model, self.targets, base, self.windows, self.batch_size, self.progress,
+                                     lambda bt, f, _s: facs.update(f), desc="statistics (block by block)")
             else:
                 if base.needs:
                     self._collect(base.needs)

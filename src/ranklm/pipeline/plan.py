@@ -39,6 +39,7 @@ class CalibrationPlan:
     batch_size: int
     fisher_windows: int
     seed: int
+    stats_dtype: str = "auto"
 
 
 @dataclass
@@ -115,7 +116,8 @@ def make_plan(config: CompressConfig | None = None, model: Any = None) -> Plan:
         base, allocator, trainer, sequential, sequential and config.propagate == "compressed",
         budget=BudgetPlan(float(config.keep), int(config.min_rank), int(config.round_to), float(config.max_flop_ratio)),
         calibration=CalibrationPlan(int(config.calib_windows), int(config.seq_len), int(config.batch_size),
-                                    int(config.fisher_windows), int(config.seed)),
+                                    int(config.fisher_windows), int(config.seed),
+                                    str(getattr(config, "stats_dtype", "auto"))),
         include=tuple(config.include), exclude=tuple(config.exclude), method=config.method, config=config,
         memory_mode=memory_mode,
     )

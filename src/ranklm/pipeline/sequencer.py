@@ -92,7 +92,8 @@ def run(
     own_cache = cache is None
     if cache is None:
         task_loss = objective if objective is not None and "labels" in getattr(objective, "examples", {}) else None
-        cache = FactorCache(model, targets, windows, calib.batch_size, calib.fisher_windows, progress, loss_fn=task_loss)
+        cache = FactorCache(model, targets, windows, calib.batch_size, calib.fisher_windows, progress, loss_fn=task_loss,
+                            stats_dtype=calib.stats_dtype)
 
     # 2. statistics + factorize (pass 1)
     factorizations: dict[str, Factorization] = {}
@@ -120,7 +121,8 @@ def run(
         context.trained_factors = None
     elif plan.refit:
         split: dict[str, float] = {}
-        refit_sequential(model, targets, plan.base, windows, rank_map, calib.batch_size, progress, numerics, split)
+        with cache.sums():
+            refit_sequential(model, targets, plan.base, windows, rank_map, calib.batch_size, progress, numerics, split)
         timings.update({f"refit_{k}": v for k, v in split.items()})  # statistics / factorize+install / propagate
     else:
         facs = factorizations

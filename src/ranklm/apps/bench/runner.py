@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...budget import TOLERANCE, meets_budget, model_params, targets_dense_params
-from ...calibration import TextSource
+from ...calibration import TextSource, token_windows
 from ...errors import RanklmError
 from ...eval.generate import generation_quality, prompts_from_stream
 from ...eval.latency import flop_ratio_limit, measure_decode, measure_latency
@@ -25,6 +25,7 @@ from ...eval.perplexity import perplexity, require_causal_lm
 from ...pipeline import FactorCache, calibration_info, make_plan
 from ...pipeline.memory import out_of_memory_as_error, preflight
 from ...pipeline import run as run_pipeline
+from ...registry import registered
 from ...targets import find_targets
 from .commands import reproduce_command
 from .grid import BenchOptions, BenchResult, Method
@@ -69,6 +70,7 @@ def run_bench(
     command_args: dict[str, Any] | None = None,
     out_dir: str = "ckpt",
     log: Callable[[str], None] | None = None,
+    val_src: TextSource | None = None,
 ) -> BenchResult:
     """Run the grid; never raises for a failing cell (it becomes a row with ``status=error``)."""
     require_causal_lm(model)
@@ -90,6 +92,9 @@ def run_bench(
     calib, held = calibration_split(
         tokenizer, calib_src, shared.seq_len, shared.calib_windows, opts.auto_windows if opts.auto else 0, shared.seed
     )
+    validation = None  # a trainer that validates (heal) gets the validation part's windows, as compress gives them
+    if val_src is not None and getattr(registered("trainer").get(shared.trainer or "none"), "validates", False):
+        validation = token_windows(tokenizer, val_src, shared.seq_len, None, purpose="validation")
     evals = []
     for label, src in eval_srcs:
         w, stream = eval_windows_of(tokenizer, src, opts.eval_seq_len, opts.eval_windows)
@@ -147,7 +152,8 @@ def run_bench(
     log(json.dumps({k: v for k, v in dense_row.items() if k != "latency"}, default=str))
     bar.update(1)
 
-    cache = FactorCache(model, targets, calib, shared.batch_size, shared.fisher_windows, progress=False)
+    cache = FactorCache(model, targets, calib, shared.batch_size, shared.fisher_windows, progress=False,
+                        stats_dtype=getattr(shared, "stats_dtype", "auto"))
     rank_maps: dict[str, dict[str, Any]] = {}
     best: dict[str, Any] | None = None
     best_model: nn.Module | None = None
@@ -180,7 +186,7 @@ def run_bench(
                 cell_model = _deepcopy_model(model)
                 calib_info = {**calibration_info(calib_src.description, calib, config), "used": True}
                 run_pipeline(cell_model, tokenizer, plan, data=calib, calibration=calib_info, cache=cache,
-                             progress=False, base_model=model_info)
+                             progress=False, base_model=model_info, validation=validation)
             cell_s = time.perf_counter() - t0
             if not plan.needs_windows:
                 cell_model.ranklm.calibration = None
