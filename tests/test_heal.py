@@ -199,3 +199,19 @@ def test_two_gloo_processes_agree(tmp_path):
     assert a["world_size"] == b["world_size"] == 2
     assert a["digest"] == b["digest"] and a["history"] == b["history"] and a["curve"] == b["curve"]
     assert len(a["curve"]["step"]) == 4  # validated at 0, 2, 4, 6
+
+
+def test_bench_heals_every_cell_on_the_validation_part(capsys, tiny_llama_dir, text_file, tmp_path):
+    from ranklm.cli import main
+
+    fast = ["--calib-windows", "4", "--seq-len", "32", "--eval-seq-len", "32", "--eval-windows", "2", "--batch-size", "2",
+            "--gen-prompts", "0"]
+    out = tmp_path / "bench"
+    code = main(["bench", "--model", str(tiny_llama_dir), "--data", str(text_file), "--recipes", "svd", "--keep", "0.5",
+                 "--trainer", "heal", "--train-opt", "steps=2", "--train-opt", "eval_every=1", "--output", str(out),
+                 "--save-dir", str(tmp_path / "cells"), *fast])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    meta = json.loads(next((tmp_path / "cells").rglob("ranklm.json")).read_text())
+    rec = meta["training"][0]
+    assert rec["trainer"] == "heal" and rec["validation"]["windows"] >= 1 and len(rec["validation"]["curve"]["step"]) == 3

@@ -15,7 +15,7 @@ from .common import (
     check_positions,
     dtype_arg,
     echo_err,
-    eval_sources,
+    data_splits,
     one_line,
     pick_model,
     set_threads,
@@ -99,7 +99,10 @@ def bench(
     if save_best is not None:
         check_output_dir(save_best, overwrite)
     threads_used = set_threads(threads)
-    calib_src, main_eval = eval_sources(data, eval_data[0] if eval_data else None)
+    from ..registry import registered
+
+    validates = bool(getattr(registered("trainer").get(run.get("trainer") or "none"), "validates", False))
+    calib_src, main_eval, val_src = data_splits(data, eval_data[0] if eval_data else None, validate=validates)
     evals = [("eval" if not eval_data else Path(eval_data[0]).stem if eval_data[0] != "default" else "default-eval", main_eval)]
     for e in eval_data[1:]:
         src = read_text_source(e)
@@ -130,7 +133,7 @@ def bench(
         m, tok, methods, keeps, calib_src, evals, opts, model_info=info_,
         command_args={"model": model, "data": data, "eval_data": list(eval_data), "threads": threads_used,
                       "dtype": None if dtype_arg(dtype) == "auto" else info_["dtype"]},
-        log=echo_err,
+        log=echo_err, val_src=val_src,
     )
     write_outputs(result, output, command=command, overwrite=overwrite)
     failed = [r for r in result.rows if r.get("status") != "ok"]
