@@ -249,3 +249,13 @@ def test_model_card_names_the_command_and_the_perplexity(tiny_llama_dir, text_fi
     ppl = meta["evaluation"]["compressed"]["ppl"]
     assert f"| perplexity | {ppl:.3f}" in card and meta["command"] in card
     assert "keep requested / achieved (targets) | 0.6 /" in card
+
+
+@pytest.mark.parametrize("first", ["import ranklm.hf", "import ranklm.checkpoint.onnx", "import ranklm; import transformers",
+                                   "import transformers; import ranklm"])
+def test_registration_whatever_imports_transformers_first(first):
+    """A fresh process: whichever import brings transformers in, quant_method ranklm ends up registered."""
+    code = (f"{first}\nfrom transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING\n"
+            "assert 'ranklm' in AUTO_QUANTIZER_MAPPING, sorted(AUTO_QUANTIZER_MAPPING)\nprint('OK')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]

@@ -17,6 +17,9 @@ from typing import Any
 
 
 def _register() -> None:
+    hf = sys.modules.get("ranklm.hf")
+    if hf is not None and not hasattr(hf, "register"):
+        return  # ranklm.hf itself is importing transformers: it registers when its own import completes
     from .hf import register
 
     register()

@@ -141,6 +141,8 @@ def remote_code(model: nn.Module) -> tuple[str, dict[str, str]]:
     return source, {"AutoConfig": f"{module}.{config_cls}", auto_class_name(model): f"{module}.{cls}"}
 
 
+register()  # importing this module may be what first imported transformers (see ranklm.transformers_hook)
+
 __all__ = [
     "DENSE",
     "FORMAT_VERSION",
