@@ -53,11 +53,13 @@ def collect_stats(
     progress: bool = True,
     fisher_windows: int | None = None,
     loss_fn=None,
+    grad_batch_size: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """All statistics a base needs: ``{target: {<each statistic's keys>, "tokens"?, "out_tokens"?, "name"}}``.
 
     Activation statistics share one forward pass over all windows; each gradient statistic runs its
-    backward passes on the first ``fisher_windows`` windows (one window per pass where it is ``per_example``).
+    backward passes on the first ``fisher_windows`` windows (one window per pass where it is ``per_example``, else
+    ``grad_batch_size``, default ``batch_size``: the backward's activations grow with it).
     """
     out: dict[str, dict[str, Any]] = {t.name: {"name": t.name} for t in targets}
     for _key, names in collection_passes(needs):
@@ -68,7 +70,7 @@ def collect_stats(
             stat = get_statistic(name)
             fw = windows if fisher_windows is None else windows[:fisher_windows]
             got = backward_pass(model, targets, fw, {t.name: (stat,) for t in targets}, loss_fn,
-                                1 if stat.per_example else batch_size, progress)
+                                1 if stat.per_example else (grad_batch_size or batch_size), progress)
         for name, entry in got.items():
             out[name].update(entry)
     return out

@@ -45,7 +45,7 @@ def can_bound(base: Base, allocator: Any) -> bool:
 def bounded_factorizations(
     model: nn.Module, targets: list[Target], base: Base, windows: torch.Tensor, batch_size: int,
     fisher_windows: int, store: FactorStore, progress: bool = True, loss_fn: Any = None,
-    seconds: dict[str, float] | None = None,
+    seconds: dict[str, float] | None = None, grad_batch_size: int | None = None,
 ) -> dict[str, Any]:
     """``{target: SpilledFactorization}``: the whole-model run's factorizations, one block in memory at a time.
 
@@ -64,7 +64,7 @@ def bounded_factorizations(
     t0 = time.perf_counter()
     if grad_needs:
         grad = collect_stats(model, targets, windows, frozenset(grad_needs), batch_size, progress,
-                             fisher_windows=fisher_windows, loss_fn=loss_fn)
+                             fisher_windows=fisher_windows, loss_fn=loss_fn, grad_batch_size=grad_batch_size)
     seconds["gradient_s"] = time.perf_counter() - t0
     out: dict[str, Any] = {}
     last = [time.perf_counter()]  # end of the previous block's callback: what lies between is its statistics

@@ -61,6 +61,11 @@ class FactorCache:
         self.stats_dtype = stats_dtype  # running sums: float64 on the CPU, float32 on the device, auto
         self.loss_fn = loss_fn  # Fisher's loss: a task Objective for encoders (None: the LM loss)
         self.batch_size, self.fisher_windows, self.progress = batch_size, fisher_windows, progress
+        self.grad_batch_size = batch_size
+        if windows is not None:  # backward passes of gradient statistics: split to an estimated memory budget
+            from .memory import gradient_batch_size
+
+            self.grad_batch_size = gradient_batch_size(model, batch_size, int(windows.shape[1]))
         self.stats: dict[str, dict] = {t.name: {"name": t.name} for t in targets}
         self.collected: set[str] = set()
         self.seconds: dict[str, float] = {}  # "act"/"fisher"/"<base>:<mode>" -> seconds
@@ -86,7 +91,8 @@ class FactorCache:
             t0 = time.perf_counter()
             with self.sums():
                 st = collect_stats(self.model, self.targets, self.windows, frozenset(want), self.batch_size,
-                                   self.progress, fisher_windows=self.fisher_windows, loss_fn=self.loss_fn)
+                                   self.progress, fisher_windows=self.fisher_windows, loss_fn=self.loss_fn,
+                                   grad_batch_size=self.grad_batch_size)
             for name, entry in st.items():
                 self.stats[name].update(entry)
             self.collected |= want
@@ -107,7 +113,8 @@ class FactorCache:
                 split: dict[str, Any] = {}
                 with self.sums():
                     facs = bounded_factorizations(self.model, self.targets, base, self.windows, self.batch_size,
-                                                  self.fisher_windows, store, self.progress, self.loss_fn, split)
+                                                  self.fisher_windows, store, self.progress, self.loss_fn, split,
+                                                  grad_batch_size=self.grad_batch_size)
                 self.blocks[base.name] = split
             elif sequential:
                 facs: dict[str, Factorization] = {}

@@ -113,6 +113,25 @@ def backward_bytes(model: nn.Module, batch: int, seq_len: int) -> int:
     return 3 * F32 * tokens * vocab + act * tokens * layers * (8 * hidden + 4 * inter)
 
 
+BACKWARD_BUDGET = 4 * 2**30  # estimated bytes one backward pass of gradient statistics may take (see below)
+
+
+def gradient_batch_size(model: nn.Module, batch_size: int, seq_len: int, budget: int = BACKWARD_BUDGET) -> int:
+    """Windows per backward pass of gradient statistics: the largest ``<= batch_size`` whose estimated backward
+    (``backward_bytes``) stays within ``budget``, at least 1.
+
+    Why: the backward's activations and logits grow with the batch and, unlike the statistics, are not
+    bounded by the block-by-block mode: at the default 4 x 512 they are estimated at 4.1 GiB for a
+    Llama-3.2-1B shape in bf16 (its peak was 9.0 GiB at 4 windows per backward). 4 GiB keeps SmolLM2-135M's
+    batches (3.6 GiB at 4 x 512: its numbers unchanged) and halves the batches of 0.5-1 B models. Results
+    depend on it only through the float32 rounding of each batch's products (both memory modes use it).
+    """
+    b = max(int(batch_size), 1)
+    while b > 1 and backward_bytes(model, b, seq_len) > budget:
+        b -= 1
+    return b
+
+
 def activation_cache_bytes(model: nn.Module, windows: int, seq_len: int) -> int:
     """Block-by-block runs: one layer's inputs and the next layer's, for every calibration window."""
     cfg = getattr(model, "config", None)
@@ -149,7 +168,8 @@ def estimate(mode: str, model: nn.Module, targets: list[Target], needs: set[str]
     facs = sum(factor_bytes(t) for t in targets)
     work = max((decompose_bytes(t) for t in targets), default=0)
     has_grad = bool(set(needs) & set(GRADIENT_NEEDS))
-    backward = backward_bytes(model, min(batch_size, fisher_windows), seq_len) if has_grad else 0
+    grad_batch = gradient_batch_size(model, min(batch_size, fisher_windows), seq_len)
+    backward = backward_bytes(model, grad_batch, seq_len) if has_grad else 0
     blocks: dict[int, list[Target]] = {}
     for t in targets:
         blocks.setdefault(t.block, []).append(t)
@@ -270,7 +290,7 @@ def check_device(model: nn.Module, targets: list[Target], needs: set[str], batch
     if free is None or not needs:
         return
     stats = statistics_bytes(targets, needs)
-    need = max(backward_bytes(model, min(batch_size, fisher_windows), seq_len),
+    need = max(backward_bytes(model, gradient_batch_size(model, min(batch_size, fisher_windows), seq_len), seq_len),
                max((stats[t.name] + decompose_bytes(t) for t in targets), default=0))
     if need > HEADROOM * free:
         raise RanklmError(f"not enough GPU memory on {device}: about {gib(need)} needed beyond the model (estimate), "
