@@ -215,3 +215,19 @@ def test_bench_heals_every_cell_on_the_validation_part(capsys, tiny_llama_dir, t
     meta = json.loads(next((tmp_path / "cells").rglob("ranklm.json")).read_text())
     rec = meta["training"][0]
     assert rec["trainer"] == "heal" and rec["validation"]["windows"] >= 1 and len(rec["validation"]["curve"]["step"]) == 3
+
+
+def test_loop_schedules_warm_up_then_decay_and_task_runs_warm_up_after_truncation():
+    from ranklm.apps.finetune import TaskRunConfig, plan_steps, post_truncation_warmup
+    from ranklm.train.loop import LoopConfig, lr_factors
+
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    cos = lr_factors(LoopConfig(steps=20, lr=1.0, warmup_steps=5, lr_schedule="cosine"), opt)
+    assert cos(0) == 0.0 and cos(5) == pytest.approx(1.0) and cos(19) < 0.05 and cos(2) < cos(4)
+    const = lr_factors(LoopConfig(steps=20, lr=1.0, warmup_steps=4, lr_schedule="constant"), opt)
+    assert const(1) == pytest.approx(0.25) and const(4) == const(19) == 1.0
+    old = lr_factors(LoopConfig(steps=20, lr=1.0, lr_schedule="cosine"), opt)  # without warm-up: the loop's own formula
+    assert old(0) == 1.0 and old(10) == pytest.approx(0.5)
+    assert opt.param_groups[0]["lr"] == 1.0  # building a schedule leaves the optimizer's lr alone
+    steps = plan_steps(TaskRunConfig(keep=0.4, allocator="softlm", steps=200))["finetune"]
+    assert steps == 50 and post_truncation_warmup(steps) == 10 and post_truncation_warmup(0) == 0

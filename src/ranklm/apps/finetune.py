@@ -21,7 +21,9 @@ loop steps, each step one batch of ``batch_size`` examples), after the same head
   factors the task-tuned model with the base (Fisher bases on the task loss) and allocates;
   a learning allocator (ARS, SoftLMs) learns its masks/thresholds on the task loss for half of
   the remaining steps (unless its ``steps`` option is given); the ``finetune`` trainer trains
-  the factors and every other parameter for the rest.
+  the factors and every other parameter for the rest, its learning rate warmed up over the first 20 %
+  of those steps (``post_truncation_warmup``: without it SoftLMs' keep-0.4 run collapsed to the
+  majority class when this stage started).
 
 Data parallel: under ``torchrun``/``accelerate launch`` every process runs this same function
 (same seed, same data); the loop splits each global batch and averages gradients (gloo on
@@ -123,6 +125,20 @@ def plan_steps(cfg: TaskRunConfig) -> dict[str, Any]:
     return {"dense": dense, "allocator_options": opts, "finetune": max(0, rest - alloc_steps), "allocator_steps": alloc_steps}
 
 
+POST_TRUNCATION_WARMUP = 0.2  # of the fine-tuning steps after truncation
+
+
+def post_truncation_warmup(steps: int) -> int:
+    """Warm-up steps of the fine-tuning stage after truncation.
+
+    SoftLMs at keep 0.4 (benchmarks/tasks.md) learned its thresholds to a task loss of 0.48, then the
+    first steps of plain Adam at the full lr on every parameter of the truncated model (fresh moments:
+    every element moves by about lr at once) drove the loss back to ln 2 and the model to the majority
+    class. The stage now warms its lr up linearly over the first 20 % of its steps, with clipping as in
+    the dense stage."""
+    return max(1, round(POST_TRUNCATION_WARMUP * steps)) if steps > 0 else 0
+
+
 def finetune_task(model: nn.Module, tokenizer, task: TaskData, cfg: TaskRunConfig, state_dir: str | Path | None = None,
                   resume: bool = False, progress: bool = True, model_info: dict[str, Any] | None = None,
                   evaluate: bool = True) -> dict[str, Any]:
@@ -142,7 +158,8 @@ def finetune_task(model: nn.Module, tokenizer, task: TaskData, cfg: TaskRunConfi
         fisher_windows=cfg.fisher_examples, base_options=dict(cfg.base_options),
         allocator_options=steps_plan["allocator_options"] if cfg.keep < 1 else {},
         trainer="finetune" if steps_plan["finetune"] > 0 else "none",
-        trainer_options={"steps": steps_plan["finetune"], "lr": cfg.lr, "batch_size": cfg.batch_size, "train_all": True}
+        trainer_options={"steps": steps_plan["finetune"], "lr": cfg.lr, "batch_size": cfg.batch_size, "train_all": True,
+                         "warmup": post_truncation_warmup(steps_plan["finetune"]), "max_grad_norm": 1.0}
         if steps_plan["finetune"] > 0 else {},
     )
     config.validate_options(from_cli=True)

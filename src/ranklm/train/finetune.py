@@ -63,12 +63,14 @@ class FinetuneOptions(MethodOptions):
     grad_accum: int = opt(1, "micro-batches per step")
     train_all: bool = opt(False, "also train every other parameter (embeddings, norms, dense targets)")
     seq_len: int | None = opt(None, "train on the first SEQ_LEN tokens of each calibration window [all]")
+    warmup: int = opt(0, "linear learning-rate warm-up steps, then constant (fresh Adam moments on truncated factors)")
+    max_grad_norm: float = opt(0.0, "clip the gradient norm to this (0: off)", bounds=(0.0, 1e9))
     objective: Any = opt(None, "an Objective or loss_fn(model, ids) [LM loss]", python_only=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.steps < 0:
-            raise RanklmError("finetune: steps must be >= 0")
+        if self.steps < 0 or self.warmup < 0:
+            raise RanklmError("finetune: steps and warmup must be >= 0")
 
 
 @register_trainer("finetune")
@@ -92,6 +94,7 @@ class FinetuneTrainer(Configurable):
             steps=self.steps, lr=self.lr, batch_size=self.batch_size or context.batch_size, seed=context.seed,
             grad_accum=self.grad_accum, save_every=context.save_every, state_file=context.state_file(self.name),
             resume=context.resume, progress=context.progress, desc="fine-tune", others_trainable=self.train_all,
+            warmup_steps=min(self.warmup, self.steps), max_grad_norm=self.max_grad_norm or None,
         )
         res = run_loop(model, objective, FactorHooks(), cfg)
         record = {
