@@ -71,3 +71,35 @@ def test_two_gloo_processes_match_one(tmp_path, mode, monkeypatch):
 
 def test_shard_is_contiguous_and_batch_aligned():
     assert list(shard(10, 4)) == [0, 4, 8]  # one process: every batch
+
+
+def test_torchrun_cli_matches_one_process(tiny_llama_dir, text_file, tmp_path):
+    """`torchrun --nproc-per-node 2 -m ranklm.cli compress` (gloo): rank 0 alone writes, and its checkpoint is the
+    one-process checkpoint (rank map equal, factors within 1e-6)."""
+    import json
+    import shutil
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not on PATH")
+    flags = ["--model", str(tiny_llama_dir), "--data", str(text_file), "--calib-windows", "8", "--seq-len", "32",
+             "--fisher-windows", "8", "--batch-size", "2", "--keep", "0.6", "--no-eval", "--threads", "1", "--json"]
+    env = {**os.environ, "RANKLM_SPILL_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "ranklm.cli",
+                          "compress", *flags, "--output", str(tmp_path / "two")], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "process 0 of 2" in two.stderr and "process 1 of 2" in two.stderr
+    assert len([ln for ln in two.stdout.splitlines() if ln.startswith("{")]) == 1  # rank 0 alone reports
+    one = subprocess.run([sys.executable, "-m", "ranklm.cli", "compress", *flags, "--output", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    meta = [json.loads((tmp_path / d / "ranklm.json").read_text()) for d in ("one", "two")]
+    assert meta[0]["rank_map"] == meta[1]["rank_map"]
+    wa, wb = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert float((wa[k] - wb[k]).float().norm()) <= 1e-6 * max(float(wa[k].float().norm()), 1e-30), k

@@ -31,6 +31,14 @@ def join(device: Any) -> tuple[int, int, Any]:
 
     size = launched_world()
     if size <= 1:
+        if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
+            import logging
+
+            # measured with accelerate 1.16: `accelerate launch --cpu --num_processes 2` starts one process and
+            # passes no world size (several CPU processes only through mpirun), so say it rather than run alone
+            logging.getLogger("ranklm").warning(
+                "warning: accelerate launch --cpu started one process (accelerate starts several CPU processes only "
+                "through mpirun); for data-parallel statistics on CPUs use torchrun --nproc-per-node N -m ranklm.cli compress ...")
         return 0, 1, device
     if not dist.is_available():
         raise RanklmError(f"launched with WORLD_SIZE={size} but this torch has no torch.distributed")
