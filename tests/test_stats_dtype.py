@@ -54,3 +54,15 @@ def test_float32_statistics_through_compress_give_the_same_ranks():
 def test_bad_stats_dtype_is_one_line():
     with pytest.raises(RanklmError, match="unknown stats dtype"):
         CompressConfig(stats_dtype="float16")
+
+
+def test_compress_on_a_missing_cuda_device_is_one_line(capsys, tiny_llama_dir, text_file, tmp_path, monkeypatch):
+    from ranklm.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA, on any machine
+    code = main(["compress", "--model", str(tiny_llama_dir), "--data", str(text_file), "--device", "cuda",
+                 "--no-eval", "--output", str(tmp_path / "ckpt")])
+    err = capsys.readouterr().err
+    assert code == 2 and [ln for ln in err.splitlines() if ln.startswith("error:")] == [
+        "error: --device cuda: no CUDA device is available here"]
+    assert "Traceback" not in err and not (tmp_path / "ckpt").exists()

@@ -62,7 +62,7 @@ def loss_values(targets: list[Target], factorizations: dict[str, Factorization])
                 f"the global allocator needs a base whose spectra estimate loss comparably across targets "
                 f"({', '.join(COMPARABLE_BASES)}); {t.name}'s base provides none"
             )
-        out[t.name] = float(scale) * f.s.double().square().numpy()
+        out[t.name] = float(scale) * f.s.detach().double().cpu().square().numpy()  # spectra may sit on a GPU
     return out
 
 
