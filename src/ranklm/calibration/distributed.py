@@ -51,6 +51,7 @@ def all_reduce_sum(tensors: Iterable[torch.Tensor]) -> None:
     nccl = dist.get_backend() == "nccl"  # NCCL reduces device tensors only: CPU sums travel through the GPU
     for t in tensors:
         work = t.to(torch.device("cuda", torch.cuda.current_device())) if nccl and t.device.type == "cpu" else t
+        work = work.contiguous()  # collectives send the storage as laid out
         dist.all_reduce(work, op=dist.ReduceOp.SUM)
         dist.broadcast(work, src=0)
         if work is not t:

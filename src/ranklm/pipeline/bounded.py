@@ -42,6 +42,39 @@ def can_bound(base: Base, allocator: Any) -> bool:
             and not getattr(allocator, "needs_context", False) and not getattr(allocator, "needs_training", False))
 
 
+def decompose_shared(model: nn.Module, block_targets: list[Target], base: Base,
+                     stats: dict[str, dict[str, Any]]) -> dict[str, Factorization]:
+    """``decompose_targets`` of one block, its targets dealt round-robin over the processes of a data-parallel run
+    and each factorization broadcast from the process that computed it (every process holds the same
+    statistics, so any of them computes the same factors: the SVDs, the dominant cost, are shared too)."""
+    from ..calibration.distributed import world
+
+    rank, size = world()
+    if size == 1:
+        return decompose_targets(model, block_targets, base, stats, progress=False)
+    import torch.distributed as dist
+
+    mine = [t for i, t in enumerate(block_targets) if i % size == rank]
+    facs = decompose_targets(model, mine, base, stats, progress=False)
+    out: dict[str, Factorization] = {}
+    for i, t in enumerate(block_targets):
+        owner, f = i % size, facs.get(t.name)
+        header = [None if f is None else (tuple(f.A.shape), tuple(f.B.shape), tuple(f.s.shape), str(f.A.dtype)
+                                          .replace("torch.", ""), f.meta, str(f.A.device))]
+        dist.broadcast_object_list(header, src=owner)
+        a_shape, b_shape, s_shape, dtype, meta, device = header[0]  # type: ignore[misc]
+        dev = torch.device(device) if rank == owner else next(model.parameters()).device
+        if f is None:
+            f = Factorization(*(torch.empty(sh, dtype=getattr(torch, dtype), device=dev)
+                                for sh in (a_shape, b_shape, s_shape)), meta=meta)
+        else:  # collectives send the storage as laid out: a transposed view would arrive scrambled
+            f = Factorization(f.A.contiguous(), f.B.contiguous(), f.s.contiguous(), meta=f.meta)
+        for tensor in (f.A, f.B, f.s):
+            dist.broadcast(tensor, src=owner)
+        out[t.name] = f
+    return out
+
+
 def bounded_factorizations(
     model: nn.Module, targets: list[Target], base: Base, windows: torch.Tensor, batch_size: int,
     fisher_windows: int, store: FactorStore, progress: bool = True, loss_fn: Any = None,
@@ -74,7 +107,7 @@ def bounded_factorizations(
         t1 = time.perf_counter()
         for t in block_targets:
             stats[t.name].update(grad.pop(t.name, {}))  # the output Gram is released with the block's stats
-        facs: dict[str, Factorization] = decompose_targets(model, block_targets, base, stats, progress=False)
+        facs: dict[str, Factorization] = decompose_shared(model, block_targets, base, stats)
         t2 = time.perf_counter()
         before = store.bytes
         out.update(store.put(facs))
