@@ -130,6 +130,7 @@ def test_heal_lowers_the_distillation_loss_after_kfac_and_whiten_bases(recipe, t
     model = _heal(ids, ids[:4], keep=0.5, recipe=recipe, steps=12, patience=10, norms=True, lr=3e-4, monitor="kl")
     rec = model.ranklm.training[-1]
     assert rec["trainer"] == "heal" and model.ranklm.method.endswith("+heal")
+    assert rec["teacher"]["kind"] == "top-k cache" and rec["teacher"]["memory"]["tensors_mib"] > 0
     loss = rec["history"]["loss"]
     assert sum(loss[-3:]) / 3 < loss[0]  # healing moved the compressed model toward the dense one
     curve = rec["validation"]["curve"]

@@ -75,6 +75,22 @@ class HealOptions(MethodOptions):
             raise RanklmError("heal: lr must be positive")
 
 
+def resident_mib() -> float | None:
+    """This process's resident memory now (Linux /proc; None elsewhere): the teacher's cost is its growth."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        import os
+
+        return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _tensor_mib(tensors: Any) -> float:
+    return round(sum(t.numel() * t.element_size() for t in tensors) / 2**20, 2)
+
+
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
 
@@ -191,6 +207,7 @@ class HealTrainer(Configurable):
         self.val_cache: dict[str, torch.Tensor] | None = None
         self.val_ids: torch.Tensor | None = None
         self.prepare_seconds = 0.0
+        self.teacher_memory: dict[str, Any] = {}
 
     def prepare(self, model: nn.Module, context: Any) -> None:
         """Called by the pipeline on the dense model, before any target is replaced: the teacher."""
@@ -201,6 +218,7 @@ class HealTrainer(Configurable):
         if context.windows is None:
             raise RanklmError("heal needs calibration windows to train on")
         t0 = time.perf_counter()
+        rss0 = resident_mib()
         val = getattr(context, "validation", None)
         self.val_ids = None if val is None else val[: self.val_windows]
         windows = self._train_windows(context.windows)
@@ -216,6 +234,11 @@ class HealTrainer(Configurable):
                 p.requires_grad_(False)
             self.teacher = Teacher(live)
         self.prepare_seconds = time.perf_counter() - t0
+        rss1 = resident_mib()
+        held = ([*self.cache.values(), *(self.val_cache or {}).values()] if self.top_k
+                else [*self.teacher.live.parameters(), *self.teacher.live.buffers()])
+        self.teacher_memory = {"tensors_mib": _tensor_mib(held),
+                               "rss_growth_mib": None if rss0 is None or rss1 is None else round(rss1 - rss0, 1)}
 
     def _train_windows(self, windows: torch.Tensor) -> torch.Tensor:
         return windows[:, : self.seq_len] if self.seq_len else windows
@@ -253,8 +276,7 @@ class HealTrainer(Configurable):
             "trainer": self.name, "stage": "train", "steps": self.steps, "steps_run": len(losses),
             "options": self.options(), "objective": objective.description, "teacher":
                 {"kind": "top-k cache" if self.top_k else "live copy", "top_k": self.top_k,
-                 "cache_mib": round(sum(t.numel() * t.element_size() for t in (self.cache or {}).values()) / 2**20, 2),
-                 "prepare_seconds": round(self.prepare_seconds, 2)},
+                 "prepare_seconds": round(self.prepare_seconds, 2), "memory": self.teacher_memory},
             "balanced_layers": balanced, "trained_tensors": len(hooks.named), "trained_params": int(sum(p.numel() for _, p in hooks.named)),
             "first_loss": losses[0] if losses else None, "final_loss": res.final_loss,
             "stopped_early": res.stopped_at is not None and res.stopped_at < self.steps,
