@@ -65,6 +65,24 @@ def rss_bytes() -> int:
         return 0
 
 
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Why: a backward pass frees gigabytes of activations in pieces of a few MB, below glibc's mmap threshold, so
+    they stay in the heap and in the resident size; the Grams allocated next (hundreds of MB each, mmapped) come
+    on top. Observed on the Llama-3.2-1B shape without it: the peak rose from 7.99 GiB after the backward to
+    8.25 GiB in the first block (the effect of the trim there is not measured yet).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def available_memory() -> tuple[int | None, str]:
     """``(bytes this process may still allocate, where the number comes from)``; None when unknown.
 
@@ -98,4 +116,5 @@ def device_free_memory(device) -> int | None:
     return int(free)
 
 
-__all__ = ["MEMORY_LIMIT_ENV", "available_memory", "device_free_memory", "gib", "parse_bytes", "rss_bytes"]
+__all__ = ["MEMORY_LIMIT_ENV", "available_memory", "device_free_memory", "gib", "parse_bytes", "release_freed_memory",
+           "rss_bytes"]

@@ -88,7 +88,7 @@ def bounded_factorizations(
     factorize_s, spill_s, spill_mib, rss_mib after it).
     """
     from ..calibration.sequential import run_sequential
-    from ..resources import rss_bytes
+    from ..resources import release_freed_memory, rss_bytes
 
     seconds = {} if seconds is None else seconds
     needs = set(base.needs)
@@ -99,6 +99,7 @@ def bounded_factorizations(
         grad = collect_stats(model, targets, windows, frozenset(grad_needs), batch_size, progress,
                              fisher_windows=fisher_windows, loss_fn=loss_fn, grad_batch_size=grad_batch_size)
     seconds["gradient_s"] = time.perf_counter() - t0
+    release_freed_memory()  # the backward's activations, freed in small pieces, leave the resident set
     out: dict[str, Any] = {}
     last = [time.perf_counter()]  # end of the previous block's callback: what lies between is its statistics
     per_block: list[dict[str, Any]] = seconds.setdefault("per_block", [])  # type: ignore[assignment]
@@ -111,6 +112,8 @@ def bounded_factorizations(
         t2 = time.perf_counter()
         before = store.bytes
         out.update(store.put(facs))
+        del facs
+        release_freed_memory()
         per_block.append({"block": block, "statistics_s": round(t1 - last[0], 3), "factorize_s": round(t2 - t1, 3),
                           "spill_s": round(time.perf_counter() - t2, 3),
                           "spill_mib": round((store.bytes - before) / 2**20, 1), "rss_mib": round(rss_bytes() / 2**20, 1)})
