@@ -142,3 +142,18 @@ def test_bounded_mode_refused_where_it_does_not_apply():
         make_plan(CompressConfig(recipe="svd-llm", memory_mode="bounded"))
     with pytest.raises(RanklmError, match="unknown memory mode"):
         CompressConfig(memory_mode="half")
+
+
+def test_gpu_preflight_refuses_in_one_line(monkeypatch):
+    dense = make_model("llama")
+    monkeypatch.setattr(memory_mod, "device_free_memory", lambda device: 1000)  # a GPU with 1000 bytes free
+    with pytest.raises(RanklmError, match=r"not enough GPU memory on cpu: about .* GiB needed .* --batch-size 1"):
+        memory_mod.check_device(dense, find_targets(dense), {"gram", "out_gram"}, 4, 32, 8)
+    monkeypatch.setattr(memory_mod, "device_free_memory", lambda device: None)  # the CPU: nothing to check
+    memory_mod.check_device(dense, find_targets(dense), {"gram", "out_gram"}, 4, 32, 8)
+
+
+def test_gpu_out_of_memory_is_one_line():
+    with pytest.raises(RanklmError, match="out of GPU memory during calibration"):
+        with memory_mod.out_of_memory_as_error(None):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
