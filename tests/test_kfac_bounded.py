@@ -149,6 +149,14 @@ def test_gpu_preflight_refuses_in_one_line(monkeypatch):
     monkeypatch.setattr(memory_mod, "device_free_memory", lambda device: 1000)  # a GPU with 1000 bytes free
     with pytest.raises(RanklmError, match=r"not enough GPU memory on cpu: about .* GiB needed .* --batch-size 1"):
         memory_mod.check_device(dense, find_targets(dense), {"gram", "out_gram"}, 4, 32, 8)
+    args = (dense, find_targets(dense), {"gram", "out_gram"}, 4, 32, 8)
+    monkeypatch.setattr(memory_mod, "device_free_memory", lambda device: 10**12)
+    off, on = memory_mod.check_device(*args), memory_mod.check_device(*args, stats_on_device=True)
+    assert on > off > 0  # float32 sums kept on the device need more of it
+    monkeypatch.setattr(memory_mod, "device_free_memory", lambda device: int((off + on) / 2 / memory_mod.HEADROOM))
+    memory_mod.check_device(*args)  # fits with the sums in CPU memory
+    with pytest.raises(RanklmError, match="not enough GPU memory"):
+        memory_mod.check_device(*args, stats_on_device=True)
     monkeypatch.setattr(memory_mod, "device_free_memory", lambda device: None)  # the CPU: nothing to check
     memory_mod.check_device(dense, find_targets(dense), {"gram", "out_gram"}, 4, 32, 8)
 

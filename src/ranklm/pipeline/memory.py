@@ -286,18 +286,28 @@ def _check_disk(est: Estimate) -> None:
 
 
 def check_device(model: nn.Module, targets: list[Target], needs: set[str], batch_size: int, seq_len: int,
-                 fisher_windows: int) -> None:
-    """On a GPU: one backward pass and the largest factorization (with its statistics) must fit its free memory."""
+                 fisher_windows: int, stats_on_device: bool = False) -> int | None:
+    """On a GPU: one backward pass and the largest factorization (with its statistics) must fit its free memory,
+    plus, with running sums on the device (``--stats-dtype float32``, auto on a GPU), the gradient statistics
+    of every target and one block's activation statistics in float32. Returns the estimate (None on the CPU)."""
     device = next(model.parameters()).device
     free = device_free_memory(device)
     if free is None or not needs:
-        return
+        return None
     stats = statistics_bytes(targets, needs)
-    need = max(backward_bytes(model, gradient_batch_size(model, min(batch_size, fisher_windows), seq_len), seq_len),
-               max((stats[t.name] + decompose_bytes(t) for t in targets), default=0))
+    held = 0
+    if stats_on_device:  # float32 sums: half the float64 sizes, the gradient ones for the whole run
+        grads = gradient_bytes(targets, needs)
+        blocks: dict[int, int] = {}
+        for t in targets:
+            blocks[t.block] = blocks.get(t.block, 0) + stats[t.name] - grads[t.name]
+        held = (sum(grads.values()) + max(blocks.values(), default=0)) // 2
+    need = held + max(backward_bytes(model, gradient_batch_size(model, min(batch_size, fisher_windows), seq_len), seq_len),
+                      max((stats[t.name] + decompose_bytes(t) for t in targets), default=0))
     if need > HEADROOM * free:
         raise RanklmError(f"not enough GPU memory on {device}: about {gib(need)} needed beyond the model (estimate), "
                           f"{gib(free)} free; try --batch-size 1, --device-map auto, or --device cpu")
+    return need
 
 
 @contextlib.contextmanager
@@ -329,7 +339,9 @@ def preflight(plan: Any, model: nn.Module, targets: list[Target], windows: torch
     calib = plan.calibration
     choice = choose_mode(plan.memory_mode, model, targets, plan.base, plan.allocator, len(windows), int(windows.shape[1]),
                          calib.batch_size, calib.fisher_windows, plan.sequential)
-    check_device(model, targets, set(plan.base.needs), calib.batch_size, int(windows.shape[1]), calib.fisher_windows)
+    on_device = calib.stats_dtype == "float32" or (calib.stats_dtype == "auto" and next(model.parameters()).is_cuda)
+    check_device(model, targets, set(plan.base.needs), calib.batch_size, int(windows.shape[1]), calib.fisher_windows,
+                 stats_on_device=on_device)
     if chosen is not None:
         chosen[plan.base.name] = choice
     return choice
