@@ -115,7 +115,7 @@ def test_options_without_declarations_fall_back_to_the_constructor():
     registry.register("trainer", "legacy")(Legacy)
     try:
         assert build("trainer", "legacy", {"a": 5}).a == 5
-        with pytest.raises(RanklmError, match="unknown trainer 'nope'; valid trainers: finetune, legacy"):
+        with pytest.raises(RanklmError, match="unknown trainer 'nope'; valid trainers: finetune, heal, legacy"):
             build("trainer", "nope", {})
     finally:
         registry.registered("trainer").pop("legacy")
