@@ -25,6 +25,16 @@ def _click_exception_classes(name: str) -> tuple[type, ...]:
     return tuple(found)
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (``kill``, a scheduler's time limit) exits through Python, so ``finally`` blocks and exit handlers
+    run: no half-written output, and the bounded mode's temporary folder of spilled factors is removed."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: user errors (ours and the command line parser's) become one line and exit code 2."""
     exit_classes = _click_exception_classes("Exit")
@@ -36,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     set_command([str(a) for a in (sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    _exit_on_sigterm()
     quiet_libraries()
     try:
         rv = app(args=argv, standalone_mode=False)
