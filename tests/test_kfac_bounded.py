@@ -165,3 +165,26 @@ def test_gpu_out_of_memory_is_one_line():
     with pytest.raises(RanklmError, match="out of GPU memory during calibration"):
         with memory_mod.out_of_memory_as_error(None):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_sigterm_during_the_bounded_pass_leaves_nothing(tiny_llama_dir, text_file, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "ranklm.cli", "compress", "--model", str(tiny_llama_dir), "--data",
+                             str(text_file), "--calib-windows", "16", "--seq-len", "32", "--batch-size", "1",
+                             "--no-eval", "--output", str(tmp_path / "ckpt")],
+                            env={**os.environ, "RANKLM_SPILL_DIR": str(spill)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not _spill_dirs(spill) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert _spill_dirs(spill), "the run ended before its bounded pass could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert _spill_dirs(spill) == [] and not (tmp_path / "ckpt").exists()
