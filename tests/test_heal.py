@@ -232,3 +232,22 @@ def test_loop_schedules_warm_up_then_decay_and_task_runs_warm_up_after_truncatio
     assert opt.param_groups[0]["lr"] == 1.0  # building a schedule leaves the optimizer's lr alone
     steps = plan_steps(TaskRunConfig(keep=0.4, allocator="softlm", steps=200))["finetune"]
     assert steps == 50 and post_truncation_warmup(steps) == 10 and post_truncation_warmup(0) == 0
+
+
+def test_cli_data_splits_keep_calibration_unless_a_run_validates(tmp_path):
+    from ranklm.cli.common import data_splits, eval_sources
+
+    f = tmp_path / "docs.jsonl"
+    f.write_text("\n".join(json.dumps({"text": f"document {i} " * 10}) for i in range(30)) + "\n")
+    calib, evald, val = data_splits(str(f), None)
+    assert len(calib.documents) == 27 and len(evald.documents) == 2 and len(val.documents) == 1
+    assert eval_sources(str(f), None)[1].documents == evald.documents  # compress and bench evaluate on the same part
+    calib, evald, val = data_splits(str(f), "hamlet")  # a separate evaluation text: all of --data calibrates
+    assert len(calib.documents) == 30 and val is None and evald.description.startswith("Hamlet")
+    calib, evald, val = data_splits(str(f), "hamlet", validate=True)  # ... unless the run validates
+    assert len(calib.documents) == 27 and len(val.documents) == 3 and not set(calib.documents) & set(val.documents)
+    one = tmp_path / "one.txt"
+    one.write_text("no blank line here " * 200)
+    assert data_splits(str(one), None)[2] is None  # nothing to validate on: the held-out tail stays whole
+    with pytest.raises(RanklmError, match="no validation part"):
+        data_splits(str(one), None, validate=True)
