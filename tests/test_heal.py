@@ -152,6 +152,7 @@ def test_cli_heal_validates_on_the_held_out_documents(capsys, tiny_llama_dir, te
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "validation:" in err and "validation part" in err
+    assert "heal: 2 steps" in err and "validation nll" in err and "-> best" in err
     code = main(["compress", "--model", str(tiny_llama_dir), "--data", str(text_file), "--trainer", "heal",
                  "--train-opt", "monitor=loss", *fast])
     _, err = capsys.readouterr()

@@ -160,5 +160,11 @@ def learning_summary(state: CompressionState) -> list[str]:
                 lines.append(f"warning: {r['trainer']} did not learn the budget on its own (learned keep {r['keep_learned']:.4f} "
                              f"vs {r.get('keep_requested', state.keep_requested):.4f}); the final exact fit moved the ranks")
         elif r.get("final_loss") is not None:
-            lines.append(f"{r['trainer']}: {r.get('steps')} steps, loss {r.get('first_loss', float('nan')):.4f} -> {r['final_loss']:.4f}")
+            line = (f"{r['trainer']}: {r.get('steps_run', r.get('steps'))} steps, "
+                    f"loss {r.get('first_loss', float('nan')):.4f} -> {r['final_loss']:.4f}")
+            val = r.get("validation")
+            if isinstance(val, dict) and val.get("start"):  # a trainer that validated (heal)
+                line += (f"; validation {val['monitor']} {val['start'][val['monitor']]:.4f} -> best {val['best']:.4f} "
+                         f"at step {val['best_step']}" + (", stopped early" if r.get("stopped_early") else ""))
+            lines.append(line)
     return lines
