@@ -63,6 +63,7 @@ def main(out: str = "benchmarks/results/kfac-bounded", ck: str = "out/kfac-bound
         s, meta = json.loads(summary.read_text()), json.loads(meta_file.read_text())
         rows.append({"name": name, "mode": mode, "keep": keep, "summary": s, "meta": meta,
                      **time_v(out_dir / f"{name}.log")})
+    rows.sort(key=lambda r: (-float(r["keep"]), r["mode"] != "whole"))
     print("| keep | mode | dense ppl | compressed ppl | rank map = other mode | max factor diff (rel.) | peak RSS | wall | compress s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
