@@ -27,7 +27,7 @@ from torch import nn
 from ..calibration import ACTIVATION, GRADIENT, StatisticNames, collect_stats
 from ..decompose import Base, Factorization
 from ..targets import Target
-from .factorize import decompose_targets
+from .decomposition import decompose_targets
 from .spill import FactorStore
 
 GRADIENT_NEEDS = StatisticNames(GRADIENT)

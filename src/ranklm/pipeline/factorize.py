@@ -9,28 +9,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..budget import DENSE, RankMap, max_factored_rank
+from ..budget import DENSE, RankMap
 from ..calibration import collect_stats, collection_passes
 from ..decompose import Base, Factorization
 from ..targets import Target, weight_matrix
+from .decomposition import decompose_targets, on_device
 from .install import install_rank_map
-
-
-def _on_device(stats: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """One target's statistics (kept in CPU memory) moved next to its weight for the factorization."""
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
-
-
-def decompose_targets(
-    model: nn.Module, targets: list[Target], base: Base, stats: dict[str, dict], progress: bool = True
-) -> dict[str, Factorization]:
-    """Factorize every target; each target's statistics are released as soon as it is done."""
-    out: dict[str, Factorization] = {}
-    for t in tqdm(targets, desc=f"decompose ({base.name})", disable=not progress, unit="matrix"):
-        w = weight_matrix(model.get_submodule(t.name))
-        st = _on_device(stats.pop(t.name, {"name": t.name}), w.device)
-        out[t.name] = base.decompose(w, st, max_factored_rank(t))
-    return out
 
 
 def _sequential_pass(
@@ -158,7 +142,7 @@ def refine_factors(
     for t in tqdm(todo, desc=f"refine ({base.name})", disable=not progress, unit="matrix"):
         w = weight_matrix(model.get_submodule(t.name))
         k = int(rank_map[t.name])
-        a, b = base.refine(w, _on_device(stats.get(t.name, {}), w.device), out[t.name], k)  # type: ignore[attr-defined]
+        a, b = base.refine(w, on_device(stats.get(t.name, {}), w.device), out[t.name], k)  # type: ignore[attr-defined]
         out[t.name] = Factorization(a, b, out[t.name].s, meta=out[t.name].meta)
     return out
 
