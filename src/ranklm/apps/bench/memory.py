@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import threading
 
-
-def rss_bytes() -> int:
-    """Resident set size of this process (from /proc/self/statm)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):  # not Linux
-        return 0
+from ...resources import rss_bytes
 
 
 class PeakRSS:
