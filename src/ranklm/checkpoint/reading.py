@@ -31,9 +31,9 @@ from ..hf import (
     check_tensors,
     checkpoint_shapes,
     install_factored,
-    register,
 )
 from ..layers import LowRankLinear
+from ..loading.dtypes import parse_dtype
 from ..loading.offload import offload_folder, parse_device_map
 from ..loading.strict import check_loading_info, first_line
 from ..loading.tokenizer import load_tokenizer
@@ -229,13 +229,12 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bo
     given. ``device_map`` (e.g. ``"auto"``): spread over devices / offload through accelerate.
     """
     p = checkpoint_folder(path)
-    meta, config, qc, _, _ = _checked_empty_model(p, verify)
-    register()
+    meta, config, qc, _, _ = _checked_empty_model(p, verify)  # importing ranklm.hf registered the quantizer
     kwargs: dict[str, Any] = {}
     if device_map is not None:
         kwargs = {"device_map": parse_device_map(device_map), "offload_folder": offload_folder()}
-    if isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype, None)
+    if dtype is not None:
+        dtype = parse_dtype(dtype)  # "auto", a torch dtype, or one error line naming the bad value
     cls = model_class_for(config)
     try:
         model, loading = cls.from_pretrained(p, config=config, dtype=dtype or _saved_dtype(meta, config),

@@ -75,8 +75,7 @@ def attach(model: nn.Module) -> nn.Module:
     """Give a compressed model the quantization config and quantizer transformers expects of a
     quantized model, so ``model.save_pretrained()`` and ``push_to_hub()`` write what
     ``from_pretrained`` needs (config + factors + rank markers); returns ``model``."""
-    register()
-    qc = quantization_config(model)
+    qc = quantization_config(model)  # the quantizer it looks up was registered when this module was imported
     from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
     model.config.quantization_config = qc
