@@ -134,3 +134,15 @@ def test_an_export_that_does_not_reproduce_the_model_is_refused(tmp_path, monkey
     with pytest.raises(RanklmError, match="does not reproduce the model"):
         onnx_mod.export_onnx_model(model, None, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_export_leaves_the_callers_model_in_its_dtype(tmp_path):
+    """The export runs the float32 CPU graph, then puts the model back as it was (evaluate goes on with it)."""
+    from ranklm.checkpoint.onnx import export_onnx_model
+
+    model = make_model("llama")
+    ranklm.compress(model, None, CompressConfig(keep=0.5, recipe="svd"), progress=False)
+    model.to(torch.bfloat16)
+    export_onnx_model(model, None, tmp_path / "o")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert (tmp_path / "o" / "model.onnx").is_file()

@@ -13,13 +13,16 @@ rather than shipped.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..architectures import max_positions
 from ..atomic import atomic_dir, check_output_dir
 from ..errors import RanklmError
 
@@ -53,8 +56,33 @@ class _Forward(nn.Module):
         return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
-def _vocab(model: nn.Module) -> int:
-    return int(getattr(getattr(model, "config", None), "vocab_size", 0) or 100)
+def random_ids(model: nn.Module, batch: int, seq: int, seed: int) -> torch.Tensor:
+    """``batch x seq`` token ids from the model's vocabulary, reproducible by seed."""
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 100)
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _within_positions(model: nn.Module, seq: int) -> int:
+    """``seq``, or fewer where the model has fewer positions (a tiny test model)."""
+    config = getattr(model, "config", None)
+    limit = max_positions(config) if config is not None else None
+    return min(seq, limit or seq)
+
+
+@contextlib.contextmanager
+def cpu_float32(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` moved to the CPU in float32 (what ONNX export and onnxruntime run) for the block,
+    then put back on its device and dtype, so a caller's model is left as it was."""
+    p = next(model.parameters())
+    device, dtype = p.device, p.dtype
+    moved = device.type != "cpu" or dtype != torch.float32
+    if moved:
+        model.to("cpu", torch.float32)
+    try:
+        yield model
+    finally:
+        if moved:
+            model.to(device, dtype)
 
 
 def onnx_files_bytes(folder: str | os.PathLike) -> int:
@@ -66,9 +94,8 @@ def write_onnx(model: nn.Module, folder: Path, opset: int | None = None) -> Path
     """Export ``model`` (float32 on CPU, eval mode) to ``folder/model.onnx``; returns the file."""
     require_onnx()
     model = model.eval()
-    seq = min(16, int(getattr(getattr(model, "config", None), "max_position_embeddings", 16) or 16))
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, _vocab(model), (2, seq), generator=g)
+    seq = _within_positions(model, 16)
+    ids = random_ids(model, 2, seq, seed=0)
     mask = torch.ones_like(ids)
     mask[0, : seq // 4] = 0  # trace the padded path: with an all-ones mask transformers may drop the mask from the graph
     batch, length = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=2)
@@ -90,9 +117,8 @@ def check_onnx(model: nn.Module, path: Path, batch: int = 3, seq: int = 12, seed
     the relative max error against the torch model over the real (unpadded) positions. RanklmError
     if it exceeds ``CHECK_RTOL``."""
     ort = require_onnx()
-    seq = min(seq, int(getattr(getattr(model, "config", None), "max_position_embeddings", seq) or seq))
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, _vocab(model), (batch, seq), generator=g)
+    seq = _within_positions(model, seq)
+    ids = random_ids(model, batch, seq, seed)
     mask = torch.ones_like(ids)
     mask[0, : seq // 3] = 0  # a left-padded row: the mask must reach the graph
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -113,10 +139,7 @@ def export_onnx_model(model: nn.Module, tokenizer: Any, out: str | os.PathLike, 
     tokenizer; checked in onnxruntime before the folder appears. Returns ``{"path", "bytes", "max_rel_err"}``."""
     check_output_dir(out, overwrite)
     require_onnx()
-    p = next(model.parameters())
-    if p.device.type != "cpu" or p.dtype != torch.float32:
-        model = model.to("cpu", torch.float32)  # ONNX export and the check run the float32 CPU graph
-    with atomic_dir(out, overwrite) as tmp:
+    with cpu_float32(model), atomic_dir(out, overwrite) as tmp:
         path = write_onnx(model, tmp, opset)
         err = check_onnx(model, path)
         config = getattr(model, "config", None)
@@ -142,5 +165,5 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite
     return export_onnx_model(model, tokenizer, out, overwrite)
 
 
-__all__ = ["CHECK_RTOL", "INSTALL_HINT", "ONNX_FILE", "check_onnx", "export_onnx", "export_onnx_model",
-           "onnx_files_bytes", "require_onnx", "write_onnx"]
+__all__ = ["CHECK_RTOL", "INSTALL_HINT", "ONNX_FILE", "check_onnx", "cpu_float32", "export_onnx", "export_onnx_model",
+           "onnx_files_bytes", "random_ids", "require_onnx", "write_onnx"]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint.onnx import ONNX_FILE, export_onnx_model, require_onnx
+from ..checkpoint.onnx import ONNX_FILE, cpu_float32, export_onnx_model, random_ids, require_onnx
 from .latency import LatencyResult, dense_counterpart, timed_point
 from .speedup_limits import flop_ratio_of_model
 
@@ -33,24 +33,22 @@ def _session(path: Path, threads: int) -> Any:
 def onnx_serving_report(compressed: nn.Module, shapes: list[tuple[int, int]], reps: int = 10, warmup: int = 2,
                         folder: str | None = None, seed: int = 0) -> dict[str, Any]:
     """Export ``compressed`` and its dense twin to ONNX (in ``folder``, or a temp dir) and time both in onnxruntime."""
-    compressed = compressed.to("cpu", torch.float32).eval()
-    flop_limit = flop_ratio_of_model(compressed)
-    dense = dense_counterpart(compressed)
-    threads = torch.get_num_threads()
-    with tempfile.TemporaryDirectory(prefix="ranklm-onnx-") as tmp:
-        root = Path(folder) if folder is not None else Path(tmp)
-        exports = {name: export_onnx_model(m, None, root / name, overwrite=True)
-                   for name, m in (("dense", dense), ("compressed", compressed))}
-        del dense
-        sessions = [_session(root / name / ONNX_FILE, threads) for name in ("dense", "compressed")]
-        vocab = int(getattr(compressed.config, "vocab_size", 0) or 100)
-        g = torch.Generator().manual_seed(seed)
-        points = []
-        for batch, seq in shapes:
-            ids = torch.randint(0, vocab, (batch, seq), generator=g).numpy()
-            feed = {"input_ids": ids, "attention_mask": (ids * 0 + 1)}
-            runs = [lambda s=s: s.run(None, feed) for s in sessions]
-            points.append(timed_point(batch, seq, runs, reps, warmup))
+    with cpu_float32(compressed):
+        flop_limit = flop_ratio_of_model(compressed)
+        dense = dense_counterpart(compressed)
+        threads = torch.get_num_threads()
+        with tempfile.TemporaryDirectory(prefix="ranklm-onnx-") as tmp:
+            root = Path(folder) if folder is not None else Path(tmp)
+            exports = {name: export_onnx_model(m, None, root / name, overwrite=True)
+                       for name, m in (("dense", dense), ("compressed", compressed))}
+            del dense
+            sessions = [_session(root / name / ONNX_FILE, threads) for name in ("dense", "compressed")]
+            points = []
+            for i, (batch, seq) in enumerate(shapes):
+                ids = random_ids(compressed, batch, seq, seed + i).numpy()
+                feed = {"input_ids": ids, "attention_mask": (ids * 0 + 1)}
+                runs = [lambda s=s: s.run(None, feed) for s in sessions]
+                points.append(timed_point(batch, seq, runs, reps, warmup))
     result = LatencyResult(points, flop_limit, threads, "cpu (onnxruntime)", extra={"runtime": "onnxruntime"})
     return {
         "onnx_bytes": {name: e["bytes"] for name, e in exports.items()},
