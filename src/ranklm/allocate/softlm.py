@@ -60,7 +60,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..budget import RankMap, max_factored_rank, target_cost, targets_dense_params
@@ -70,6 +69,7 @@ from ..layers import replace_module
 from ..options import Configurable, MethodOptions, opt
 from ..targets import Target
 from ..train.budget_control import BudgetController
+from ..train.logit_distill import full_kl, next_token_nll
 from ..train.loop import Hooks
 from ..train.objective import Batch, Objective, is_causal_lm
 from ..train.soft_threshold import SoftThresholdFactorized
@@ -177,9 +177,8 @@ class SoftLMHooks(Hooks):
                         m.dense = False
             out = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"), use_cache=False)
             labels = b.get("labels", b["input_ids"])
-            task = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
-            kl = F.kl_div(F.log_softmax(out.logits.float(), -1), F.log_softmax(teacher.float(), -1), log_target=True,
-                          reduction="batchmean") / out.logits.shape[1]
+            task = next_token_nll(out.logits, labels)
+            kl = full_kl(out.logits, teacher)
             logs["distill"] = float(kl.detach())
             main = (1.0 - self.a.distill_weight) * task + self.a.distill_weight * kl
         else:

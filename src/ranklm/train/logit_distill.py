@@ -61,7 +61,7 @@ def top_k_kl(student_logits: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Te
 def full_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Mean over positions of the full-vocabulary KL(teacher || student)."""
     ls, lt = F.log_softmax(student_logits.float(), -1), F.log_softmax(teacher_logits.float(), -1)
-    return (lt.exp() * (lt - ls)).sum(-1).mean()
+    return F.kl_div(ls, lt, log_target=True, reduction="batchmean") / student_logits.shape[1]  # batch x seq x vocab
 
 
 def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
