@@ -62,6 +62,7 @@ import torch
 from torch import nn
 
 from ..budget import DENSE, RankMap, target_cost, targets_dense_params
+from ..calibration.distributed import world as process_group
 from ..decompose.base import Factorization, thin_svd
 from ..errors import RanklmError
 from ..layers import replace_module
@@ -227,7 +228,7 @@ class RankDynaHooks(Hooks):
         b1, b2 = self.a.beta1, self.a.beta2
         gate_grads = torch.cat([(m.gate.grad if m.gate.grad is not None else torch.zeros_like(m.gate)).detach().float().cpu()
                                 for m in self.modules])
-        world = _world()
+        _, world = process_group()
         if world > 1:  # every process must rank the triplets on the same (averaged) gradients
             import torch.distributed as dist
 
@@ -308,12 +309,6 @@ class RankDynaHooks(Hooks):
             self.u_ibar[i], self.u_ubar[i] = tensors[f"u_ibar.{i}"].clone(), tensors[f"u_ubar.{i}"].clone()
             self.v_ibar[i], self.v_ubar[i] = tensors[f"v_ibar.{i}"].clone(), tensors[f"v_ubar.{i}"].clone()
         self._push_gate()
-
-
-def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @dataclass(frozen=True)
