@@ -188,3 +188,17 @@ def test_sigterm_during_the_bounded_pass_leaves_nothing(tiny_llama_dir, text_fil
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     assert _spill_dirs(spill) == [] and not (tmp_path / "ckpt").exists()
+
+
+def test_gradient_batch_counts_what_the_pass_holds():
+    """The backward batch shrinks when the model and the gradient statistics it holds leave less of the pass
+    budget, and both memory modes see the same held bytes (so they use the same batches)."""
+    model = make_model("llama")
+    targets = find_targets(model)
+    needs = frozenset({"gram", "out_gram"})
+    held = memory_mod.gradient_pass_held(model, targets, needs)
+    assert held > memory_mod.model_bytes(model)
+    one = memory_mod.backward_bytes(model, 1, 64)
+    assert memory_mod.gradient_batch_size(model, 4, 64, held=held, pass_budget=held + 4 * one) == 4
+    assert memory_mod.gradient_batch_size(model, 4, 64, held=held, pass_budget=held + 2 * one) == 2
+    assert memory_mod.gradient_batch_size(model, 4, 64, held=held, pass_budget=0) == 1

@@ -45,11 +45,6 @@ class FactorCache:
         self.stats_dtype = stats_dtype  # running sums: float64 on the CPU, float32 on the device, auto
         self.loss_fn = loss_fn  # Fisher's loss: a task Objective for encoders (None: the LM loss)
         self.batch_size, self.fisher_windows, self.progress = batch_size, fisher_windows, progress
-        self.grad_batch_size = batch_size
-        if windows is not None:  # backward passes of gradient statistics: split to an estimated memory budget
-            from .memory import gradient_batch_size
-
-            self.grad_batch_size = gradient_batch_size(model, batch_size, int(windows.shape[1]))
         self.stats: dict[str, dict] = {t.name: {"name": t.name} for t in targets}
         self.collected: set[str] = set()
         self.seconds: dict[str, float] = {}  # "act"/"fisher"/"<base>:<mode>" -> seconds
@@ -66,6 +61,16 @@ class FactorCache:
         f32 = self.stats_dtype == "float32" or (self.stats_dtype == "auto" and on_gpu)
         return running_sums(torch.float32, on_device=True) if f32 else running_sums(torch.float64)
 
+    def grad_batch_size(self, needs: frozenset[str]) -> int:
+        """Windows per backward pass of gradient statistics, split to an estimated memory budget
+        (``memory.gradient_batch_size``; the same for every memory mode of the same needs)."""
+        if self.windows is None:
+            return self.batch_size
+        from .memory import gradient_batch_size, gradient_pass_held
+
+        return gradient_batch_size(self.model, self.batch_size, int(self.windows.shape[1]),
+                                   held=gradient_pass_held(self.model, self.targets, needs))
+
     def _collect(self, needs: frozenset[str]) -> None:
         kinds = collection_passes(needs)  # ("act", activation statistics), then (name, {name}) per gradient one
         for kind, want in kinds:
@@ -76,7 +81,7 @@ class FactorCache:
             with self.sums():
                 st = collect_stats(self.model, self.targets, self.windows, frozenset(want), self.batch_size,
                                    self.progress, fisher_windows=self.fisher_windows, loss_fn=self.loss_fn,
-                                   grad_batch_size=self.grad_batch_size)
+                                   grad_batch_size=self.grad_batch_size(needs))
             for name, entry in st.items():
                 self.stats[name].update(entry)
             self.collected |= want
@@ -98,7 +103,7 @@ class FactorCache:
                 with self.sums():
                     facs = bounded_factorizations(self.model, self.targets, base, self.windows, self.batch_size,
                                                   self.fisher_windows, store, self.progress, self.loss_fn, split,
-                                                  grad_batch_size=self.grad_batch_size)
+                                                  grad_batch_size=self.grad_batch_size(base.needs))
                 self.blocks[base.name] = split
             elif sequential:
                 facs: dict[str, Factorization] = {}

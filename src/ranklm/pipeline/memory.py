@@ -117,22 +117,33 @@ def backward_bytes(model: nn.Module, batch: int, seq_len: int) -> int:
 
 
 BACKWARD_BUDGET = 4 * 2**30  # estimated bytes one backward pass of gradient statistics may take (see below)
+GRADIENT_PASS_BUDGET = 6 * 2**30  # estimated model + gradient statistics + one backward pass (see below)
 
 
-def gradient_batch_size(model: nn.Module, batch_size: int, seq_len: int, budget: int = BACKWARD_BUDGET) -> int:
+def gradient_batch_size(model: nn.Module, batch_size: int, seq_len: int, budget: int = BACKWARD_BUDGET,
+                        held: int = 0, pass_budget: int = GRADIENT_PASS_BUDGET) -> int:
     """Windows per backward pass of gradient statistics: the largest ``<= batch_size`` whose estimated backward
-    (``backward_bytes``) stays within ``budget``, at least 1.
+    (``backward_bytes``) stays within ``budget`` and, with ``held`` (the model and the gradient statistics that
+    the pass keeps: ``gradient_pass_held``), within ``pass_budget``; at least 1.
 
     Why: the backward's activations and logits grow with the batch and, unlike the statistics, are not
-    bounded by the block-by-block mode: at the default 4 x 512 they are estimated at 4.1 GiB for a
-    Llama-3.2-1B shape in bf16 (its peak was 9.0 GiB at 4 windows per backward). 4 GiB keeps SmolLM2-135M's
-    batches (3.6 GiB at 4 x 512: its numbers unchanged) and halves the batches of 0.5-1 B models. Results
-    depend on it only through the float32 rounding of each batch's products (both memory modes use it).
+    bounded by the block-by-block mode. Measured on a Llama-3.2-1B shape in bf16: peak 9.0 GiB at 4 windows
+    per backward, 7.9-8.0 GiB at 3 (the 4 GiB backward budget alone), which set the whole run's peak. The
+    second budget counts what the pass holds besides the backward (model 2.0 GiB + output Grams 1.6 GiB
+    there): 6 GiB gives the 1 B shape 2 windows per backward and keeps SmolLM2-135M's 4 (estimated 5.4 GiB:
+    its numbers unchanged). Results depend on the batch only through the float32 rounding of each batch's
+    products; both memory modes compute the same ``held``, so they use the same batches.
     """
     b = max(int(batch_size), 1)
-    while b > 1 and backward_bytes(model, b, seq_len) > budget:
+    while b > 1 and (backward_bytes(model, b, seq_len) > budget
+                     or held + backward_bytes(model, b, seq_len) > pass_budget):
         b -= 1
     return b
+
+
+def gradient_pass_held(model: nn.Module, targets: list[Target], needs: set[str] | frozenset[str]) -> int:
+    """What a gradient pass holds besides its backward: the model and every target's gradient statistics."""
+    return model_bytes(model) + sum(gradient_bytes(targets, set(needs)).values())
 
 
 def activation_cache_bytes(model: nn.Module, windows: int, seq_len: int) -> int:
@@ -171,7 +182,8 @@ def estimate(mode: str, model: nn.Module, targets: list[Target], needs: set[str]
     facs = sum(factor_bytes(t) for t in targets)
     work = max((decompose_bytes(t) for t in targets), default=0)
     has_grad = bool(set(needs) & set(GRADIENT_NEEDS))
-    grad_batch = gradient_batch_size(model, min(batch_size, fisher_windows), seq_len)
+    grad_batch = gradient_batch_size(model, min(batch_size, fisher_windows), seq_len,
+                                     held=gradient_pass_held(model, targets, needs))
     backward = backward_bytes(model, grad_batch, seq_len) if has_grad else 0
     blocks: dict[int, list[Target]] = {}
     for t in targets:
@@ -302,7 +314,9 @@ def check_device(model: nn.Module, targets: list[Target], needs: set[str], batch
         for t in targets:
             blocks[t.block] = blocks.get(t.block, 0) + stats[t.name] - grads[t.name]
         held = (sum(grads.values()) + max(blocks.values(), default=0)) // 2
-    need = held + max(backward_bytes(model, gradient_batch_size(model, min(batch_size, fisher_windows), seq_len), seq_len),
+    grad_batch = gradient_batch_size(model, min(batch_size, fisher_windows), seq_len,
+                                     held=gradient_pass_held(model, targets, needs))
+    need = held + max(backward_bytes(model, grad_batch, seq_len),
                       max((stats[t.name] + decompose_bytes(t) for t in targets), default=0))
     if need > HEADROOM * free:
         raise RanklmError(f"not enough GPU memory on {device}: about {gib(need)} needed beyond the model (estimate), "
