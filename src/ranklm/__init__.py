@@ -14,6 +14,7 @@ do not pay for importing torch and transformers.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 from ._version import __version__
@@ -32,6 +33,24 @@ _EXPORTS = {
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
+
+
+class _DropImportNoise(logging.Filter):
+    """torchao (the ``quantize`` extra) logs, on every import (transformers imports it when installed), that its
+    CUDA-only kernels do not load on a CPU and that torch.compile now handles its enums: lines about torchao's
+    build, not about the run. Dropped; every other torchao or torch record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not (msg.startswith("Failed to load") or "is an Enum subclass and is now natively supported" in msg)
+
+
+def _quiet_import_noise() -> None:
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).addFilter(_DropImportNoise())
+
+
+_quiet_import_noise()
 
 
 def _install_transformers_hook() -> None:

@@ -51,6 +51,8 @@ class LowRankLinear(nn.Module):
 
     def use_fast_layout_(self) -> "LowRankLinear":
         """Store ``A.weight`` column-major (see the module docstring); a no-op when it already is."""
+        if not isinstance(self.A, nn.Linear):  # quantized factors (ranklm.quantize): stored codes, no layout
+            return self
         w = self.A.weight
         if w.dim() == 2 and w.stride() != (1, w.shape[0]):
             self.A.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)

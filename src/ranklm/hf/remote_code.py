@@ -113,6 +113,97 @@ class FactoredLinear(nn.Module):
         return dense
 
 
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned ``bits``-bit codes (uint8, rows x cols, values < 2**bits) -> uint8 rows x ceil(cols*bits/8),
+    least significant bit first: the stored form of a quantized weight."""
+    rows, cols = codes.shape
+    if bits == 8:
+        return codes.to(torch.uint8).contiguous()
+    shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
+    bit = (codes.to(torch.uint8).unsqueeze(-1) >> shifts) & 1  # rows x cols x bits
+    flat = bit.reshape(rows, cols * bits)
+    pad = (-flat.shape[1]) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(rows, pad)], dim=1)
+    weights = (torch.ones(8, dtype=torch.uint8, device=codes.device) << torch.arange(8, dtype=torch.uint8,
+                                                                                      device=codes.device))
+    return (flat.reshape(rows, -1, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Inverse of ``pack_bits``: uint8 codes, rows x cols."""
+    if bits == 8:
+        return packed[:, :cols]
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bit = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(packed.shape[0], -1)[:, :cols * bits]
+    weights = torch.ones(bits, dtype=torch.uint8, device=packed.device) << torch.arange(bits, dtype=torch.uint8,
+                                                                                        device=packed.device)
+    return (bit.reshape(packed.shape[0], cols, bits) * weights).sum(-1, dtype=torch.uint8)
+
+
+def affine_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                      in_features: int) -> torch.Tensor:
+    """``(q - zero) * scale`` per group in float32, padding dropped: out x in_features."""
+    out = codes.shape[0]
+    q = codes.to(torch.float32).reshape(out, -1, group_size)
+    w = (q - zero.to(torch.float32).unsqueeze(-1)) * scale.to(torch.float32).unsqueeze(-1)
+    return w.reshape(out, -1)[:, :in_features]
+
+
+class QuantizedLinear(nn.Module):
+    """``y = x W^T + b`` with W (out x in) stored as ``bits``-bit integers in groups of ``group_size`` along
+    the input: ``W = (q - zero) * scale`` per group (asymmetric affine, q in [-2^(bits-1), 2^(bits-1) - 1]).
+
+    Buffers (all integer, so no ``.to(dtype)``/``dtype=`` cast can alter them): ``qweight`` uint8, the codes
+    ``q + 2^(bits-1)`` packed ``bits`` per value (``pack_bits``), ``out x ceil(groups*group_size*bits/8)``;
+    ``scale`` int16, the float16 scales' bits, ``out x groups``; ``zero`` int8, ``out x groups``.
+    ``groups = ceil(in / group_size)``: a last partial group is padded (a factor's rank need not be a multiple).
+    The forward dequantizes into the input's dtype and runs one GEMM; the unpacked codes are cached
+    (one byte per weight), the stored bytes are what the checkpoint holds.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = True,
+                 device: Any = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        groups = -(-in_features // group_size)
+        cols = -(-groups * group_size * bits // 8)
+        self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.zeros(out_features, groups, dtype=torch.int16, device=device))
+        self.register_buffer("zero", torch.zeros(out_features, groups, dtype=torch.int8, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self._codes: torch.Tensor | None = None
+        self._codes_of: Any = None
+
+    def codes(self) -> torch.Tensor:
+        """Signed codes q (int8, out x groups*group_size), unpacked once per stored ``qweight``."""
+        key = (self.qweight.data_ptr(), self.qweight.device, self.qweight._version)
+        if self._codes is None or self._codes_of != key:
+            padded = self.scale.shape[1] * self.group_size
+            u = unpack_bits(self.qweight, self.bits, padded)
+            self._codes = (u.to(torch.int16) - (1 << (self.bits - 1))).to(torch.int8)
+            self._codes_of = key
+        return self._codes
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W (out x in) in ``dtype`` (float32 arithmetic, then cast)."""
+        w = affine_dequantize(self.codes(), self.scale.view(torch.float16), self.zero, self.group_size,
+                              self.in_features)
+        return w.to(dtype or (self.bias.dtype if self.bias is not None else torch.float32))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (read-only view of what the forward uses)."""
+        return self.dequantized()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.dequantized(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}")
+
+
 def _weight_shape(module: nn.Module) -> tuple[int, int] | None:
     """(out, in) of a Linear or GPT-2 Conv1D, else None."""
     if isinstance(module, nn.Linear):
