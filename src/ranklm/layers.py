@@ -80,24 +80,16 @@ class LowRankLinear(nn.Module):
                 layer.A.bias.copy_(bias)
         return layer
 
-    def to_dense(self) -> nn.Module:
-        """The equivalent dense module of the original type (Linear or Conv1D)."""
+    def to_dense(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """The equivalent dense module of the original type (Linear or Conv1D). Quantized factors
+        (``ranklm.quantize``) are dequantized first, into ``dtype`` (default: the bias's, else float32);
+        float factors keep their own dtype."""
+        from .hf.remote_code import dense_module, factor_dtype, factor_weight
+
         with torch.no_grad():
-            w = self.A.weight @ self.B.weight  # out x in
-            has_bias = self.A.bias is not None
-            if self.source_kind == "conv1d":
-                dense = Conv1D(self.out_features, self.in_features).to(device=w.device, dtype=w.dtype)
-                dense.weight.copy_(w.t())
-                if has_bias:
-                    dense.bias.copy_(self.A.bias)
-                else:  # Conv1D always has a bias
-                    dense.bias.zero_()
-            else:
-                dense = nn.Linear(self.in_features, self.out_features, bias=has_bias, device=w.device, dtype=w.dtype)
-                dense.weight.copy_(w)
-                if has_bias:
-                    dense.bias.copy_(self.A.bias)
-        return dense
+            dtype = factor_dtype(self, dtype)
+            w = factor_weight(self.A, dtype) @ factor_weight(self.B, dtype)  # out x in
+            return dense_module(w, self.A.bias, self.source_kind)
 
 
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -117,9 +109,19 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _float_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's float weights (the first floating parameter's), None when it has none."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
 def merge_low_rank(model: nn.Module) -> int:
-    """Replace every LowRankLinear by its dense equivalent in place; returns how many."""
-    names = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    """Replace every LowRankLinear by its dense equivalent in place, and every quantized dense target
+    (``QuantizedLinear``) by its dequantized Linear/Conv1D, quantized weights in the model's float dtype;
+    returns how many."""
+    from .hf.remote_code import quantized_dense_names
+
+    names = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)] + quantized_dense_names(model)
+    dtype = _float_dtype(model)
     for n in names:
-        replace_module(model, n, model.get_submodule(n).to_dense())
+        replace_module(model, n, model.get_submodule(n).to_dense(dtype))
     return len(names)

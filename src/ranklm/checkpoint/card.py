@@ -17,7 +17,23 @@ def _ppl(evaluation: dict[str, Any], key: str) -> float | None:
     return v.get("ppl") if isinstance(v, dict) else None
 
 
-def model_card(meta: dict[str, Any], auto_class: str, task: str | None) -> str:
+def _quantization_line(modules: dict[str, dict[str, Any]]) -> str | None:
+    """``| weight-only quantization | int4 (groups of 64) on 14 of 14 targets |`` from config.json's
+    ``quantization_config.modules``; None when nothing is quantized."""
+    widths: dict[tuple[int, int], int] = {}
+    for info in modules.values():
+        if info.get("bits") is not None:
+            key = (info["bits"], info.get("group_size"))
+            widths[key] = widths.get(key, 0) + 1
+    if not widths:
+        return None
+    parts = [f"int{b} (groups of {g}) on {n}" for (b, g), n in sorted(widths.items())]
+    return f"| weight-only quantization | {', '.join(parts)} of {len(modules)} targets |"
+
+
+def model_card(meta: dict[str, Any], auto_class: str, task: str | None,
+               modules: dict[str, dict[str, Any]] | None = None) -> str:
+    """``modules``: config.json's ``quantization_config.modules`` (their bits make the quantization line)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     base = meta.get("base_model") or {}
@@ -46,6 +62,9 @@ def model_card(meta: dict[str, Any], auto_class: str, task: str | None) -> str:
         f"| keep achieved (whole model) | {meta.get('keep_achieved_model')} |",
         f"| factored targets | {factored} of {len(rank_map)} |",
     ]
+    quantized = _quantization_line(modules or {})
+    if quantized:
+        lines.append(quantized)
     if params:
         lines.append(f"| parameters | {params.get('model_compressed', '?')} (dense {params.get('model_dense', '?')}) |")
     evaluation = meta.get("evaluation") or {}

@@ -30,7 +30,7 @@ from ..hf import (
     RanklmQuantizationConfig,
     check_tensors,
     checkpoint_shapes,
-    install_factored,
+    install_layers,
 )
 from ..layers import LowRankLinear
 from ..loading.dtypes import parse_dtype
@@ -186,7 +186,7 @@ def _empty_model(config: Any, qc: RanklmQuantizationConfig, dtype: torch.dtype) 
     with init_empty_weights(include_buffers=False):
         model = cls.from_config(config, dtype=dtype) if hasattr(cls, "from_config") else cls._from_config(config, dtype=dtype)
     try:
-        install_factored(model, qc, LowRankLinear)
+        install_layers(model, qc, LowRankLinear)
     except ValueError as e:
         raise RanklmError(str(e)) from None
     return model
@@ -204,13 +204,13 @@ def check_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict[str, 
     """Validate a checkpoint as ``load`` does, without reading the weights into memory; returns its metadata.
 
     Checks ranklm.json, the file hashes (``verify``), that the compression config fits the weights
-    (every factor's shape, read from the safetensors headers) and the model rebuilt from
+    (every factor's shape, and the quantized codes', scales' and zero points', read from the safetensors headers) and the model rebuilt from
     ``config.json`` (names, layer types, shapes), and that no saved tensor is foreign to that model.
     """
     p = checkpoint_folder(path)
     meta, config, qc, model, shapes = _checked_empty_model(p, verify)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    markers = {f"{n}{MARKER_SUFFIX}" for n in qc.factored()}
+    markers = {f"{n}{MARKER_SUFFIX}" for n in qc.installed()}
     for k, shape in shapes.items():
         if k in markers:
             continue

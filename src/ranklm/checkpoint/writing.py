@@ -130,7 +130,8 @@ def save(model: nn.Module, tokenizer, path: str | os.PathLike, overwrite: bool =
             meta["files"][ARTIFACTS_FILE] = sha256_file(tmp / ARTIFACTS_FILE)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
         task = "text-generation" if next(iter(auto_map)) == "AutoModelForCausalLM" else None
-        (tmp / CARD_FILE).write_text(model_card(json.loads((tmp / META_FILE).read_text()), next(iter(auto_map)), task))
+        (tmp / CARD_FILE).write_text(model_card(json.loads((tmp / META_FILE).read_text()), next(iter(auto_map)), task,
+                                                model.config.quantization_config.modules))
     return Path(path)
 
 

@@ -22,11 +22,15 @@ from .remote_code import (
     FORMAT_VERSION,
     MARKER_SUFFIX,
     QUANT_METHOD,
+    QUANTIZED_FORMAT_VERSION,
+    QuantizedLinear,
     RanklmHfQuantizer,
     RanklmQuantizationConfig,
     check_tensors,
     checkpoint_shapes,
+    expected_tensors,
     install_factored,
+    install_layers,
     marker_tensors,
 )
 from .remote_code import register as _register
@@ -54,7 +58,8 @@ def register() -> None:
 
 
 def quantization_config(model: nn.Module) -> RanklmQuantizationConfig:
-    """The ``quantization_config`` describing ``model``'s compression (its targets and their current ranks)."""
+    """The ``quantization_config`` describing ``model``'s compression (its targets, their current ranks, and
+    ``bits``/``group_size`` where a target is quantized: its factors, or its dense weight)."""
     from .._version import __version__
     from ..layers import LowRankLinear
 
@@ -66,8 +71,15 @@ def quantization_config(model: nn.Module) -> RanklmQuantizationConfig:
         module = model.get_submodule(t.name)
         factored = isinstance(module, LowRankLinear)
         bias = (module.A.bias if factored else getattr(module, "bias", None)) is not None
-        modules[t.name] = {"rank": int(module.rank) if factored else DENSE, "out": t.out_features,
-                           "in": t.in_features, "kind": t.kind, "bias": bias, "block": t.block}
+        info: dict[str, Any] = {"rank": int(module.rank) if factored else DENSE, "out": t.out_features,
+                                "in": t.in_features, "kind": t.kind, "bias": bias, "block": t.block}
+        quantized = [m for m in ((module.A, module.B) if factored else (module,)) if isinstance(m, QuantizedLinear)]
+        if quantized:
+            alike = len(quantized) == (2 if factored else 1) and len({(m.bits, m.group_size) for m in quantized}) == 1
+            if not alike:
+                raise ValueError(f"{t.name}: both factors must be quantized alike (bits and group size) to be saved")
+            info.update(bits=int(quantized[0].bits), group_size=int(quantized[0].group_size))
+        modules[t.name] = info
     return RanklmQuantizationConfig(modules=modules, ranklm_version=__version__)
 
 
@@ -96,8 +108,9 @@ def detach(model: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Multiply every factored layer back into a dense one, in memory, and drop the compression
-    state: a plain transformers model (the in-memory twin of ``ranklm export --dense``)."""
+    """Multiply every factored layer back into a dense one (quantized ones dequantized first, into the
+    model's float dtype), in memory, and drop the compression state: a plain transformers model (the
+    in-memory twin of ``ranklm export --dense``)."""
     from ..layers import merge_low_rank
 
     merge_low_rank(model)
@@ -146,7 +159,9 @@ __all__ = [
     "DENSE",
     "FORMAT_VERSION",
     "MARKER_SUFFIX",
+    "QUANTIZED_FORMAT_VERSION",
     "QUANT_METHOD",
+    "QuantizedLinear",
     "REMOTE_FILE",
     "RanklmHfQuantizer",
     "RanklmQuantizationConfig",
@@ -155,7 +170,9 @@ __all__ = [
     "check_tensors",
     "checkpoint_shapes",
     "detach",
+    "expected_tensors",
     "install_factored",
+    "install_layers",
     "marker_tensors",
     "merge_and_unload",
     "quantization_config",
