@@ -150,6 +150,21 @@ class CompressConfig:
         "on the model's device), 'auto' (float32 on a GPU, float64 on the CPU).")
     propagate: str = run_field("compressed", "--propagate", "With --sequential: later blocks see the 'compressed' "
                                "(refit) or 'dense' outputs.")
+    # Weight-only quantization after compression (ranklm/quantize, docs/design.md §11): one width for every target,
+    # or several for the joint rank x bits allocator under --budget-bytes.
+    quantize: str | None = run_field(
+        None, "--quantize", "Weight-only quantization of every target after compression, both factors or the dense "
+        "weight: int8, int4, int3, int2 (int5-7 too); a comma list (int2,int3,int4,int8) lets the joint allocator "
+        "choose rank and width per target under --budget-bytes. --keep 1 --quantize int4 is plain quantization.",
+        show_default="off")
+    quant_group_size: int = run_field(64, "--quant-group-size", "Weights per scale and zero point along each "
+                                      "matrix's input (must divide the targets' input sizes; e.g. 32, 64, 128).",
+                                      positive=True)
+    budget_bytes: str | None = run_field(
+        None, "--budget-bytes", "Budget in bytes instead of --keep: a fraction of the targets' dense bytes in the "
+        "model's dtype (0.25), bits per target weight (3bpw), or a size (150MB, 1.2GiB). With --quantize the joint "
+        "allocator (kfac base) chooses rank and width per target; without it, float factors at that fraction.",
+        show_default="off (--keep)")
     base_options: dict[str, Any] = field(default_factory=dict)
     allocator_options: dict[str, Any] = field(default_factory=dict)
     # The training axis after installation: "none" or a registered trainer.
@@ -204,6 +219,13 @@ class CompressConfig:
             raise RanklmError(f"unknown stats dtype {self.stats_dtype!r}; valid: auto, float32, float64")
         if self.memory_mode not in ("auto", "bounded", "whole"):
             raise RanklmError(f"unknown memory mode {self.memory_mode!r}; valid: auto, bounded, whole")
+        from .quantize.spec import parse_budget_bytes, parse_quantize
+
+        spec = parse_quantize(self.quantize, int(self.quant_group_size))  # one error line when bad
+        parse_budget_bytes(self.budget_bytes, 1, 1)
+        if spec is not None and spec.joint and self.budget_bytes is None:
+            raise RanklmError(f"--quantize {self.quantize} lists several widths: the joint allocator chooses among "
+                              "them under a byte budget; give --budget-bytes (or one width)")
         if self.propagate not in ("compressed", "dense"):
             raise RanklmError(f"unknown propagate mode {self.propagate!r}; valid: compressed, dense")
         for f in run_fields(type(self)):
@@ -259,6 +281,13 @@ class CompressConfig:
         out["trainer_config"] = (None if self.trainer == "none"
                                  else method_record("trainer", self.trainer, self.trainer_options))
         return out
+
+    @property
+    def quant_spec(self) -> Any:
+        """The parsed ``--quantize`` (``quantize.QuantSpec``), or None."""
+        from .quantize.spec import parse_quantize
+
+        return parse_quantize(self.quantize, int(self.quant_group_size))
 
     @property
     def method(self) -> str:

@@ -175,6 +175,12 @@ def summary(outcome: CompressOutcome, job: CompressJob, threads: int | None = No
         "eval_seq_len": job.eval_seq_len,
         "threads": threads,
     }
+    from ..quantize.sizes import bytes_summary
+
+    out.update(bytes_summary(outcome.model))
+    quant = (st.artifacts or {}).get("quantization")
+    if quant:
+        out["quantize"] = {"bits": sorted(set(quant["bits"].values())), "group_size": quant["group_size"]}
     learned = [r for r in st.training if "keep_learned" in r]
     if learned:
         out.update(keep_learned=learned[-1]["keep_learned"], reached_budget=learned[-1].get("reached_budget"))

@@ -113,6 +113,14 @@ def compress(
             typer.echo(f"keep learned      {r['keep_learned']:.4f} ({r['trainer']}, before the exact fit)"
                        + (f"; top-k prefix masks {r['prefix_fraction']:.0%}" if "prefix_fraction" in r else ""))
     typer.echo(f"keep (whole model) {st.keep_achieved_model:.4f}  ({st.params['model_compressed']:,} / {st.params['model_dense']:,} params)")
+    from ..quantize.sizes import bytes_summary
+
+    b = bytes_summary(outcome.model)
+    quant = (st.artifacts or {}).get("quantization")
+    widths = ", ".join(f"int{w}" for w in sorted(set(quant["bits"].values()))) + f" (groups of {quant['group_size']})" if quant else "float"
+    typer.echo(f"bytes (targets)   {b['target_bytes']:,} of {b['target_bytes_dense']:,} dense ({b['target_bytes_ratio']:.4f}, "
+               f"{b['bits_per_target_weight']:.2f} bits per weight; {widths})")
+    typer.echo(f"bytes (model)     {b['model_bytes']:,}")
     typer.echo(f"compression time  {outcome.seconds:.1f}s")
     if "dense" in evaluation:
         d, c = evaluation["dense"], evaluation["compressed"]

@@ -103,13 +103,17 @@ def evaluate(
     }
     state = getattr(m, "ranklm", None)
     if state is not None:
-        out.update(method=state.method, keep_achieved=state.keep_achieved, keep_achieved_model=state.keep_achieved_model)
+        from ..quantize.sizes import bytes_summary
+
+        out.update(method=state.method, keep_achieved=state.keep_achieved, keep_achieved_model=state.keep_achieved_model,
+                   **bytes_summary(m))
     lat = None
     onnx_table = None
     if shapes is not None:
+        from ..hf.remote_code import QuantizedLinear
         from ..layers import LowRankLinear
 
-        if not any(isinstance(x, LowRankLinear) for x in m.modules()):
+        if not any(isinstance(x, (LowRankLinear, QuantizedLinear)) for x in m.modules()):
             raise RanklmError(f"--latency compares a ranklm checkpoint with its dense counterpart; {info['name_or_path']} is not compressed")
     if shapes is not None and onnx:
         from ..eval.onnx_latency import onnx_serving_report
@@ -139,6 +143,11 @@ def evaluate(
         typer.echo(json.dumps(out))
     else:
         typer.echo(f"{info['name_or_path']}: {res}  params {out['params']:,}  data: {src.description}")
+        if "target_bytes" in out:
+            typer.echo(f"bytes: targets {out['target_bytes']:,} of {out['target_bytes_dense']:,} dense "
+                       f"({out['target_bytes_ratio']:.4f}, {out['bits_per_target_weight']:.2f} bits per weight), "
+                       f"model {out['model_bytes']:,}; keep (params) targets {out['keep_achieved']:.4f}, "
+                       f"model {out['keep_achieved_model']:.4f}")
         if onnx_table is not None:
             o = out["onnx"]
             typer.echo(f"ONNX (onnxruntime {o['onnxruntime_version']}): {o['onnx_bytes']['compressed']:,} bytes vs dense "

@@ -88,4 +88,11 @@ class KFACBase(Configurable):
         a = solve_left_transposed(L_g, a, info_g["method"]) if "out_gram" in stats else a / d_g[:, None]
         b = solve_right(L_a, y, info_a["method"])
         meta = {"numerics": {**info_a, "output": info_g}, "loss_scale": self.loss_scale}
+        probe = getattr(self, "quant_probe", None)  # set by the pipeline for --quantize with --budget-bytes
+        if probe is not None:
+            from .quant_loss import quantization_losses
+
+            out_metric = (lambda x: L_g.mT @ x) if "out_gram" in stats else (lambda x: d_g[:, None] * x)
+            meta["quant_loss"] = quantization_losses(w, m, a, b, out_metric, lambda y: y @ L_a, probe.bits,
+                                                     probe.group_size, float(self.loss_scale))
         return Factorization(a.float(), b.float(), s.float(), meta=meta)

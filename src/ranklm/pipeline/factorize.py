@@ -90,7 +90,7 @@ class FactorCache:
     def factorizations(self, base: Base, sequential: bool, bounded: bool = False) -> dict[str, Factorization]:
         """Every target's factorization: whole-model statistics, block by block (``sequential``: activation
         bases), or ``bounded`` (``pipeline.bounded``: the whole-model result with its factors spilled to disk)."""
-        key = (base.name, sequential) if not bounded else (base.name, "bounded")
+        key = ((base.name, sequential) if not bounded else (base.name, "bounded")) + (getattr(base, "quant_probe", None),)
         if key not in self._facs:
             t0 = time.perf_counter()
             if bounded:

@@ -28,6 +28,7 @@ class BudgetPlan:
     min_rank: int = 1
     round_to: int = 1
     max_flop_ratio: float = 1.0
+    bytes: str | None = None  # --budget-bytes as given (resolved against the model's dtype by the sequencer)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,12 @@ class Plan:
     method: str  # the human-readable name (recipe, or base+allocator, + trainer)
     config: CompressConfig
     memory_mode: str = "auto"  # requested: auto, bounded, whole (the preflight decides auto: pipeline.memory)
+    quant: Any = None  # quantize.QuantSpec: --quantize (after install and training), or None
+
+    @property
+    def joint(self) -> bool:
+        """Ranks and widths chosen together under a byte budget (allocate/joint.py) instead of the allocator."""
+        return self.quant is not None and self.budget.bytes is not None
 
     @property
     def needs_windows(self) -> bool:
@@ -112,12 +119,17 @@ def make_plan(config: CompressConfig | None = None, model: Any = None) -> Plan:
                 f"and an allocator that reads only spectra (kfac-global); {base.name} + {allocator.name}"
                 + (" already runs block by block (--sequential)" if sequential else " cannot")
                 + ": drop --memory-mode bounded")
+    quant = config.quant_spec
+    if quant is not None and config.budget_bytes is not None and base.name != "kfac":
+        raise RanklmError(f"--quantize with --budget-bytes chooses ranks and widths on the kfac curvature scale; "
+                          f"{base.name} provides no such estimate: use the kfac base (kfac-global, the default recipe)")
     return Plan(
         base, allocator, trainer, sequential, sequential and config.propagate == "compressed",
-        budget=BudgetPlan(float(config.keep), int(config.min_rank), int(config.round_to), float(config.max_flop_ratio)),
+        budget=BudgetPlan(float(config.keep), int(config.min_rank), int(config.round_to), float(config.max_flop_ratio),
+                          config.budget_bytes),
         calibration=CalibrationPlan(int(config.calib_windows), int(config.seq_len), int(config.batch_size),
                                     int(config.fisher_windows), int(config.seed),
                                     str(getattr(config, "stats_dtype", "auto"))),
         include=tuple(config.include), exclude=tuple(config.exclude), method=config.method, config=config,
-        memory_mode=memory_mode,
+        memory_mode=memory_mode, quant=quant,
     )

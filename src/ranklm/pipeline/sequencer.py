@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..allocate import AllocationContext
-from ..budget import TOLERANCE, meets_budget, model_params
+from ..budget import DENSE, TOLERANCE, meets_budget, model_params
 from ..config import CompressConfig
 from ..decompose import Factorization
 from ..errors import RanklmError
@@ -30,6 +30,7 @@ from .install import (
     install_rank_map,
 )
 from .plan import Data, Plan, make_plan
+from .quantization import dense_target_bytes, quantize_model, resolve_byte_budget, uniform_bits
 from .record import compression_state
 from .windows import calibration_windows
 
@@ -66,19 +67,26 @@ def run(
         raise RanklmError("this model is already compressed by ranklm (it has LowRankLinear layers)")
     if not isinstance(plan, Plan):
         plan = make_plan(plan, model)
-    budget, calib = plan.budget, plan.calibration
     targets = find_targets(model, list(plan.include), list(plan.exclude))
-    if budget.keep >= 1.0:
+    plan, byte_budget = resolve_byte_budget(plan, model, targets)  # --budget-bytes: a keep ratio, or the joint's
+    budget, calib = plan.budget, plan.calibration
+    quantize_only = plan.quant is not None and not plan.joint and budget.keep >= 1.0  # --keep 1 --quantize intN
+    if budget.keep >= 1.0 and not quantize_only and not plan.joint:
         raise RanklmError("--keep 1.0 keeps every target dense: nothing to compress, no output written")
     onload_offloaded(model)  # accelerate CPU/disk offload: decompositions need the weights themselves
     check_finite_weights(model, targets)
+    dense_bytes = dense_target_bytes(model, targets)[0]
+    if plan.quant is not None:
+        from ..quantize.apply import check_quantizable
+
+        check_quantizable(model, targets, plan.quant.group_size)  # before any long work
     torch.manual_seed(calib.seed)
     dense_model = model_params(model)
     # results can depend on the thread count (reduction order), so it is recorded next to the times it gave
     timings: dict[str, float] = {"torch_threads": torch.get_num_threads()}
     t0 = time.perf_counter()
     windows, calib_info = None, None
-    if plan.needs_windows:
+    if plan.needs_windows and not quantize_only:
         windows, calib_info = calibration_windows(tokenizer, data, calib)
         if calibration is not None:
             calib_info = calibration
@@ -97,10 +105,11 @@ def run(
 
     # 2. statistics + factorize (pass 1)
     factorizations: dict[str, Factorization] = {}
-    memory = preflight(plan, model, targets, windows, cache)  # the mode, or one error line if it cannot fit
+    memory = None if quantize_only else preflight(plan, model, targets, windows, cache)  # the mode, or one error line
     if memory is not None:
         context.artifacts["memory"] = memory.record()
-    if plan.needs_pass1:
+    if plan.needs_pass1 and not quantize_only:
+        plan.base.quant_probe = plan.quant if plan.joint else None  # kfac prices quantization for the joint
         with out_of_memory_as_error(memory):
             factorizations = cache.factorizations(plan.base, plan.sequential, bounded=bool(memory and memory.bounded))
         if memory is not None and memory.bounded and plan.base.name in cache.blocks:
@@ -110,8 +119,17 @@ def run(
 
     # 3. allocate
     t1 = time.perf_counter()
-    rank_map = allocate_ranks(plan.allocator, targets, factorizations, budget, context)
-    rank_map = adjusted_rank_map(targets, rank_map, budget, context, getattr(plan.allocator, "name", plan.config.allocator))
+    bits = uniform_bits(plan, targets)
+    if quantize_only:
+        rank_map = {t.name: DENSE for t in targets}
+    elif plan.joint:
+        from ..allocate.joint import joint_allocate
+
+        rank_map, bits, context.artifacts["joint"] = joint_allocate(targets, factorizations, plan.quant,
+                                                                    byte_budget.bytes, budget.min_rank)
+    else:
+        rank_map = allocate_ranks(plan.allocator, targets, factorizations, budget, context)
+        rank_map = adjusted_rank_map(targets, rank_map, budget, context, getattr(plan.allocator, "name", plan.config.allocator))
     timings["allocate_s"] = time.perf_counter() - t1
 
     # 4-5. refit / refine, install
@@ -147,6 +165,12 @@ def run(
         context.training.append(result.record)
         context.artifacts.update(result.artifacts)
         timings["train_s"] = time.perf_counter() - t3
+
+    # 6b. quantize (after training: the trained factors are what gets stored)
+    if plan.quant is not None:
+        t4 = time.perf_counter()
+        context.artifacts["quantization"] = quantize_model(model, targets, plan, bits, rank_map, byte_budget, dense_bytes)
+        timings["quantize_s"] = time.perf_counter() - t4
     timings["total_s"] = time.perf_counter() - t0
 
     # 7. record
@@ -155,8 +179,10 @@ def run(
         base_model or {"name_or_path": getattr(model.config, "name_or_path", "") or type(model).__name__},
         timings, context.artifacts, context.training,
     )
+    if plan.joint:  # no keep ratio was asked for: the byte budget decided it (artifacts.joint)
+        model.ranklm.keep_requested = model.ranklm.keep_achieved
     attach_to_transformers(model)  # save_pretrained / push_to_hub now write a loadable checkpoint
-    if not meets_budget(model.ranklm.keep_achieved, budget.keep):
+    if not plan.joint and not quantize_only and not meets_budget(model.ranklm.keep_achieved, budget.keep):
         # Only possible when single rank steps are large relative to the whole budget (tiny models).
         warnings.warn(f"achieved keep ratio {model.ranklm.keep_achieved:.4f} is not within {TOLERANCE:.1%} below {budget.keep}")
     return model

@@ -3,15 +3,16 @@ round; ranklm packs the codes (``pack_bits``) so the stored bytes are ``bits/8``
 
 Asymmetric per-group affine (``MappingType.ASYMMETRIC``, q in [-2^(b-1), 2^(b-1)-1], float16 scales, int8 zero
 points): measured on random Gaussian 64 x 128 groups of 32, relative error 0.41 vs 0.47 symmetric at 2 bits and
-0.081 vs 0.095 at 4 bits. A last partial group (a factor whose rank is not a multiple of the group size) is
-zero-padded; the padding is stored, and counted in the bytes.
+0.081 vs 0.095 at 4 bits. Groups run along the matrix's input, or along its output where only that is a
+multiple of the group size (a factor A, out x rank: ``group_axis``); a last partial group is zero-padded
+(stored, and counted in the bytes).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..hf.remote_code import QuantizedLinear, affine_dequantize, pack_bits
+from ..hf.remote_code import QuantizedLinear, affine_dequantize, group_axis, pack_bits
 
 SCALE_EPS = 2.0**-24  # smallest positive float16: a group of zeros keeps a representable scale
 
@@ -36,7 +37,8 @@ def quantize_codes(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.T
 def quantize_matrix(w: torch.Tensor, bits: int, group_size: int, bias: torch.Tensor | None = None) -> QuantizedLinear:
     """``QuantizedLinear`` of ``w`` (out x in, torch layout), on w's device, bias copied in w's dtype."""
     out, n = w.shape
-    codes, scale, zero = quantize_codes(w, bits, group_size)
+    along_in = group_axis(n, out, group_size) == "in"
+    codes, scale, zero = quantize_codes(w if along_in else w.t(), bits, group_size)
     layer = QuantizedLinear(n, out, bits, group_size, bias is not None, device=w.device,
                             dtype=bias.dtype if bias is not None else w.dtype)
     with torch.no_grad():
@@ -49,7 +51,12 @@ def quantize_matrix(w: torch.Tensor, bits: int, group_size: int, bias: torch.Ten
     return layer
 
 
-def dequantize_matrix(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """``w`` after a quantize-dequantize round trip (float32): the weight the quantized layer computes with."""
-    codes, scale, zero = quantize_codes(w, bits, group_size)
-    return affine_dequantize(codes, scale, zero, group_size, w.shape[1])
+def dequantize_matrix(w: torch.Tensor, bits: int, group_size: int, axis: str | None = None) -> torch.Tensor:
+    """``w`` after a quantize-dequantize round trip (float32): the weight the quantized layer computes with
+    (``axis`` None: the layer's ``group_axis``; "in"/"out" to force one)."""
+    out, n = w.shape
+    if (axis or group_axis(n, out, group_size)) == "in":
+        codes, scale, zero = quantize_codes(w, bits, group_size)
+        return affine_dequantize(codes, scale, zero, group_size, n)
+    codes, scale, zero = quantize_codes(w.t(), bits, group_size)
+    return affine_dequantize(codes, scale, zero, group_size, out).t()

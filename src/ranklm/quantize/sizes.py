@@ -16,8 +16,11 @@ def dense_bytes(out: int, inp: int, element_size: int) -> int:
 
 def quantized_bytes(out: int, inp: int, bits: int, group_size: int) -> int:
     """``QuantizedLinear`` of an out x in matrix: packed codes (the last group padded) + scales + zeros."""
-    groups = -(-inp // group_size)
-    return out * (-(-groups * group_size * bits // 8) + GROUP_META_BYTES * groups)
+    from ..hf.remote_code import group_axis
+
+    rows, cols = (out, inp) if group_axis(inp, out, group_size) == "in" else (inp, out)
+    groups = -(-cols // group_size)
+    return rows * (-(-groups * group_size * bits // 8) + GROUP_META_BYTES * groups)
 
 
 def factored_bytes(out: int, inp: int, rank: int, bits: int | None, group_size: int, element_size: int) -> int:
@@ -55,3 +58,18 @@ def model_stored_bytes(model: nn.Module) -> int:
         seen.add(key)
         total += t.numel() * t.element_size()
     return total
+
+
+def bytes_summary(model: nn.Module) -> dict[str, float | int]:
+    """Bytes of a ranklm model as stored: its targets (and their dense bytes in the model's dtype), the whole
+    model, and bits per dense target weight; ``ranklm compress``/``evaluate`` print these beside the ratios."""
+    state = getattr(model, "ranklm", None)
+    targets = list(getattr(state, "targets", None) or [])
+    dtype = getattr(model, "dtype", None) or next(p.dtype for p in model.parameters() if p.is_floating_point())
+    element = torch.empty((), dtype=dtype).element_size()
+    dense_params = sum(t.dense_params for t in targets)
+    stored = sum(stored_target_bytes(model.get_submodule(t.name)) for t in targets)
+    return {"target_bytes": stored, "target_bytes_dense": dense_params * element,
+            "target_bytes_ratio": stored / (dense_params * element) if dense_params else 1.0,
+            "bits_per_target_weight": 8.0 * stored / dense_params if dense_params else 0.0,
+            "model_bytes": model_stored_bytes(model)}
