@@ -1,6 +1,5 @@
 """Issue 29: weight-only quantization, bytes, the byte budget and the joint rank x width allocator (tiny models)."""
 
-import copy
 import itertools
 import json
 import random
@@ -197,3 +196,27 @@ def test_cli_reports_bytes(capsys, tiny_llama_dir, text_file, tmp_path):
     assert code == 0 and out["quantize"] == {"bits": [4], "group_size": 16}
     # keep 0.6 of the parameters at 4 bits + 3 bytes per group of 16 (5.5 bits): about 3.3 bits per dense weight
     assert out["target_bytes"] < out["target_bytes_dense"] and 3.0 < out["bits_per_target_weight"] < 3.5
+
+
+def test_bench_byte_budgets_share_one_factorization(capsys, tiny_llama_dir, text_file, tmp_path):
+    """bench columns as byte budgets: float factors, one width, and the joint allocator at the same bytes."""
+    out = tmp_path / "bench"
+    code = main(["bench", "--model", str(tiny_llama_dir), "--data", str(text_file),
+                 "--recipes", "kfac-global,kfac-global:int4,kfac-global:int2/int4/int8", "--budget-bytes", "0.3,0.15",
+                 "--calib-windows", "4", "--fisher-windows", "4", "--seq-len", "32", "--eval-windows", "2",
+                 "--eval-seq-len", "32", "--gen-prompts", "0", "--quant-group-size", "16", "--memory-mode", "whole",
+                 "--output", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    rows = json.loads(captured.out)["rows"]
+    cells = {(r["method"], r["keep"]): r for r in rows if r["method"] != "dense"}
+    assert len(cells) == 6 and all(r["status"] == "ok" for r in cells.values())
+    dense_bytes = cells[("kfac-global", 0.3)]["target_bytes_dense"]
+    for (method, budget), r in cells.items():
+        assert r["target_bytes"] <= budget * dense_bytes
+        assert "--budget-bytes" in r["command"] and "--keep" not in r["command"]
+        if ":" in method:
+            assert "--quantize" in r["command"]
+    # at the same bytes, quantized factors keep more parameters than float ones
+    assert cells[("kfac-global:int4", 0.15)]["keep_achieved"] > cells[("kfac-global", 0.15)]["keep_achieved"]
+    assert "byte budget" in (out / "results.md").read_text()

@@ -65,6 +65,7 @@ def bench(
     from ..apps.bench import (
         BenchOptions,
         command_line,
+        parse_byte_budgets,
         parse_keeps,
         parse_methods,
         parse_scoped_options,
@@ -79,8 +80,8 @@ def bench(
 
     model = pick_model(model_arg, model)
     methods = parse_methods(recipes)
-    keeps = parse_keeps(keep)
     assert run is not None  # filled by @run_options: the CompressConfig run fields every cell shares
+    keeps = parse_byte_budgets(run["budget_bytes"]) if run.get("budget_bytes") else parse_keeps(keep)
     for name, v in (("eval-seq-len", eval_seq_len), ("eval-windows", eval_windows), ("latency-reps", latency_reps),
                     ("auto-windows", auto_windows)):
         if v < 1:

@@ -109,7 +109,10 @@ def run(
     if memory is not None:
         context.artifacts["memory"] = memory.record()
     if plan.needs_pass1 and not quantize_only:
-        plan.base.quant_probe = plan.quant if plan.joint else None  # kfac prices quantization for the joint
+        probe = getattr(plan.base, "quant_probe", None)  # bench may have set a wider one, shared by its cells
+        if plan.joint and (probe is None or probe.group_size != plan.quant.group_size
+                           or not set(plan.quant.bits) <= set(probe.bits)):
+            plan.base.quant_probe = plan.quant  # kfac prices quantization for the joint allocator
         with out_of_memory_as_error(memory):
             factorizations = cache.factorizations(plan.base, plan.sequential, bounded=bool(memory and memory.bounded))
         if memory is not None and memory.bounded and plan.base.name in cache.blocks:

@@ -31,7 +31,7 @@ One module per job: grid (what runs), windows, runner (the cells through the pip
 from __future__ import annotations
 
 from .memory import PeakRSS, rss_bytes
-from .grid import BenchOptions, BenchResult, Method, parse_keeps, parse_method, parse_methods, parse_scoped_options
+from .grid import BenchOptions, BenchResult, Method, parse_byte_budgets, parse_keeps, parse_method, parse_methods, parse_scoped_options
 from .windows import calibration_split, eval_windows_of
 from .commands import GRADIENT_STATISTICS, command_line, reproduce_command
 from .runner import run_bench
@@ -47,6 +47,7 @@ __all__ = [
     "calibration_split",
     "command_line",
     "eval_windows_of",
+    "parse_byte_budgets",
     "parse_keeps",
     "parse_method",
     "parse_methods",

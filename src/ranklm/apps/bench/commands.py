@@ -32,14 +32,14 @@ def reproduce_command(method: Method, keep: float, opts: BenchOptions, args: dic
         parts += ["--recipe", method.recipe]
     else:
         parts += ["--base", method.base, "--allocator", method.allocator]
-    parts += ["--keep", f"{keep:g}", "--eval-seq-len", str(opts.eval_seq_len)]
+    parts += ([] if opts.in_bytes else ["--keep", f"{keep:g}"]) + ["--eval-seq-len", str(opts.eval_seq_len)]
     if opts.eval_windows is not None:
         parts += ["--eval-windows", str(opts.eval_windows)]
     needs = get_base(method.base).needs
     skip = tuple(name for name, applies in (("fisher_windows", bool(needs & GRADIENT_STATISTICS)),
                                              ("sequential", bool(needs))) if not applies)
     # every run field the bench set (the same CompressConfig fields compress takes), windows and seed always
-    parts += run_args(opts.run, always=("calib_windows", "seq_len", "batch_size", "seed", "fisher_windows"), skip=skip)
+    parts += run_args(opts.cell_run(method, keep), always=("calib_windows", "seq_len", "batch_size", "seed", "fisher_windows"), skip=skip)
     scoped = [("--base-opt", opts.base_options, method.base, "base"),
               ("--alloc-opt", opts.allocator_options, method.allocator, "allocator")]
     if opts.run.get("trainer", "none") != "none":

@@ -19,6 +19,19 @@ class Method:
     base: str
     allocator: str
     recipe: str | None  # None when written as base+allocator and not a named recipe
+    quantize: str | None = None  # ``kfac-global:int4`` or ``kfac-global:int2/int3/int4`` (joint): --quantize per row
+
+
+def _method_quantize(spec: str) -> tuple[str, str | None]:
+    """``recipe:int4`` -> (recipe, "int4"); ``recipe:int2/int4`` -> (recipe, "int2,int4"); widths validated."""
+    from ...quantize.spec import parse_quantize
+
+    method, sep, widths = spec.partition(":")
+    if not sep:
+        return spec, None
+    quantize = ",".join(w.strip() for w in widths.split("/"))
+    parse_quantize(quantize)
+    return method.strip(), quantize
 
 
 def parse_method(spec: str) -> Method:
@@ -26,13 +39,14 @@ def parse_method(spec: str) -> Method:
     spec = spec.strip()
     if not spec:
         raise RanklmError("empty method name in --recipes")
-    if "+" in spec:
-        b, _, a = spec.partition("+")
+    name, quantize = _method_quantize(spec)
+    if "+" in name:
+        b, _, a = name.partition("+")
         cfg = CompressConfig(recipe=None, base=b.strip(), allocator=a.strip())
         recipe = next((r for r, pair in RECIPES.items() if pair == (cfg.base, cfg.allocator)), None)
-        return Method(spec, cfg.base, cfg.allocator, recipe)  # type: ignore[arg-type]
-    cfg = CompressConfig(recipe=spec)
-    return Method(spec, cfg.base, cfg.allocator, spec)  # type: ignore[arg-type]
+        return Method(spec, cfg.base, cfg.allocator, recipe, quantize)  # type: ignore[arg-type]
+    cfg = CompressConfig(recipe=name)
+    return Method(spec, cfg.base, cfg.allocator, name, quantize)  # type: ignore[arg-type]
 
 
 def parse_methods(specs: str | list[str]) -> list[Method]:
@@ -45,6 +59,26 @@ def parse_methods(specs: str | list[str]) -> list[Method]:
     if dup:
         raise RanklmError(f"--recipes names {', '.join(dup)} twice")
     return methods
+
+
+def parse_byte_budgets(spec: str) -> list[float]:
+    """Bench's ``--budget-bytes``: a comma list of fractions of the targets' dense bytes, the grid's columns."""
+    out = []
+    for x in str(spec).split(","):
+        x = x.strip()
+        if not x:
+            continue
+        try:
+            f = float(x)
+        except ValueError:
+            raise RanklmError(f"bad --budget-bytes {x!r} for bench: give fractions of the targets' dense bytes "
+                              "(0.5,0.25 = 8 and 4 bits per weight of a bfloat16 model)") from None
+        if not 0.0 < f <= 1.0:
+            raise RanklmError(f"bad --budget-bytes {x} for bench: a fraction in (0, 1]")
+        out.append(f)
+    if not out:
+        raise RanklmError("--budget-bytes names no budget")
+    return sorted(set(out), reverse=True)
 
 
 def parse_keeps(spec: str | list[float]) -> list[float]:
@@ -126,12 +160,27 @@ class BenchOptions:
         # the cells share one set of calibration windows, so "not given" means the default count for all of them
         self.run = {**{f.name: field_default(f) for f in run_fields()}, "calib_windows": DEFAULT_CALIB_WINDOWS, **{
             k: v for k, v in self.run.items() if not (k == "calib_windows" and v is None)}}
-        self.shared = CompressConfig(recipe=None, **self.run)  # validated once, before any cell; read by the runner
+        # validated once, before any cell; read by the runner (a byte-budget list is the grid's columns: per cell)
+        self.shared = CompressConfig(recipe=None, **{**self.run, "budget_bytes": None})
+
+    @property
+    def in_bytes(self) -> bool:
+        """The columns are byte budgets (``--budget-bytes`` fractions), not keep ratios."""
+        return self.run.get("budget_bytes") is not None
+
+    def cell_run(self, method: Method, keep: float) -> dict[str, Any]:
+        """The run fields of one cell: the shared ones, the method's ``--quantize``, the column's byte budget."""
+        run = dict(self.run)
+        if method.quantize is not None:
+            run["quantize"] = method.quantize
+        if self.in_bytes:
+            run["budget_bytes"] = f"{keep:g}"
+        return run
 
     def cell_config(self, method: Method, keep: float) -> CompressConfig:
         """The CompressConfig of one cell: the shared run fields, the method, its options by name."""
         return CompressConfig(
-            keep=keep, recipe=method.recipe, base=method.base, allocator=method.allocator, **self.run,
+            keep=keep, recipe=method.recipe, base=method.base, allocator=method.allocator, **self.cell_run(method, keep),
             base_options=_scoped(self.base_options, method.base, "base"),
             allocator_options=_scoped(self.allocator_options, method.allocator, "allocator"),
             trainer_options=(_scoped(self.trainer_options, self.run["trainer"], "trainer")

@@ -28,6 +28,8 @@ from ...pipeline import run as run_pipeline
 from ...registry import registered
 from ...targets import find_targets
 from .commands import reproduce_command
+from ...quantize.sizes import bytes_summary
+from ...quantize.spec import QuantSpec, parse_quantize
 from .grid import BenchOptions, BenchResult, Method
 from .memory import PeakRSS
 from .windows import calibration_split, eval_windows_of
@@ -160,6 +162,11 @@ def run_bench(
     remaining = {m.base: sum(1 for c in cells if c[0].base == m.base) for m in methods}
     shared_cost: dict[tuple[str, bool, bool], tuple[float, float]] = {}  # pass 1 per (base, mode): seconds, RSS growth
 
+    probe = None  # the union of the joint cells' widths: kfac's quantization prices, computed once
+    joint_widths = sorted({b for m in methods if m.quantize and opts.in_bytes
+                           for b in (parse_quantize(m.quantize).bits if parse_quantize(m.quantize) else ())})
+    if joint_widths:
+        probe = QuantSpec(tuple(joint_widths), int(shared.quant_group_size))
     for method, keep in cells:
         bar.set_postfix_str(f"{method.name}@{keep:g}")
         row: dict[str, Any] = {"method": method.name, "base": method.base, "allocator": method.allocator, "keep": keep,
@@ -169,6 +176,8 @@ def run_bench(
         try:
             config = opts.cell_config(method, keep)
             plan = make_plan(config)
+            if probe is not None and plan.base.name == "kfac":  # one factorization prices every cell's widths
+                plan.base.quant_probe = probe
             memory = preflight(plan, model, targets, calib, cache)  # once per base: the cells share its mode
             bounded = bool(memory and memory.bounded)
             key = (method.base, plan.sequential, bounded)
@@ -199,7 +208,8 @@ def run_bench(
                     row["keep_learned"] = r["keep_learned"]
                     if "prefix_fraction" in r:
                         row["prefix_fraction"] = r["prefix_fraction"]
-            if not meets_budget(achieved, keep):
+            row.update(bytes_summary(cell_model))
+            if not (opts.in_bytes and method.quantize) and not meets_budget(achieved, keep):
                 row["error"] = f"achieved keep {achieved:.4f} not within {TOLERANCE:.1%} below {keep}"
             rank_maps[f"{method.name}@{keep:g}"] = cell_model.ranklm.rank_map
             evaluate(cell_model, row)
@@ -262,6 +272,7 @@ def run_bench(
         "statistics": "block by block (sequential)" if shared.sequential is not False else "whole model",
         "torch_threads": torch.get_num_threads(),
         "keeps": keeps,
+        "columns": "byte budget (fraction of the targets' dense bytes)" if opts.in_bytes else "keep ratio",
         "methods": [m.name for m in methods],
         "rank_plot_keep": opts.rank_plot_keep if opts.rank_plot_keep is not None else min(keeps),
     }

@@ -13,6 +13,7 @@ from .runner import _fmt
 
 CSV_COLUMNS = [
     "method", "base", "allocator", "keep", "keep_achieved", "keep_model", "ppl", "keep_learned", "prefix_fraction",
+    "bits_per_target_weight", "target_bytes", "model_bytes",
     "eval_windows", "eval_tokens",
     "seq_len", "distinct2", "repeat4", "calib_ppl", "speedup", "flop_limit", "decode_speedup", "decode_limit", "compress_s", "cell_s",
     "rss_shared_mib", "rss_cell_mib", "status", "error", "command",
@@ -30,7 +31,7 @@ def _columns(result: BenchResult) -> list[str]:
     if not any("distinct2" in r for r in result.rows):
         cols.remove("distinct2")
         cols.remove("repeat4")
-    for c in ("keep_learned", "prefix_fraction"):
+    for c in ("keep_learned", "prefix_fraction", "bits_per_target_weight", "target_bytes", "model_bytes"):
         if not any(c in r for r in result.rows):
             cols.remove(c)
     return cols
@@ -64,6 +65,10 @@ def results_markdown(result: BenchResult, command: str | None = None) -> str:
                      "rep-4 = fraction of 4-grams already seen earlier in the continuation (lower is better)")
     if m.get("auto"):
         lines.append(f"- `--auto` selection: calibration perplexity on {m['auto']}")
+    if m.get("columns", "").startswith("byte"):
+        lines.append("- byte budget = the targets' bytes as stored, as a fraction of their dense bytes in the model's "
+                     "dtype (--budget-bytes); method:intN = --quantize intN, method:int2/int4 = the joint allocator "
+                     "over those widths; bits / target weight = 8 x target bytes / target parameters")
     lines.append(
         "- keep = parameters of the target matrices kept (requested / achieved); whole model = all parameters, "
         "embeddings included. compress s = shared statistics + decomposition of its base + the cell; "
@@ -72,8 +77,12 @@ def results_markdown(result: BenchResult, command: str | None = None) -> str:
     )
     lines.append("")
     cols = _columns(result)
-    head = ["method", "base", "allocator", "keep", "keep achieved (targets)", "keep (whole model)"]
+    in_bytes = m.get("columns", "").startswith("byte")
+    head = ["method", "base", "allocator", "byte budget" if in_bytes else "keep", "keep achieved (targets)",
+            "keep (whole model)"]
     head += [f"ppl {labels[0]}"] + [f"ppl {lab}" for lab in labels[1:]]
+    if "bits_per_target_weight" in cols:
+        head += ["bits / target weight", "target bytes", "model bytes"]
     if "keep_learned" in cols:
         head += ["keep learned (before fit)"]
     if "prefix_fraction" in cols:
@@ -94,6 +103,10 @@ def results_markdown(result: BenchResult, command: str | None = None) -> str:
         cells = [r["method"], r.get("base", "-"), r.get("allocator", "-"), f"{r['keep']:g}",
                  _fmt(r.get("keep_achieved"), 4), _fmt(r.get("keep_model"), 4), _fmt(r.get("ppl"))]
         cells += [_fmt(r.get(f"ppl_{lab}")) for lab in labels[1:]]
+        if "bits_per_target_weight" in cols:
+            cells += [_fmt(r.get("bits_per_target_weight"), 3),
+                      f"{r['target_bytes']:,}" if r.get("target_bytes") is not None else "-",
+                      f"{r['model_bytes']:,}" if r.get("model_bytes") is not None else "-"]
         if "keep_learned" in cols:
             cells += [_fmt(r.get("keep_learned"), 4)]
         if "prefix_fraction" in cols:
