@@ -83,9 +83,11 @@ def test_config_markers_and_packed_codes_on_disk(saved):
     assert tensors[f"{name}.weight"].tolist() == [info["rank"]]  # rank marker
     b = tensors[f"{name}.B.qweight"]
     assert b.dtype == torch.uint8 and tuple(b.shape) == (info["rank"], math.ceil(info["in"] * BITS / 8))
-    groups = math.ceil(info["rank"] / GROUP)  # A's input is the rank: the last group is padded
-    assert tuple(tensors[f"{name}.A.qweight"].shape) == (info["out"], groups * GROUP * BITS // 8)
-    assert tensors[f"{name}.A.scale"].dtype == torch.int16 and tuple(tensors[f"{name}.A.scale"].shape) == (info["out"], groups)
+    # A (out x rank): the group size divides out, not the rank, so A is grouped along its output (stored as A^T)
+    assert info["rank"] % GROUP and not info["out"] % GROUP
+    assert tuple(tensors[f"{name}.A.qweight"].shape) == (info["rank"], info["out"] * BITS // 8)
+    a_scale = tensors[f"{name}.A.scale"]
+    assert a_scale.dtype == torch.int16 and tuple(a_scale.shape) == (info["rank"], info["out"] // GROUP)
     assert tensors[f"{name}.A.zero"].dtype == torch.int8
     assert not any(k.endswith(".B.weight") or k.endswith(".A.weight") for k in tensors)
     card = (path / "README.md").read_text()
@@ -113,6 +115,8 @@ def test_from_pretrained_with_ranklm_and_dtypes(saved, tmp_path):
     assert torch.equal(outputs(again, ids), ref)
     again, _ = ranklm.load(tmp_path / "again")
     assert torch.equal(outputs(again, ids), ref)
+    mapped, _ = ranklm.load(path, device_map="cpu")
+    assert torch.equal(outputs(mapped, ids), ref)
 
 
 def test_without_ranklm_remote_code_loads_and_plain_loading_refuses(saved, tmp_path):
@@ -158,7 +162,7 @@ def test_damaged_quantized_tensors_are_one_clear_error(tmp_path):
     dense = DENSE_TARGET["llama"]
     cases = {
         "shape": (lambda t: t.__setitem__(f"{name}.A.qweight", t[f"{name}.A.qweight"][:, :-1].contiguous()),
-                  rf"{name}\.A\.qweight is \[64, \d+\] in the weights, rank \d+ at 4 bits, group size 16, of {name} needs"),
+                  rf"{name}\.A\.qweight is \[\d+, 31\] in the weights, rank \d+ at 4 bits, group size 16, of {name} needs"),
         "missing": (lambda t: t.pop(f"{dense}.zero"), rf"{dense}\.zero is missing from the weights"),
         "unexpected": (lambda t: t.__setitem__(f"{name}.A.extra", torch.zeros(3)), r"1 unexpected.*A\.extra"),
     }
@@ -229,3 +233,28 @@ def test_quantization_config_validation():
         RanklmQuantizationConfig({"x": {**base, "bits": 4, "group_size": 8}}, format_version=2)
     with pytest.raises(ValueError, match="format_version 4"):
         RanklmQuantizationConfig({"x": base}, format_version=4)
+
+
+def test_quantized_weights_without_any_compression_record_are_refused(tmp_path):
+    """A quantized folder whose config lost its quantization_config (and has no ranklm.json) is refused
+    before any weights are read, as float factors are: never random layers."""
+    from ranklm.loading.strict import ranklm_factor_names
+    from ranklm.models import load_model
+    from test_loading_strict import _without_quantization_config
+
+    model = _quantized("llama")
+    model.save_pretrained(tmp_path / "uploaded")
+    _without_quantization_config(tmp_path / "uploaded")
+    with pytest.raises(RanklmError, match=r"factors such as \S+\.A\.qweight\).* missing its ranklm.json"):
+        load_model(str(tmp_path / "uploaded"))
+    dense = DENSE_TARGET["llama"]
+    assert ranklm_factor_names([f"{dense}.qweight", f"{dense}.scale", f"{dense}.zero"]) == [f"{dense}.qweight"]
+
+
+def test_onnx_export_of_a_quantized_checkpoint_is_refused(tmp_path):
+    from ranklm.checkpoint.onnx import export_onnx_model
+
+    model = _quantized("llama")
+    with pytest.raises(RanklmError, match="ONNX export of quantized checkpoints is not supported yet") as err:
+        export_onnx_model(model, None, tmp_path / "onnx")
+    assert "\n" not in str(err.value) and not (tmp_path / "onnx").exists()

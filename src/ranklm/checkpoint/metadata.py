@@ -8,6 +8,8 @@ shards + ``model.safetensors.index.json``) with the factors under their module n
 ``modeling_ranklm.py`` (for ``trust_remote_code=True``), a model card ``README.md``, optionally
 ``allocator.safetensors`` (tensors an allocator left in ``CompressionState.artifacts``) and
 ``ranklm.json`` (rank map, recipe, ratios, versions, calibration, sha256 of every weight file).
+Quantized targets (``--quantize``) store integer codes, scales and zero points instead of float
+factors and make the quantization_config's ``format_version`` 3 (ranklm.json keeps version 2).
 Version 1 (no quantization_config, no marker, one weight file) is still read. Nothing is pickled.
 """
 

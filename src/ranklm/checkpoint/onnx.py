@@ -133,11 +133,24 @@ def check_onnx(model: nn.Module, path: Path, batch: int = 3, seq: int = 12, seed
     return err
 
 
+def refuse_quantized(model: nn.Module) -> None:
+    """One error line for a model with quantized layers (``QuantizedLinear``, ``--quantize``): torch's exporter
+    does not capture their dequantizing forward (its cached unpacked codes), and a graph that dequantized at
+    export time would store float weights, losing the point of the quantized file."""
+    quantized = [n for n, m in model.named_modules() if hasattr(m, "qweight") and hasattr(m, "dequantized")]
+    if quantized:
+        raise RanklmError(f"ONNX export of quantized checkpoints is not supported yet ({len(quantized)} quantized "
+                          f"layers, e.g. {quantized[0]}): export a checkpoint compressed without --quantize, or the dense "
+                          "twin (ranklm.checkpoint.onnx.export_onnx(..., dense=True))")
+
+
 def export_onnx_model(model: nn.Module, tokenizer: Any, out: str | os.PathLike, overwrite: bool = False,
                       opset: int | None = None) -> dict[str, Any]:
     """Write ``out/`` atomically: ``model.onnx`` (+ external weights if large), ``config.json`` and the
-    tokenizer; checked in onnxruntime before the folder appears. Returns ``{"path", "bytes", "max_rel_err"}``."""
+    tokenizer; checked in onnxruntime before the folder appears. Returns ``{"path", "bytes", "max_rel_err"}``.
+    A model with quantized layers is refused (``refuse_quantized``)."""
     check_output_dir(out, overwrite)
+    refuse_quantized(model)
     require_onnx()
     with cpu_float32(model), atomic_dir(out, overwrite) as tmp:
         path = write_onnx(model, tmp, opset)
@@ -166,4 +179,4 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite
 
 
 __all__ = ["CHECK_RTOL", "INSTALL_HINT", "ONNX_FILE", "check_onnx", "cpu_float32", "export_onnx", "export_onnx_model",
-           "onnx_files_bytes", "random_ids", "require_onnx", "write_onnx"]
+           "onnx_files_bytes", "random_ids", "refuse_quantized", "require_onnx", "write_onnx"]

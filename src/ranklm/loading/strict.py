@@ -1,8 +1,9 @@
 """Strict weight loading: weights a load left missing, unexpected or of another shape are an error naming a few.
 
 Also refused before any weights are read: a folder without ``ranklm.json`` whose weights are
-ranklm factors (``X.A.weight`` with ``X.B.weight``), which loaded as a dense model would leave its
-factored layers random.
+ranklm factors (``X.A.weight`` with ``X.B.weight``, or quantized: ``X.A.qweight`` with ``X.B.qweight``)
+or quantized dense weights (``X.qweight`` with ``X.scale`` and ``X.zero``), which loaded as a dense model
+would leave those layers random.
 """
 
 from __future__ import annotations
@@ -44,17 +45,24 @@ def _weight_names(folder: Path) -> list[str]:
 
 
 def ranklm_factor_names(names: Iterable[str]) -> list[str]:
-    """The ``X.A.weight`` names that come with an ``X.B.weight``: LowRankLinear factors."""
+    """The ``X.A.weight`` names that come with an ``X.B.weight`` (LowRankLinear factors; ``X.A.qweight`` with
+    ``X.B.qweight`` when quantized), then the ``X.qweight`` names that come with ``X.scale`` and ``X.zero``
+    outside a factor (a quantized dense layer)."""
     names = set(names)
-    return sorted(n for n in names if n.endswith(".A.weight") and n[: -len(".A.weight")] + ".B.weight" in names)
+    factors = sorted(n for suffix in (".weight", ".qweight") for n in names
+                     if n.endswith(".A" + suffix) and n[: -len(".A" + suffix)] + ".B" + suffix in names)
+    dense = sorted(n for n in names if n.endswith(".qweight") and not n.endswith((".A.qweight", ".B.qweight"))
+                   and {n[: -len("qweight")] + s for s in ("scale", "zero")} <= names)
+    return factors + dense
 
 
 def _refuse_factors(path: str | Path, factors: list[str]) -> None:
+    what = "factors" if factors[0].endswith((".A.weight", ".A.qweight")) else "quantized codes"
     raise RanklmError(
-        f"{path} holds ranklm-compressed weights (factors such as {factors[0]}) but neither a ranklm.json nor a "
+        f"{path} holds ranklm-compressed weights ({what} such as {factors[0]}) but neither a ranklm.json nor a "
         "ranklm quantization_config in config.json: it is a ranklm checkpoint missing its ranklm.json (e.g. "
         "saved with save_pretrained by a ranklm before format 2, or uploaded without it); loaded as a dense model "
-        "its factored layers would be random: put its ranklm.json back next to config.json"
+        "its compressed layers would be random: put its ranklm.json back next to config.json"
     )
 
 
