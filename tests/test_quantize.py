@@ -220,3 +220,23 @@ def test_bench_byte_budgets_share_one_factorization(capsys, tiny_llama_dir, text
     # at the same bytes, quantized factors keep more parameters than float ones
     assert cells[("kfac-global:int4", 0.15)]["keep_achieved"] > cells[("kfac-global", 0.15)]["keep_achieved"]
     assert "byte budget" in (out / "results.md").read_text()
+
+
+def test_cli_plain_quantization_needs_no_calibration(capsys, tiny_llama_dir, tmp_path):
+    """``--keep 1 --quantize int4``: the weight-only baseline in the same tool (no text is read for calibration)."""
+    short = tmp_path / "short.txt"
+    short.write_text("far too short for one calibration window")
+    code = main(["compress", "--model", str(tiny_llama_dir), "--data", str(short), "--keep", "1", "--seq-len", "32",
+                 "--quantize", "int4", "--quant-group-size", "16", "--no-eval", "--output", str(tmp_path / "q"), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    out = json.loads(captured.out)
+    assert out["keep_achieved"] == 1.0 and out["quantize"]["bits"] == [4]
+    assert out["bits_per_target_weight"] == pytest.approx(4 + 3 * 8 / 16)
+    import ranklm
+
+    model, _ = ranklm.load(tmp_path / "q")
+    assert all(isinstance(model.get_submodule(t.name), QuantizedLinear) for t in model.ranklm.targets)
+    code = main(["evaluate", str(tmp_path / "q"), "--data", str(short), "--seq-len", "8", "--json"])
+    ev = json.loads(capsys.readouterr().out)
+    assert code == 0 and ev["target_bytes"] == out["target_bytes"] and ev["model_bytes"] == out["model_bytes"]

@@ -70,8 +70,9 @@ class CompressOutcome:
 def compress_job(config: CompressConfig, job: CompressJob) -> CompressOutcome:
     """Run one compression end to end; the returned model carries ``model.ranklm`` (saved when ``job.output``)."""
     log = job.log
-    if config.keep >= 1.0:
-        raise RanklmError("--keep 1.0 keeps every target dense: nothing to compress, no output written")
+    if config.keep >= 1.0 and config.quantize is None and config.budget_bytes is None:
+        raise RanklmError("--keep 1.0 keeps every target dense: nothing to compress, no output written "
+                          "(with --quantize intN it is plain weight-only quantization)")
     if job.model is not None and is_checkpoint(job.model):
         raise RanklmError(f"{job.model} is already a ranklm checkpoint: compress starts from a dense model "
                           "(export it with `ranklm export --dense` first to compress it again)")
@@ -103,8 +104,10 @@ def compress_job(config: CompressConfig, job: CompressJob) -> CompressOutcome:
         config = resolved
     plan = make_plan(config)
     find_targets(m, config.include, config.exclude)  # fail on bad patterns before any long work
-    calib = token_windows(tok, job.calib_source, config.seq_len, config.calib_windows, seed=config.seed,
-                          strict=job.calib_strict)
+    calib = None  # --keep 1 --quantize intN reads no calibration text
+    if not plan.quantize_only:
+        calib = token_windows(tok, job.calib_source, config.seq_len, config.calib_windows, seed=config.seed,
+                              strict=job.calib_strict)
 
     evaluation: dict[str, Any] = {}
     eval_windows = None
@@ -133,7 +136,8 @@ def compress_job(config: CompressConfig, job: CompressJob) -> CompressOutcome:
 
     t1 = time.perf_counter()
     run_pipeline(m, tok, plan, data=calib, base_model=info,
-                 calibration=calibration_info(job.calib_source.description, calib, plan.calibration),
+                 calibration=None if calib is None else calibration_info(job.calib_source.description, calib,
+                                                                          plan.calibration),
                  state_dir=job.state_dir, resume=job.resume, save_every=job.save_every, validation=validation)
     seconds = time.perf_counter() - t1
     if eval_windows is not None:

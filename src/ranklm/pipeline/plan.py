@@ -69,7 +69,14 @@ class Plan:
         return self.quant is not None and self.budget.bytes is not None
 
     @property
+    def quantize_only(self) -> bool:
+        """``--keep 1 --quantize intN``: weight-only quantization of the dense targets, nothing factored or read."""
+        return self.quant is not None and self.budget.bytes is None and self.budget.keep >= 1.0
+
+    @property
     def needs_windows(self) -> bool:
+        if self.quantize_only:
+            return False
         return bool(self.base.needs) or bool(getattr(self.allocator, "needs_context", False)) or self.trainer is not None
 
     @property

@@ -70,7 +70,7 @@ def run(
     targets = find_targets(model, list(plan.include), list(plan.exclude))
     plan, byte_budget = resolve_byte_budget(plan, model, targets)  # --budget-bytes: a keep ratio, or the joint's
     budget, calib = plan.budget, plan.calibration
-    quantize_only = plan.quant is not None and not plan.joint and budget.keep >= 1.0  # --keep 1 --quantize intN
+    quantize_only = plan.quantize_only  # --keep 1 --quantize intN
     if budget.keep >= 1.0 and not quantize_only and not plan.joint:
         raise RanklmError("--keep 1.0 keeps every target dense: nothing to compress, no output written")
     onload_offloaded(model)  # accelerate CPU/disk offload: decompositions need the weights themselves
@@ -86,7 +86,7 @@ def run(
     timings: dict[str, float] = {"torch_threads": torch.get_num_threads()}
     t0 = time.perf_counter()
     windows, calib_info = None, None
-    if plan.needs_windows and not quantize_only:
+    if plan.needs_windows:
         windows, calib_info = calibration_windows(tokenizer, data, calib)
         if calibration is not None:
             calib_info = calibration
