@@ -127,6 +127,10 @@ def make_plan(config: CompressConfig | None = None, model: Any = None) -> Plan:
                 + (" already runs block by block (--sequential)" if sequential else " cannot")
                 + ": drop --memory-mode bounded")
     quant = config.quant_spec
+    if quant is not None:
+        from ..quantize.affine import require_torchao
+
+        require_torchao()
     if quant is not None and config.budget_bytes is not None and base.name != "kfac":
         raise RanklmError(f"--quantize with --budget-bytes chooses ranks and widths on the kfac curvature scale; "
                           f"{base.name} provides no such estimate: use the kfac base (kfac-global, the default recipe)")

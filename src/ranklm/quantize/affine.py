@@ -12,7 +12,16 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import RanklmError
 from ..hf.remote_code import QuantizedLinear, affine_dequantize, group_axis, pack_bits
+
+def require_torchao() -> None:
+    """One error line, before any long work, when the ``quant`` extra is missing (loading needs no torchao)."""
+    try:
+        import torchao.quantization.quant_primitives  # noqa: F401
+    except ImportError:
+        raise RanklmError("--quantize needs torchao: pip install 'ranklm[quant]' (torchao 0.18 for torch 2.13)") from None
+
 
 SCALE_EPS = 2.0**-24  # smallest positive float16: a group of zeros keeps a representable scale
 
