@@ -77,7 +77,7 @@ def test_kfac_prices_quantization_on_the_truncation_scale():
 
     ql = f.meta["quant_loss"]
     for bits in (2, 4):
-        for k in (5, 11, 13):  # ranks that are not multiples of the group size: A is grouped along its output
+        for k in (5, 8, 11, 13):  # A grouped along its output, except at 8 (a multiple of the group size)
             direct = loss(dequantize_matrix(f.A[:, :k], bits, 8) @ dequantize_matrix(f.B[:k], bits, 8))
             assert ql["factored"][bits][k] == pytest.approx(direct, rel=1e-4)
         assert ql["dense"][bits] == pytest.approx(loss(dequantize_matrix(w, bits, 8)), rel=1e-4)

@@ -8,8 +8,8 @@ summed loss with the summed bytes within the budget is a multiple-choice knapsac
 ``scipy.optimize.milp`` (HiGHS) after each target's options are cut to their Pareto front (an option with
 more bytes and no less loss than another can never be in an optimum).
 
-Candidate ranks: multiples of ``rank_step`` (the group size by default, where the loss estimate is exact),
-plus the largest factored rank.
+Candidate ranks: multiples of ``rank_step`` (8 by default) plus the largest factored rank; each one's loss
+is priced exactly for the layer it installs (decompose/quant_loss.py).
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ from ..errors import RanklmError
 from ..quantize.sizes import factored_bytes, quantized_bytes
 from ..quantize.spec import QuantSpec
 from ..targets import Target
+
+
+RANK_STEP = 8  # candidate ranks: multiples of this (GEMM-friendly ranks, and fewer options for the MILP)
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ def joint_allocate(targets: list[Target], factorizations: dict[str, Factorizatio
                    min_rank: int = 1, rank_step: int | None = None, time_limit: float = 120.0
                    ) -> tuple[dict[str, Any], dict[str, int], dict[str, Any]]:
     """(rank map, bits map, record) for a byte budget over the targets."""
-    step = int(rank_step or spec.group_size)
+    step = int(rank_step or RANK_STEP)
     options = [target_options(t, factorizations[t.name], spec, step, min_rank) for t in targets]
     chosen, info = solve_joint(options, budget, time_limit)
     picks = [opts[j] for opts, j in zip(options, chosen)]

@@ -9,12 +9,11 @@ on which ``½σ²`` prices truncation. So for each allowed width b:
   truncation and quantization error together, for every k at once:
   ``||M||² - 2 Σ_{i<k} â_i^T M ŷ_i + Σ_{i,j<k} (â^T â)_ij (ŷ ŷ^T)_ij``.
 
-B's groups run along the input, so Q_b(B)'s first k rows are exactly the quantized B_k; A (out x k) is grouped
-along its output (``group_axis``, when the group size divides ``out``), so Q_b(A_K)'s first k columns are
-exactly the quantized A_k. Exceptions, where the installed layer groups otherwise and the curve is an estimate
-of the same error: a rank that is a multiple of the group size (A grouped along its input there), and an
-output size the group size does not divide. Cost: about one more ``m x n`` metric product and two K x K Grams per
-width; the dense error one more.
+B's groups run along the input, so Q_b(B)'s first k rows are exactly the quantized B_k. A (out x k) is
+grouped along its output at ranks that are not a multiple of the group size (``group_axis``), along its input
+at those that are: one curve for each grouping of A_K, each exact at the ranks where the installed layer
+groups that way, so every rank's price is exact (an output size the group size does not divide: A is grouped
+along its input, padded, and the price is exact at multiples of the group size only). Cost: a few more ``m x n``-sized metric products and K x K Grams per width.
 """
 
 from __future__ import annotations
@@ -46,11 +45,19 @@ def quantization_losses(
     ``out_metric(X) = L_G^T X``, ``in_metric(Y) = Y L_A``; ``m = out_metric(in_metric(W))``; ``a`` (out x K),
     ``b`` (K x in) the factors that will be installed (float64)."""
     out: dict[str, Any] = {"factored": {}, "dense": {}, "group_size": group_size}
+    ranks = np.arange(a.shape[1] + 1)
     for bits in widths:
-        axis = "out" if a.shape[0] % group_size == 0 else "in"
-        qa = dequantize_matrix(a, bits, group_size, axis).to(m.dtype)
-        qb = dequantize_matrix(b, bits, group_size).to(m.dtype)
-        out["factored"][bits] = scale * factored_curve(m, out_metric(qa), in_metric(qb))
+        y_hat = in_metric(dequantize_matrix(b, bits, group_size).to(m.dtype))
+
+        def curve(axis: str) -> np.ndarray:
+            return factored_curve(m, out_metric(dequantize_matrix(a, bits, group_size, axis).to(m.dtype)), y_hat)
+
+        losses = curve("in")  # the installed A's grouping at ranks that are multiples of the group size
+        if a.shape[0] % group_size == 0:  # at every other rank A is grouped along its output (group_axis)
+            along_out = curve("out")
+            other = ranks % group_size != 0
+            losses[other] = along_out[other]
+        out["factored"][bits] = scale * losses
         err = w - dequantize_matrix(w, bits, group_size).to(w.dtype)
         out["dense"][bits] = scale * float(out_metric(in_metric(err)).square().sum())
     return out
