@@ -49,7 +49,7 @@ def reproduce_command(method: Method, keep: float, opts: BenchOptions, args: dic
             parts += [flag, f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
     if args.get("threads") is not None:
         parts += ["--threads", str(args["threads"])]
-    out = f"{out_dir}/{method.name.replace('+', '_')}-keep{keep:g}"
+    out = f"{out_dir}/{method.name.replace('+', '_').replace('/', '_').replace(':', '-')}-keep{keep:g}"
     parts += ["--output", out]
     # The second and later evaluation texts: the same windows through `ranklm evaluate` on the saved cell.
     extra = [["ranklm", "evaluate", out, "--data", e, "--seq-len", str(opts.eval_seq_len), "--batch-size", str(opts.run["batch_size"])]

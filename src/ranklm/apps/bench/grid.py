@@ -174,7 +174,7 @@ class BenchOptions:
         if method.quantize is not None:
             run["quantize"] = method.quantize
         if self.in_bytes:
-            run["budget_bytes"] = f"{keep:g}"
+            run["budget_bytes"] = f"{keep:.12g}"  # the exact fraction: the cell's command must reproduce it
         return run
 
     def cell_config(self, method: Method, keep: float) -> CompressConfig:

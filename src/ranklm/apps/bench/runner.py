@@ -222,7 +222,7 @@ def run_bench(
             if opts.save_dir:
                 from ...io import save
 
-                cell_dir = Path(opts.save_dir) / f"{method.name}@{keep:g}"
+                cell_dir = Path(opts.save_dir) / f"{method.name.replace('/', '_')}@{keep:g}"
                 save(cell_model, tokenizer, cell_dir, overwrite=True)
                 row["checkpoint"] = str(cell_dir)
             if opts.auto and math.isfinite(row.get("calib_ppl", math.inf)) and (
