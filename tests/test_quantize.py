@@ -240,3 +240,15 @@ def test_cli_plain_quantization_needs_no_calibration(capsys, tiny_llama_dir, tmp
     code = main(["evaluate", str(tmp_path / "q"), "--data", str(short), "--seq-len", "8", "--json"])
     ev = json.loads(capsys.readouterr().out)
     assert code == 0 and ev["target_bytes"] == out["target_bytes"] and ev["model_bytes"] == out["model_bytes"]
+
+
+def test_solver_output_never_reaches_stdout(capfd):
+    """HiGHS prints from C++ to fd 1 on some problems; --json on stdout must stay one object."""
+    import os
+
+    from ranklm.allocate.knapsack import solver_output_to_stderr
+
+    with solver_output_to_stderr():
+        os.write(1, b"HighsMipSolverData noise\n")
+    out, err = capfd.readouterr()
+    assert "noise" not in out and "noise" in err

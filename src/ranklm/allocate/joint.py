@@ -23,6 +23,7 @@ import numpy as np
 from ..budget import DENSE
 from ..decompose.base import Factorization
 from ..errors import RanklmError
+from .knapsack import solver_output_to_stderr
 from ..quantize.sizes import factored_bytes, quantized_bytes
 from ..quantize.spec import QuantSpec
 from ..targets import Target
@@ -86,10 +87,11 @@ def solve_joint(options: list[list[Option]], budget: float, time_limit: float = 
     scale = max(max(loss), 1e-300)
     choose = coo_matrix((np.ones(n), (rows, cols)), shape=(len(options), n))
     t0 = time.perf_counter()
-    res = milp(c=np.asarray(loss) / scale, integrality=np.ones(n), bounds=Bounds(np.zeros(n), np.ones(n)),
-               constraints=[LinearConstraint(choose, 1.0, 1.0),
-                            LinearConstraint(np.asarray(size)[None, :], -np.inf, float(budget))],
-               options={"time_limit": float(time_limit), "mip_rel_gap": 1e-9})
+    with solver_output_to_stderr():
+        res = milp(c=np.asarray(loss) / scale, integrality=np.ones(n), bounds=Bounds(np.zeros(n), np.ones(n)),
+                   constraints=[LinearConstraint(choose, 1.0, 1.0),
+                                LinearConstraint(np.asarray(size)[None, :], -np.inf, float(budget))],
+                   options={"time_limit": float(time_limit), "mip_rel_gap": 1e-9})
     info = {"status": int(res.status), "message": str(res.message), "candidates": n,
             "milp_seconds": round(time.perf_counter() - t0, 3), "proven": int(res.status) == 0}
     if res.x is None:

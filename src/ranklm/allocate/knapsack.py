@@ -34,9 +34,12 @@ Which bases qualify — those whose σ² estimate loss comparably **across** tar
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -132,6 +135,22 @@ def lagrangian_bound(opts: list[TargetChoices], budget: float, iters: int = 200)
     return best
 
 
+@contextmanager
+def solver_output_to_stderr() -> Iterator[None]:
+    """HiGHS (scipy's MILP solver) can print from C++ to file descriptor 1 even with ``disp`` off (measured: a
+    line per new incumbent on a Qwen2.5-0.5B shape), which would corrupt ``--json`` on stdout: send fd 1 to
+    stderr while it runs."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def solve_exact(
     targets: list[Target], values: dict[str, np.ndarray], budget: int, floors: dict[str, int],
     incumbent: RankMap, time_limit: float,
@@ -170,11 +189,13 @@ def solve_exact(
             gains.append((float(o.kept[j]) - base) / max(gap, tol, 1e-300))
             costs.append(float(o.cost[j]))
     choose = coo_matrix((np.ones(n), (rows, cols)), shape=(len(opts), n))
-    res = milp(
-        c=-np.asarray(gains), integrality=np.ones(n), bounds=Bounds(np.zeros(n), np.ones(n)),
-        constraints=[LinearConstraint(choose, 1.0, 1.0), LinearConstraint(np.asarray(costs)[None, :], -np.inf, float(budget))],
-        options={"time_limit": float(time_limit), "mip_rel_gap": 1e-9},
-    )
+    with solver_output_to_stderr():
+        res = milp(
+            c=-np.asarray(gains), integrality=np.ones(n), bounds=Bounds(np.zeros(n), np.ones(n)),
+            constraints=[LinearConstraint(choose, 1.0, 1.0),
+                         LinearConstraint(np.asarray(costs)[None, :], -np.inf, float(budget))],
+            options={"time_limit": float(time_limit), "mip_rel_gap": 1e-9},
+        )
     info.update(status=int(res.status), message=str(res.message))
     if getattr(res, "mip_gap", None) is not None and np.isfinite(res.mip_gap):
         info["gap"] = float(res.mip_gap)  # HiGHS's relative gap (of the rescaled objective) when it stopped
