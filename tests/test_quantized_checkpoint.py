@@ -21,7 +21,7 @@ from ranklm.layers import replace_module
 from ranklm.pipeline import run
 from ranklm.quantize.apply import quantize_targets
 from ranklm.targets import find_targets
-from test_transformers_native import _without_ranklm
+from test_transformers_native import remote_code_load
 
 BITS, GROUP = 4, 16
 DENSE_TARGET = {"llama": "model.layers.1.mlp.up_proj", "gpt2": "transformer.h.1.attn.c_proj"}
@@ -123,28 +123,10 @@ def test_without_ranklm_remote_code_loads_and_plain_loading_refuses(saved, tmp_p
     family, model, path = saved
     ids = random_ids(2, 16)
     ref = outputs(model, ids)
-    torch.save(ids, tmp_path / "ids.pt")
-    code = f"""
-        import sys, torch
-        from transformers import AutoModelForCausalLM as Auto
-        ids = torch.load({str(tmp_path / 'ids.pt')!r})
-        try:
-            Auto.from_pretrained({str(path)!r})
-            print("PLAIN LOADED")
-        except Exception as e:
-            print("PLAIN REFUSED", type(e).__name__)
-        m = Auto.from_pretrained({str(path)!r}, trust_remote_code=True)
-        with torch.no_grad():
-            out = m(input_ids=ids).logits
-        kinds = sorted({{type(x).__name__ for x in m.modules()}})
-        assert not any(k.startswith("ranklm") for k in sys.modules)
-        torch.save({{"kinds": kinds, "out": out}}, {str(tmp_path / 'out.pt')!r})
-    """
-    proc = _without_ranklm(code)
+    proc, got = remote_code_load(path, ids, "AutoModelForCausalLM", tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "PLAIN REFUSED" in proc.stdout and "PLAIN LOADED" not in proc.stdout
-    got = torch.load(tmp_path / "out.pt")
-    assert {"FactoredLinear", "QuantizedLinear"} <= set(got["kinds"])
+    assert not got["ranklm"] and {"FactoredLinear", "QuantizedLinear"} <= set(got["kinds"])
     assert torch.equal(got["out"], ref)
 
 

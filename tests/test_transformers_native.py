@@ -93,14 +93,14 @@ def _without_ranklm(code: str) -> subprocess.CompletedProcess:
                           timeout=1200)  # a fresh venv compiles lm-eval and datasets on first import
 
 
-def test_without_ranklm_remote_code_loads_and_plain_loading_refuses(saved, tmp_path):
-    family, model, path = saved
-    ids = random_ids(2, 16)
-    ref = outputs(model, ids)
+def remote_code_load(path, ids, auto_name: str, tmp_path) -> tuple[subprocess.CompletedProcess, dict]:
+    """Load checkpoint ``path`` in a process without ranklm: plain ``from_pretrained`` (which must refuse), then
+    ``trust_remote_code=True``; returns the process and {"kinds": module class names, "ranklm": imported?,
+    "out": logits or hidden states on ``ids``} (float32 values survive JSON exactly)."""
     (tmp_path / "ids.json").write_text(json.dumps(ids.tolist()))
     code = f"""
         import json, sys, torch
-        from transformers import {AUTO[family].__name__} as Auto
+        from transformers import {auto_name} as Auto
         ids = torch.tensor(json.loads(open({str(tmp_path / 'ids.json')!r}).read()))
         try:
             Auto.from_pretrained({str(path)!r})
@@ -116,11 +116,21 @@ def test_without_ranklm_remote_code_loads_and_plain_loading_refuses(saved, tmp_p
                   open({str(tmp_path / 'out.json')!r}, "w"))
     """
     proc = _without_ranklm(code)
+    got = json.loads((tmp_path / "out.json").read_text()) if proc.returncode == 0 else {}
+    if got:
+        got["out"] = torch.tensor(got["out"])
+    return proc, got
+
+
+def test_without_ranklm_remote_code_loads_and_plain_loading_refuses(saved, tmp_path):
+    family, model, path = saved
+    ids = random_ids(2, 16)
+    ref = outputs(model, ids)
+    proc, got = remote_code_load(path, ids, AUTO[family].__name__, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "PLAIN REFUSED" in proc.stdout and "PLAIN LOADED" not in proc.stdout
-    got = json.loads((tmp_path / "out.json").read_text())
     assert not got["ranklm"] and "FactoredLinear" in got["kinds"]
-    assert _rel_err(torch.tensor(got["out"]), ref) <= 1e-6
+    assert _rel_err(got["out"], ref) <= 1e-6
 
 
 def test_sharded_save_and_load(tmp_path):
