@@ -6,9 +6,11 @@
 # (N + 0.375) / 16 of the bfloat16 bytes), so every row is compared with `--keep 1 --quantize intN` at no more
 # bytes. Rows: float factors (low-rank alone), factors quantized at one width (ranks from the joint knapsack
 # at that width), and the joint allocator over int2/int3/int4/int8.
-# Usage: bash benchmarks/equal_bytes.sh [OUT]   (then bash benchmarks/quant_only.sh for the pure-quantization rows)
+# Usage: bash benchmarks/equal_bytes.sh [OUT] [extra bench flags, e.g. --threads 1]
+#        (then bash benchmarks/quant_only.sh for the pure-quantization rows)
 set -euo pipefail
 OUT=${1:-benchmarks/results/equal-bytes}
+shift || true
 mkdir -p "$OUT"
 B8=0.5234375; B4=0.2734375; B3=0.2109375; B2=0.1484375
 ranklm bench --dtype bfloat16 \
@@ -16,4 +18,4 @@ ranklm bench --dtype bfloat16 \
   --budget-bytes "$B8,$B4,$B3,$B2" --calib-windows 32 --seq-len 512 --fisher-windows 32 --memory-mode whole \
   --eval-data default --eval-data hamlet --gen-prompts 0 \
   --latency --latency-shapes 1x512,8x128 --latency-reps 3 --decode-tokens 64x32 \
-  --output "$OUT/bench" --overwrite --json > "$OUT/bench.json" 2> "$OUT/bench.log"
+  "$@" --output "$OUT/bench" --overwrite --json > "$OUT/bench.json" 2> "$OUT/bench.log"
