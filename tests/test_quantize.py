@@ -13,7 +13,7 @@ from ranklm.cli import main
 from ranklm.config import CompressConfig
 from ranklm.decompose import get_base
 from ranklm.errors import RanklmError
-from ranklm.hf.remote_code import QuantizedLinear, pack_bits, unpack_bits
+from ranklm.modeling_ranklm import QuantizedLinear, pack_bits, unpack_bits
 from ranklm.layers import LowRankLinear
 from ranklm.pipeline import run
 from ranklm.quantize.affine import dequantize_matrix, quantize_matrix

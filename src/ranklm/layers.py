@@ -84,7 +84,7 @@ class LowRankLinear(nn.Module):
         """The equivalent dense module of the original type (Linear or Conv1D). Quantized factors
         (``ranklm.quantize``) are dequantized first, into ``dtype`` (default: the bias's, else float32);
         float factors keep their own dtype."""
-        from .hf.remote_code import dense_module, factor_dtype, factor_weight
+        from .modeling_ranklm import dense_module, factor_dtype, factor_weight
 
         with torch.no_grad():
             dtype = factor_dtype(self, dtype)
@@ -118,7 +118,7 @@ def merge_low_rank(model: nn.Module) -> int:
     """Replace every LowRankLinear by its dense equivalent in place, and every quantized dense target
     (``QuantizedLinear``) by its dequantized Linear/Conv1D, quantized weights in the model's float dtype;
     returns how many."""
-    from .hf.remote_code import quantized_dense_names
+    from .modeling_ranklm import quantized_dense_names
 
     names = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)] + quantized_dense_names(model)
     dtype = _float_dtype(model)

@@ -110,7 +110,7 @@ def evaluate(
     lat = None
     onnx_table = None
     if shapes is not None:
-        from ..hf.remote_code import QuantizedLinear
+        from ..modeling_ranklm import QuantizedLinear
         from ..layers import LowRankLinear
 
         if not any(isinstance(x, (LowRankLinear, QuantizedLinear)) for x in m.modules()):

@@ -6,7 +6,7 @@
 and quantizer that ``save_pretrained``/``push_to_hub`` write and ``from_pretrained`` reads back;
 ``merge_and_unload(model)`` multiplies the factors back in memory (peft's name);
 ``remote_code(model)`` is the ``modeling_ranklm.py`` + ``auto_map`` a checkpoint carries for
-processes without ranklm (``trust_remote_code=True``). The mechanics live in ``remote_code.py``,
+processes without ranklm (``trust_remote_code=True``). The mechanics live in ``ranklm/modeling_ranklm.py``,
 which has to stay self-contained because it is that file.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from .remote_code import (
+from ..modeling_ranklm import (
     DENSE,
     FORMAT_VERSION,
     MARKER_SUFFIX,
@@ -33,7 +33,7 @@ from .remote_code import (
     install_layers,
     marker_tensors,
 )
-from .remote_code import register as _register
+from ..modeling_ranklm import register as _register
 
 REMOTE_FILE = "modeling_ranklm.py"
 _AUTO_CLASSES = (  # (auto class, its mapping in transformers.models.auto.modeling_auto), most specific first
@@ -135,7 +135,7 @@ def auto_class_name(model: nn.Module) -> str:
 def remote_code(model: nn.Module) -> tuple[str, dict[str, str]]:
     """(source of ``modeling_ranklm.py``, the ``auto_map`` entry pointing at its class) for a checkpoint."""
     base, config_base = type(model).__name__, type(model.config).__name__
-    source = (Path(__file__).with_name("remote_code.py")).read_text()
+    source = (Path(__file__).parent.parent / REMOTE_FILE).read_text()  # ranklm/modeling_ranklm.py, copied as is
     cls, config_cls = f"Ranklm{base}", f"Ranklm{config_base}"
     source += (
         "\n\n# ---- written by ranklm.save for this checkpoint ----\n"

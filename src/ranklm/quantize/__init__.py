@@ -1,7 +1,7 @@
 """Weight-only quantization of the compressed targets, and bytes (docs/design.md §11; issue 29).
 
 ``spec`` parses ``--quantize`` / ``--quant-group-size`` / ``--budget-bytes``; ``affine`` quantizes one
-matrix with torchao's affine primitives into the stored ``QuantizedLinear`` (hf/remote_code.py: the same
+matrix with torchao's affine primitives into the stored ``QuantizedLinear`` (modeling_ranklm.py: the same
 layer a checkpoint loads without ranklm); ``apply`` quantizes a model's targets, factored (both factors)
 or dense; ``sizes`` counts bytes as stored and prices the joint allocator's options.
 """

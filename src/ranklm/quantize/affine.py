@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import RanklmError
-from ..hf.remote_code import QuantizedLinear, affine_dequantize, group_axis, pack_bits
+from ..modeling_ranklm import QuantizedLinear, affine_dequantize, group_axis, pack_bits
 
 def require_torchao() -> None:
     """One error line, before any long work, when the ``quant`` extra is missing (loading needs no torchao)."""

@@ -16,7 +16,7 @@ def dense_bytes(out: int, inp: int, element_size: int) -> int:
 
 def quantized_bytes(out: int, inp: int, bits: int, group_size: int) -> int:
     """``QuantizedLinear`` of an out x in matrix: packed codes (the last group padded) + scales + zeros."""
-    from ..hf.remote_code import group_axis
+    from ..modeling_ranklm import group_axis
 
     rows, cols = (out, inp) if group_axis(inp, out, group_size) == "in" else (inp, out)
     groups = -(-cols // group_size)
