@@ -421,9 +421,6 @@ def install_layers(model: nn.Module, config: RanklmQuantizationConfig, layer_cls
     return swapped
 
 
-install_factored = install_layers  # the name before quantized targets existed
-
-
 def marker_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """``<target>.weight`` -> int32 [rank] for every factored layer of ``model``, int32 [bits] for every
     quantized dense target (see the module docstring)."""

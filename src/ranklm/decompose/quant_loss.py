@@ -13,7 +13,8 @@ B's groups run along the input, so Q_b(B)'s first k rows are exactly the quantiz
 grouped along its output at ranks that are not a multiple of the group size (``group_axis``), along its input
 at those that are: one curve for each grouping of A_K, each exact at the ranks where the installed layer
 groups that way, so every rank's price is exact (an output size the group size does not divide: A is grouped
-along its input, padded, and the price is exact at multiples of the group size only). Cost: a few more ``m x n``-sized metric products and K x K Grams per width.
+along its input, padded, and the price is exact at multiples of the group size only).
+Cost: a few more ``m x n``-sized metric products and K x K Grams per width.
 """
 
 from __future__ import annotations

@@ -29,7 +29,6 @@ from ..modeling_ranklm import (
     check_tensors,
     checkpoint_shapes,
     expected_tensors,
-    install_factored,
     install_layers,
     marker_tensors,
 )
@@ -171,7 +170,6 @@ __all__ = [
     "checkpoint_shapes",
     "detach",
     "expected_tensors",
-    "install_factored",
     "install_layers",
     "marker_tensors",
     "merge_and_unload",

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..budget import DENSE, RankMap
 from ..errors import RanklmError
-from ..quantize.sizes import model_stored_bytes, stored_target_bytes
+from ..quantize.sizes import bytes_summary
 from ..quantize.spec import parse_budget_bytes
 from ..targets import Target, weight_matrix
 from .plan import Plan
@@ -62,14 +62,10 @@ def quantize_model(model: nn.Module, targets: list[Target], plan: Plan, bits: di
 
     spec = plan.quant
     quantize_targets(model, targets, bits, spec.group_size)
-    stored = {t.name: stored_target_bytes(model.get_submodule(t.name)) for t in targets}
-    total = sum(stored.values())
+    sizes = bytes_summary(model, targets, dense_bytes)
     record = {**spec.record(), "bits": {n: int(b) for n, b in bits.items()},
-              "dense_targets": sum(1 for t in targets if rank_map[t.name] == DENSE),
-              "target_bytes": total, "target_bytes_dense": dense_bytes,
-              "bytes_ratio": total / dense_bytes if dense_bytes else None,
-              "bits_per_target_weight": 8.0 * total / max(sum(t.dense_params for t in targets), 1),
-              "model_bytes": model_stored_bytes(model)}
+              "dense_targets": sum(1 for t in targets if rank_map[t.name] == DENSE), **sizes}
     if budget is not None:
-        record.update(budget_bytes=budget.bytes, budget_given=budget.given, budget_used=total / budget.bytes)
+        record.update(budget_bytes=budget.bytes, budget_given=budget.given,
+                      budget_used=sizes["target_bytes"] / budget.bytes)
     return record

@@ -60,16 +60,18 @@ def model_stored_bytes(model: nn.Module) -> int:
     return total
 
 
-def bytes_summary(model: nn.Module) -> dict[str, float | int]:
-    """Bytes of a ranklm model as stored: its targets (and their dense bytes in the model's dtype), the whole
-    model, and bits per dense target weight; ``ranklm compress``/``evaluate`` print these beside the ratios."""
-    state = getattr(model, "ranklm", None)
-    targets = list(getattr(state, "targets", None) or [])
-    dtype = getattr(model, "dtype", None) or next(p.dtype for p in model.parameters() if p.is_floating_point())
-    element = torch.empty((), dtype=dtype).element_size()
+def bytes_summary(model: nn.Module, targets: list | None = None, dense_bytes: int | None = None) -> dict[str, float | int]:
+    """Bytes of a ranklm model as stored: its targets (default: those of its compression state) and their dense
+    bytes (default: in the model's dtype), the whole model, and bits per dense target weight; ``ranklm
+    compress``/``evaluate``/``bench`` print these beside the ratios, and the quantization stage records them."""
+    if targets is None:
+        targets = list(getattr(getattr(model, "ranklm", None), "targets", None) or [])
     dense_params = sum(t.dense_params for t in targets)
+    if dense_bytes is None:
+        dtype = getattr(model, "dtype", None) or next(p.dtype for p in model.parameters() if p.is_floating_point())
+        dense_bytes = dense_params * torch.empty((), dtype=dtype).element_size()
     stored = sum(stored_target_bytes(model.get_submodule(t.name)) for t in targets)
-    return {"target_bytes": stored, "target_bytes_dense": dense_params * element,
-            "target_bytes_ratio": stored / (dense_params * element) if dense_params else 1.0,
+    return {"target_bytes": stored, "target_bytes_dense": dense_bytes,
+            "target_bytes_ratio": stored / dense_bytes if dense_bytes else 1.0,
             "bits_per_target_weight": 8.0 * stored / dense_params if dense_params else 0.0,
             "model_bytes": model_stored_bytes(model)}

@@ -163,8 +163,7 @@ def run_bench(
     shared_cost: dict[tuple[str, bool, bool], tuple[float, float]] = {}  # pass 1 per (base, mode): seconds, RSS growth
 
     probe = None  # the union of the joint cells' widths: kfac's quantization prices, computed once
-    joint_widths = sorted({b for m in methods if m.quantize and opts.in_bytes
-                           for b in (parse_quantize(m.quantize).bits if parse_quantize(m.quantize) else ())})
+    joint_widths = sorted({b for m in methods if m.quantize and opts.in_bytes for b in parse_quantize(m.quantize).bits})
     if joint_widths:
         probe = QuantSpec(tuple(joint_widths), int(shared.quant_group_size))
     for method, keep in cells:
