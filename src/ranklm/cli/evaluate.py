@@ -31,7 +31,7 @@ from .options import (
 def evaluate(
     model_arg: Optional[str] = model_argument("Checkpoint or HF model folder"),
     model: Optional[str] = model_option("Checkpoint or HF model folder"),
-    data: Optional[str] = typer.Option(None, "--data", help="Text file/folder/.jsonl/.csv, 'hamlet' or 'default'.", show_default="evaluation part of the packaged corpus"),
+    data: Optional[str] = typer.Option(None, "--data", help="Text file/folder/.jsonl/.csv, 'hamlet', 'default' or 'validation' (the default corpus's validation part, for tuning).", show_default="evaluation part of the packaged corpus"),
     windows: Optional[int] = typer.Option(None, "--windows", help="At most this many windows.", show_default="all"),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per window."),
     batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),

@@ -19,6 +19,9 @@ the scripts in ``benchmarks/``) build the plan from a ``CompressConfig``:
    install. Trained factors from stage 3 are installed as they are (neither refit nor
    refine touches them);
 5. **install** — ``LowRankLinear`` for every factored target;
+   5b. **block refit** (``--block-refit``, off by default) — block by block, every factored target refit in
+   closed form so its outputs on the compressed model's activations match the dense layer's
+   (accumulated-error correction, ``block_refit.py``);
 6. **train** — the trainer of the training axis (``--trainer finetune``), on the loop;
 7. **record** — the ``CompressionState`` saved in ranklm.json (incl. the training records).
 

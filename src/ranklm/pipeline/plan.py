@@ -62,6 +62,8 @@ class Plan:
     config: CompressConfig
     memory_mode: str = "auto"  # requested: auto, bounded, whole (the preflight decides auto: pipeline.memory)
     quant: Any = None  # quantize.QuantSpec: --quantize (after install and training), or None
+    block_refit: str = "off"  # --block-refit mode (pipeline/block_refit.py), after install, before training
+    block_refit_damping: float = 0.01
 
     @property
     def joint(self) -> bool:
@@ -77,7 +79,8 @@ class Plan:
     def needs_windows(self) -> bool:
         if self.quantize_only:
             return False
-        return bool(self.base.needs) or bool(getattr(self.allocator, "needs_context", False)) or self.trainer is not None
+        return (bool(self.base.needs) or bool(getattr(self.allocator, "needs_context", False)) or self.trainer is not None
+                or self.block_refit != "off")
 
     @property
     def needs_pass1(self) -> bool:
@@ -142,5 +145,6 @@ def make_plan(config: CompressConfig | None = None, model: Any = None) -> Plan:
                                     int(config.fisher_windows), int(config.seed),
                                     str(getattr(config, "stats_dtype", "auto"))),
         include=tuple(config.include), exclude=tuple(config.exclude), method=config.method, config=config,
-        memory_mode=memory_mode, quant=quant,
+        memory_mode=memory_mode, quant=quant, block_refit=config.block_refit,
+        block_refit_damping=float(config.block_refit_damping),
     )

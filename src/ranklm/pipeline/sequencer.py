@@ -1,4 +1,4 @@
-"""The one sequencer: prepare -> statistics + factorize -> allocate -> refit -> install -> train -> record."""
+"""The one sequencer: prepare -> statistics + factorize -> allocate -> refit -> install -> block refit -> train -> record."""
 
 from __future__ import annotations
 
@@ -137,6 +137,11 @@ def run(
 
     # 4-5. refit / refine, install
     t2 = time.perf_counter()
+    stash = None
+    if plan.block_refit != "off":
+        from .block_refit import DenseStash
+
+        stash = DenseStash(model, targets, rank_map)  # the dense reference of stage 5b, on disk
     if context.trained_factors is not None:
         install_factors(model, targets, context.trained_factors, rank_map)
         context.trained_factors = None
@@ -158,6 +163,18 @@ def run(
     timings["refit_install_s"] = time.perf_counter() - t2
     if numerics:
         context.artifacts["numerics"] = numerics
+
+    # 5b. block-level refit: accumulated-error correction against the dense outputs
+    if stash is not None:
+        from .block_refit import block_refit
+
+        t5 = time.perf_counter()
+        try:
+            context.artifacts["block_refit"] = block_refit(model, targets, stash, windows, calib.batch_size,
+                                                           plan.block_refit, plan.block_refit_damping, progress)
+        finally:
+            stash.close()
+        timings["block_refit_s"] = time.perf_counter() - t5
 
     # 6. train
     if plan.trainer is not None:
