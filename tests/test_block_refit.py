@@ -123,3 +123,25 @@ def test_block_refit_cli_and_bad_input(capsys, tiny_llama_dir, text_file, tmp_pa
     out, err = capsys.readouterr()
     assert code != 0 and "--block-refit" in err and "Traceback" not in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_block_refit_runs_after_learned_factors_and_before_healing(monkeypatch):
+    """Learned factors (an allocator that hands back trained factors) are refit too, and ``heal`` trains on the
+    refit model: the heal's step-0 validation is the refit model's."""
+    from test_pipeline import _TrainedFactorsAllocator
+
+    from ranklm.allocate import ALLOCATORS
+
+    alloc = _TrainedFactorsAllocator()
+    monkeypatch.setitem(ALLOCATORS, "trained-test", lambda **_: alloc)
+    ids = random_ids(8, 32)
+    model = make_model("llama")
+    cfg = CompressConfig(keep=0.5, base="svd", allocator="trained-test", calib_windows=8, seq_len=32, batch_size=4,
+                         block_refit="full", trainer="heal", trainer_options={"steps": 2, "eval_every": 1, "val_windows": 2})
+    ranklm.compress(model, None, cfg, data=ids, progress=False, validation=ids[:2])
+    rec = model.ranklm.artifacts["block_refit"]
+    assert rec["refit"] == len(alloc.factors)  # random trained factors: the refit always improves on them
+    for name, (a, b) in alloc.factors.items():
+        assert not torch.equal(model.get_submodule(name).A.weight, a)
+    assert model.ranklm.training[-1]["trainer"] == "heal"
+    assert model.ranklm.timings["block_refit_s"] > 0
