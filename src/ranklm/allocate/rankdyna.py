@@ -21,11 +21,10 @@ the task while it moves rank between matrices, ending at the parameter budget.
   ``dL/dm_i = s_i dL/d(s_i m_i)``, which equals ``s_i dL/ds_i`` for an active triplet and stays
   defined for a masked one (the first-order loss change of bringing it back), so **masked
   triplets keep their s-scores updated**; their singular vectors get no gradient while masked,
-  and their scores are frozen (not decayed) until they come back.
-* **Budget schedule** (in parameters, at installed cost: a triplet costs out + in until its
-  target's active count passes the dense threshold of docs/design.md §2, where the target is
-  stored dense; counting out + in past it made the masks land at keep 0.554 for a 0.6 budget on
-  MiniLM, the fit then adding the rest): all triplets active through
+  and their scores are frozen (not decayed) until they come back. This is AdaLoRA's estimate
+  (Zhang et al., ICLR 2023, and its code in peft): the same EMAs, the uncertainty taken against the
+  updated ``I_bar``, the product as the element score, the triplet as s-term + vector means.
+* **Budget schedule** (in parameters, at installed cost: a triplet costs out + in): all triplets active through
   ``warmup`` (fraction of steps), then a cubic schedule
   ``b(t) = b_T + (b_0 - b_T) (1 - (t - t_w) / (t_f - t_w))^3`` down to the budget ``b_T = keep x
   dense`` at ``t_f = steps x (1 - hold)``, then hold. Every ``delta_t`` steps (and at ``t_f``) the
@@ -33,6 +32,28 @@ the task while it moves rank between matrices, ending at the parameter budget.
   by score, AdaLoRA's rule) and the best are kept until ``b(t)`` is filled; the rest are masked.
   A masked triplet that outranks active ones comes back: the number of comebacks is logged per
   update (``comebacks`` in the history, total in the training record).
+* **No target goes dense at a mask update: its active count is capped at its dense threshold**
+  ``max_factored_rank`` (docs/design.md §2; ``caps``). Why: the start rank (0.75 x min(out, in))
+  lies past the threshold of square matrices, and past it a matrix is stored dense, so every
+  further triplet is free. When the masks could cross it, the step across cost about one triplet
+  and brought every remaining triplet along for nothing; a matrix near the threshold went dense,
+  its many active triplets (probably because they now share the work) scored lower, and the next
+  update dropped it back to a factored rank. Once the budget was reached the masks met it by
+  flipping matrices between dense and a factored rank at consecutive updates (the issue saw
+  dense <-> ~170 triplets on BERT shapes; on the tiny BERT of the tests at keep 0.6, layer 0's
+  ``attention.output.dense`` went 28, 48, 48, 30, 48, 30, 48, 30, 30, 48 of a 31 threshold during
+  the hold). The cap is the real marginal cost of a triplet on both sides of the threshold *for
+  what RankDyna installs*: the end never installs a dense target (``never`` in ``allocate``; the
+  learned ranks are clamped to the threshold), so the triplets past it were trained, counted at
+  the dense cost in ``keep_learned``, then cut without further training. Rejected: pricing the dense
+  block (value = the sum of the matrix's masked triplet scores, cost m*n - k(m+n)) and installing it
+  dense, because each score is a non-negative EMA product, so a sum over hundreds of tail triplets
+  grows with their noise and would pull whole matrices dense on noise; and hysteresis, which adds a
+  margin knob and still trains a state the end never installs. Capped, a triplet costs out + in
+  everywhere, the selection is a plain greedy knapsack filled to within one triplet of ``b(t)`` as
+  before, and triplets past the threshold cannot be counted at out + in (which once made the masks
+  land at keep 0.554 for a 0.6 budget on MiniLM). During the warm-up every triplet is active and a
+  target past its threshold counts at its dense cost.
 * **End.** The active triplets, best score first, are physically truncated into ``(A, B) =
   (U diag(s), V)``; ``fit_budget`` lands the budget exactly (dropping the lowest-scoring or adding
   the best masked triplets); the factors go back to the pipeline through
@@ -61,7 +82,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..budget import DENSE, RankMap, target_cost, targets_dense_params
+from ..budget import DENSE, RankMap, max_factored_rank, target_cost, targets_dense_params
 from ..calibration.distributed import world as process_group
 from ..decompose.base import Factorization, thin_svd
 from ..errors import RanklmError
@@ -149,6 +170,8 @@ class RankDynaHooks(Hooks):
         for r in self.ranks:
             self.offsets.append(self.offsets[-1] + r)
         self.target_of = torch.repeat_interleave(torch.arange(len(targets)), torch.tensor(self.ranks))
+        # most triplets a mask update keeps per target: its dense threshold (see the module docstring)
+        self.caps = [max(1, min(r, max_factored_rank(t))) for t, r in zip(targets, self.ranks)]
         self.dense = float(targets_dense_params(targets))
         self.budget_final = keep * self.dense
         self.budget_initial = self.cost_of(torch.ones(self.offsets[-1]))
@@ -255,7 +278,8 @@ class RankDynaHooks(Hooks):
         return sc + torch.cat(parts)
 
     def select(self, budget: float) -> torch.Tensor:
-        """0/1 gate keeping the best triplets (by score per parameter, or by score) until ``budget`` is filled."""
+        """0/1 gate keeping the best triplets (by score per parameter, or by score) until ``budget`` is filled,
+        at most ``caps[i]`` (the dense threshold) per target, so no target flips dense (module docstring)."""
         sc = self.scores()
         key = sc / self.costs if self.a.per_param else sc
         gate = torch.zeros_like(self.gate)
@@ -265,9 +289,11 @@ class RankDynaHooks(Hooks):
         counts = [1] * len(self.targets)
         used = self.cost_of(gate)
         order = torch.argsort(key, descending=True, stable=True)
-        for j in order[gate[order] < 0.5].tolist():  # fill by key, each triplet at its marginal §2 cost
+        for j in order[gate[order] < 0.5].tolist():  # fill by key, each triplet at its §2 cost (out + in below the cap)
             i = int(self.target_of[j])
             t, k = self.targets[i], counts[i]
+            if k >= self.caps[i]:  # one more would cross the dense threshold
+                continue
             extra = target_cost(t, k + 1) - target_cost(t, k)
             if used + extra <= budget + 1e-6:
                 gate[j] = 1.0
