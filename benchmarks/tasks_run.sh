@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
 # MiniLM + Rotten Tomatoes: the runs behind benchmarks/tasks.md, one after another, one thread each
 # (the CLI defaults: 50 head warm-up steps at lr 1e-3, then 200 steps x 16 examples at lr 1e-4, max 64 tokens).
-# Usage: bash benchmarks/tasks_run.sh [KEEPS...]   (default: 0.6 0.4); results in benchmarks/results/tasks/
+# Usage: [SEEDS="0 1 2"] bash benchmarks/tasks_run.sh [KEEPS...]   (default: 0.6 0.4; seeds 0 1 2)
+# Every run is repeated for each seed of SEEDS (--seed: the new head's initialisation and the batch order of every
+# stage); results in benchmarks/results/tasks/<run>-s<seed>.json (+ .log), the `--json` output of ranklm finetune;
+# `python benchmarks/tasks_table.py` prints mean +- std over the seeds and every seed's row.
 set -u
 cd "$(dirname "$0")/.."
 R=benchmarks/results/tasks
 C=${CKPT_DIR:-/tmp/bench-tasks}
+SEEDS=${SEEDS:-0 1 2}
 mkdir -p "$R" "$C"
-COMMON="--seed 0 --threads 1 --json --overwrite"
-run() { name=$1; shift; OMP_NUM_THREADS=1 ranklm finetune "$@" $COMMON --output "$C/$name" > "$R/$name.json" 2> "$R/$name.log"; }
+COMMON="--threads 1 --json --overwrite"
+run() { name=$1-s$seed; shift; OMP_NUM_THREADS=1 ranklm finetune "$@" --seed "$seed" $COMMON --output "$C/$name" > "$R/$name.json" 2> "$R/$name.log"; }
 keeps=${*:-0.6 0.4}
-run dense --keep 1
-for k in $keeps; do
-  run "rankdyna-svd-$k" --keep "$k" --allocator rankdyna --base svd
-  run "static-svd-$k" --keep "$k" --allocator static --base svd
-  run "static-fwsvd-$k" --keep "$k" --allocator static --base fwsvd
-  run "static-tfwsvd-$k" --keep "$k" --allocator static --base tfwsvd
-  run "ars-svd-$k" --keep "$k" --allocator ars --base svd
-  run "softlm-svd-$k" --keep "$k" --allocator softlm --base svd
+for seed in $SEEDS; do
+  run dense --keep 1
+  for k in $keeps; do
+    run "rankdyna-svd-$k" --keep "$k" --allocator rankdyna --base svd
+    run "static-svd-$k" --keep "$k" --allocator static --base svd
+    run "static-fwsvd-$k" --keep "$k" --allocator static --base fwsvd
+    run "static-tfwsvd-$k" --keep "$k" --allocator static --base tfwsvd
+    run "ars-svd-$k" --keep "$k" --allocator ars --base svd
+    run "softlm-svd-$k" --keep "$k" --allocator softlm --base svd
+  done
 done
-# the SVD-drop predictor on the task loss, on the dense fine-tuned checkpoint
-OMP_NUM_THREADS=1 ranklm info --diagnose "$C/dense" --data rotten-tomatoes --keep 0.6 --json > "$R/diagnose-dense-0.6.json" 2> "$R/diagnose-dense-0.6.log"
+# the SVD-drop predictor on the task loss, on the first seed's dense fine-tuned checkpoint
+for first in $SEEDS; do break; done
+OMP_NUM_THREADS=1 ranklm info --diagnose "$C/dense-s$first" --data rotten-tomatoes --keep 0.6 --json > "$R/diagnose-dense-0.6.json" 2> "$R/diagnose-dense-0.6.log"
