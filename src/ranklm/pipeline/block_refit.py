@@ -23,7 +23,7 @@ accumulated-error correction of SAES-SVD):
 
 Targets of a block are refit in the order the block calls them, each group that reads the same input
 (q/k/v; gate/up) on the outputs of the groups refit before it. Memory: the model, one dense copy of
-the current block, the two activation streams (``windows x seq_len x hidden`` each) and three
+the current block, the two activation streams (``windows x seq_len x hidden`` each) and two
 ``in x in`` float64 matrices per group; the dense weights of the factored targets wait in a temporary
 safetensors folder (one file per block), not in memory. The record gives every target's relative output
 error ``||X~ M^T - X W^T||^2 / ||X W^T||^2`` before and after, on the calibration windows.
@@ -167,30 +167,35 @@ def _input_of(block: nn.Module, rel: str, args: tuple, kwargs: dict) -> torch.Te
     return got[0] if got else None
 
 
-def _group_statistics(dense_block: nn.Module, block: nn.Module, rel: str, dense_in: list, comp_in: list) -> dict[str, Any]:
-    """``C = X~^T X~``, ``S = X^T X~`` and ``D = X^T X`` of module ``rel``'s inputs over every batch (float64)."""
-    c = s = d = None
+def _group_statistics(dense_block: nn.Module, block: nn.Module, rel: str, dense_in: list, comp_in: list,
+                      weights: list[torch.Tensor]) -> dict[str, Any]:
+    """``C = X~^T X~`` and ``S = X^T X~`` of module ``rel``'s inputs over every batch, and ``||X W^T||^2`` for each
+    of ``weights`` (the group's dense weights). Float32 products per batch, float64 running sums (as calibration)."""
+    c = s = None
+    dense_out = [0.0] * len(weights)
     tokens = 0
     for (da, dk), (ca, ck) in zip(dense_in, comp_in):
         x = _input_of(dense_block, rel, da, dk)
         xt = _input_of(block, rel, ca, ck)
         if x is None or xt is None:
             return {}
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-        xt = xt.reshape(-1, xt.shape[-1]).to(torch.float64)
+        x = x.reshape(-1, x.shape[-1]).float()
+        xt = xt.reshape(-1, xt.shape[-1]).float()
         if c is None:
             n = x.shape[1]
-            c, s, d = (torch.zeros(n, n, dtype=torch.float64, device=x.device) for _ in range(3))
-        c.addmm_(xt.mT, xt)
-        s.addmm_(x.mT, xt)
-        d.addmm_(x.mT, x)
+            c, s = (torch.zeros(n, n, dtype=torch.float64, device=x.device) for _ in range(2))
+        c += xt.mT @ xt
+        s += x.mT @ xt
+        for i, w in enumerate(weights):
+            dense_out[i] += float((x @ w.to(device=x.device, dtype=torch.float32).mT).double().square().sum())
         tokens += x.shape[0]
-    return {"C": c, "S": s, "D": d, "tokens": tokens}
+    return {"C": c, "S": s, "dense_out": dense_out, "tokens": tokens}
 
 
-def _rel_error(w: torch.Tensor, m: torch.Tensor, st: dict[str, Any]) -> float:
-    """``||X~ M^T - X W^T||^2 / ||X W^T||^2`` from the group's statistics."""
-    wd = (w @ st["D"] * w).sum()
+def _rel_error(w: torch.Tensor, m: torch.Tensor, st: dict[str, Any], dense_out: float | None = None) -> float:
+    """``||X~ M^T - X W^T||^2 / ||X W^T||^2`` from the group's statistics (``dense_out``: ``||X W^T||^2``, else
+    from ``st["D"] = X^T X``)."""
+    wd = torch.tensor(dense_out, dtype=torch.float64) if dense_out is not None else (w @ st["D"] * w).sum()
     cross = (w @ st["S"] * m).sum()
     mc = (m @ st["C"] * m).sum()
     return float((wd - 2 * cross + mc) / wd.clamp_min(1e-300))
@@ -250,8 +255,8 @@ def block_refit(model: nn.Module, targets: list[Target], stash: DenseStash, wind
             rels = {_relative(n, block_prefix): n for n in weights}
             a0, k0 = comp_in[0]
             for group in _call_groups(block, list(rels), a0, k0):
-                st = _group_statistics(dense_block, block, group[0], dense_in, comp_in)
-                for rel in group:
+                st = _group_statistics(dense_block, block, group[0], dense_in, comp_in, [weights[rels[r]] for r in group])
+                for gi, rel in enumerate(group):
                     name = rels[rel]
                     layer = block.get_submodule(rel)
                     if not st:
@@ -259,9 +264,9 @@ def block_refit(model: nn.Module, targets: list[Target], stash: DenseStash, wind
                         continue
                     w = weights[name].to(device=st["C"].device, dtype=torch.float64)
                     a, b = layer.A.weight.to(torch.float64), layer.B.weight.to(torch.float64)
-                    before = _rel_error(w, a @ b, st)
+                    before = _rel_error(w, a @ b, st, st["dense_out"][gi])
                     a_new, b_new, info = refit_target(w, a, b, st, mode, damping)
-                    after = _rel_error(w, a_new @ b_new, st)
+                    after = _rel_error(w, a_new @ b_new, st, st["dense_out"][gi])
                     if not (torch.isfinite(a_new).all() and torch.isfinite(b_new).all()) or after > before:
                         per_target[name] = {"before": before, "after": before, "kept": "the refit did not lower the error"}
                         continue
