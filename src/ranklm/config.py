@@ -69,6 +69,9 @@ def resolve_keep(keep: float | None, remove: float | None) -> float:
     return float(keep)
 
 
+BLOCK_REFIT_MODES = ("off", "full", "output", "drift")  # --block-refit (pipeline/block_refit.py)
+
+
 def run_field(default: Any, flag: str, help: str, *, show_default: str | None = None, positive: bool = False,
               factory: Any = None) -> Any:
     """A ``CompressConfig`` field that is also a command-line option: ``compress`` and ``bench`` build their
@@ -235,9 +238,8 @@ class CompressConfig:
         if spec is not None and spec.joint and self.budget_bytes is None:
             raise RanklmError(f"--quantize {self.quantize} lists several widths: the joint allocator chooses among "
                               "them under a byte budget; give --budget-bytes (or one width)")
-        from .pipeline.block_refit import check_mode
-
-        check_mode(self.block_refit)
+        if self.block_refit not in BLOCK_REFIT_MODES:
+            raise RanklmError(f"unknown --block-refit mode {self.block_refit!r}; valid: {', '.join(BLOCK_REFIT_MODES)}")
         if not float(self.block_refit_damping) >= 0.0:
             raise RanklmError(f"--block-refit-damping must be >= 0, got {self.block_refit_damping}")
         if self.propagate not in ("compressed", "dense"):

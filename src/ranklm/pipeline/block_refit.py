@@ -44,6 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..budget import DENSE, RankMap
+from ..config import BLOCK_REFIT_MODES
 from ..calibration.sequential import _hidden, _with_hidden, capture_block_inputs
 from ..decompose.base import split_sqrt, thin_svd
 from ..decompose.psd import psd_factor, solve_right
@@ -52,7 +53,7 @@ from ..layers import LowRankLinear, replace_module
 from ..targets import Target, find_blocks, weight_matrix
 from .spill import SPILL_DIR_ENV, spill_parent
 
-MODES = ("off", "full", "output", "drift")
+MODES = BLOCK_REFIT_MODES
 
 
 def check_mode(mode: str) -> str:
