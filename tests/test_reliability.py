@@ -21,6 +21,9 @@ SAVE_SLOWLY = textwrap.dedent(
     # the main thread's sleep below, as a terminal's Ctrl-C reaches a busy main thread; without
     # this a worker thread could take it and the 60 s sleep would not be interrupted.
     signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGINT}})
+    # A Ctrl-C raises KeyboardInterrupt, as in a terminal, even when the test runner's process ignores SIGINT
+    # (an ignored disposition is inherited through exec, and Python then installs no handler).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import torch
     sys.path.insert(0, {tests!r})
     import transformers.modeling_utils as st  # save_pretrained writes each shard through its safe_save_file
