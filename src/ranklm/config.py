@@ -72,6 +72,13 @@ def resolve_keep(keep: float | None, remove: float | None) -> float:
 BLOCK_REFIT_MODES = ("off", "full", "output", "drift")  # --block-refit (pipeline/block_refit.py)
 
 
+def check_block_refit(mode: str) -> str:
+    """``mode`` if it is a ``--block-refit`` mode, else one error line naming the valid ones."""
+    if mode not in BLOCK_REFIT_MODES:
+        raise RanklmError(f"unknown --block-refit mode {mode!r}; valid: {', '.join(BLOCK_REFIT_MODES)}")
+    return mode
+
+
 def run_field(default: Any, flag: str, help: str, *, show_default: str | None = None, positive: bool = False,
               factory: Any = None) -> Any:
     """A ``CompressConfig`` field that is also a command-line option: ``compress`` and ``bench`` build their
@@ -238,8 +245,7 @@ class CompressConfig:
         if spec is not None and spec.joint and self.budget_bytes is None:
             raise RanklmError(f"--quantize {self.quantize} lists several widths: the joint allocator chooses among "
                               "them under a byte budget; give --budget-bytes (or one width)")
-        if self.block_refit not in BLOCK_REFIT_MODES:
-            raise RanklmError(f"unknown --block-refit mode {self.block_refit!r}; valid: {', '.join(BLOCK_REFIT_MODES)}")
+        check_block_refit(self.block_refit)
         if not float(self.block_refit_damping) >= 0.0:
             raise RanklmError(f"--block-refit-damping must be >= 0, got {self.block_refit_damping}")
         if self.propagate not in ("compressed", "dense"):

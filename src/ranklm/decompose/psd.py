@@ -89,6 +89,13 @@ def solve_right(L: torch.Tensor, y: torch.Tensor, method: str) -> torch.Tensor:
     return torch.linalg.solve(L, y, left=False)
 
 
+def solve_left(L: torch.Tensor, x: torch.Tensor, method: str) -> torch.Tensor:
+    """``L^{-1} x`` without forming the inverse (triangular solve for Cholesky factors)."""
+    if method == "cholesky":
+        return torch.linalg.solve_triangular(L, x, upper=False)
+    return torch.linalg.solve(L, x)
+
+
 def solve_left_transposed(L: torch.Tensor, a: torch.Tensor, method: str) -> torch.Tensor:
     """``L^{-T} a`` without forming the inverse."""
     if method == "cholesky":

@@ -32,11 +32,7 @@ error ``||X~ M^T - X W^T||^2 / ||X W^T||^2`` before and after, on the calibratio
 from __future__ import annotations
 
 import copy
-import shutil
-import tempfile
 import time
-import weakref
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,22 +40,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..budget import DENSE, RankMap
-from ..config import BLOCK_REFIT_MODES
-from ..calibration.sequential import _hidden, _with_hidden, capture_block_inputs
+from ..calibration.sequential import _hidden, _Stop, _with_hidden, capture_block_inputs
+from ..config import check_block_refit
 from ..decompose.base import split_sqrt, thin_svd
-from ..decompose.psd import psd_factor, solve_right
+from ..decompose.psd import psd_factor, solve_left, solve_right
 from ..errors import RanklmError
 from ..layers import LowRankLinear, replace_module
 from ..targets import Target, find_blocks, weight_matrix
-from .spill import SPILL_DIR_ENV, spill_parent
-
-MODES = BLOCK_REFIT_MODES
-
-
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise RanklmError(f"unknown --block-refit mode {mode!r}; valid: {', '.join(MODES)}")
-    return mode
+from .spill import SPILL_DIR_ENV, spill_folder
 
 
 class DenseStash:
@@ -69,13 +57,7 @@ class DenseStash:
     def __init__(self, model: nn.Module, targets: list[Target], rank_map: RankMap) -> None:
         from safetensors.torch import save_file
 
-        parent = spill_parent()
-        try:
-            self.dir = Path(tempfile.mkdtemp(prefix="ranklm-dense-", dir=parent))
-        except OSError as e:
-            raise RanklmError(f"cannot create a folder for the dense weights in {parent}: {e.strerror or e} "
-                              f"(set {SPILL_DIR_ENV} to a writable folder)") from None
-        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
+        self.dir, self._finalizer = spill_folder(self, "ranklm-dense-", "the dense weights")
         by_block: dict[int, dict[str, torch.Tensor]] = {}
         for t in targets:
             if rank_map.get(t.name, DENSE) != DENSE:
@@ -100,10 +82,6 @@ class DenseStash:
         self._finalizer()
 
 
-class _Stop(Exception):
-    pass
-
-
 def _relative(name: str, block_prefix: str) -> str:
     return name[len(block_prefix) + 1:]
 
@@ -113,8 +91,8 @@ def _dense_copy(block: nn.Module, block_prefix: str, weights: dict[str, torch.Te
     dense = copy.deepcopy(block)
     for name, w in weights.items():
         rel = _relative(name, block_prefix)
-        low = dense.get_submodule(rel)
-        bias = low.A.bias if isinstance(low, LowRankLinear) else None
+        low = dense.get_submodule(rel)  # a LowRankLinear (block_refit passes only those)
+        bias = low.A.bias
         lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=low.A.weight.device, dtype=low.A.weight.dtype)
         with torch.no_grad():
             lin.weight.copy_(w)
@@ -193,20 +171,12 @@ def _group_statistics(dense_block: nn.Module, block: nn.Module, rel: str, dense_
     return {"C": c, "S": s, "dense_out": dense_out, "tokens": tokens}
 
 
-def _rel_error(w: torch.Tensor, m: torch.Tensor, st: dict[str, Any], dense_out: float | None = None) -> float:
-    """``||X~ M^T - X W^T||^2 / ||X W^T||^2`` from the group's statistics (``dense_out``: ``||X W^T||^2``, else
-    from ``st["D"] = X^T X``)."""
-    wd = torch.tensor(dense_out, dtype=torch.float64) if dense_out is not None else (w @ st["D"] * w).sum()
+def _rel_error(w: torch.Tensor, m: torch.Tensor, st: dict[str, Any], dense_out: float) -> float:
+    """``||X~ M^T - X W^T||^2 / ||X W^T||^2`` from the group's statistics (``dense_out`` = ``||X W^T||^2``)."""
+    wd = torch.tensor(dense_out, dtype=torch.float64)
     cross = (w @ st["S"] * m).sum()
     mc = (m @ st["C"] * m).sum()
     return float((wd - 2 * cross + mc) / wd.clamp_min(1e-300))
-
-
-def _left_solve(L: torch.Tensor, x: torch.Tensor, method: str) -> torch.Tensor:
-    """``L^{-1} x`` (a triangular solve for a Cholesky factor)."""
-    if method == "cholesky":
-        return torch.linalg.solve_triangular(L, x, upper=False)
-    return torch.linalg.solve(L, x)
 
 
 def _times_inverse(x: torch.Tensor, L: torch.Tensor, method: str) -> torch.Tensor:
@@ -223,7 +193,7 @@ def refit_target(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, st: dict[str
     L, info = psd_factor(st["C"], damping=damping)  # C + damping * mean(diag C) = L L^T
     method = info["method"]
     if mode == "full":
-        z = _left_solve(L, (w @ st["S"]).mT, method).mT  # W S L^-T = M* L: the corrected weight, whitened
+        z = solve_left(L, (w @ st["S"]).mT, method).mT  # W S L^-T = M* L: the corrected weight, whitened
         u, sv, vt = thin_svd(z)
         a_new, y = split_sqrt(u, sv, vt, a.shape[1])
         return a_new, solve_right(L, y, method), info  # M = a y L^-1
@@ -236,7 +206,7 @@ def refit_target(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, st: dict[str
 def block_refit(model: nn.Module, targets: list[Target], stash: DenseStash, windows: torch.Tensor, batch_size: int,
                 mode: str, damping: float = 0.01, progress: bool = True) -> dict[str, Any]:
     """Refit every installed ``LowRankLinear`` target block by block (module docstring); returns the stage's record."""
-    check_mode(mode)
+    check_block_refit(mode)
     if windows is None:
         raise RanklmError("--block-refit needs calibration windows")
     found = find_blocks(model)
@@ -288,4 +258,4 @@ def block_refit(model: nn.Module, targets: list[Target], stash: DenseStash, wind
             "seconds": round(time.perf_counter() - t0, 2), "per_target": per_target}
 
 
-__all__ = ["DenseStash", "MODES", "block_refit", "check_mode", "refit_target"]
+__all__ = ["DenseStash", "block_refit", "refit_target"]

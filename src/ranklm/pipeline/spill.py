@@ -30,19 +30,25 @@ def spill_parent() -> Path:
     return Path(os.environ.get(SPILL_DIR_ENV) or tempfile.gettempdir())
 
 
+def spill_folder(owner: Any, prefix: str, what: str, parent: str | os.PathLike | None = None) -> tuple[Path, Any]:
+    """A new temporary folder under ``parent`` (default ``spill_parent()``) and the finalizer that removes it
+    when ``owner`` is garbage-collected (call it to remove it now); one error line naming ``what`` if it fails."""
+    parent = Path(parent) if parent is not None else spill_parent()
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    except OSError as e:
+        raise RanklmError(f"cannot create a folder for {what} in {parent}: {e.strerror or e} "
+                          f"(set {SPILL_DIR_ENV} to a writable folder)") from None
+    return folder, weakref.finalize(owner, shutil.rmtree, str(folder), True)
+
+
 class FactorStore:
     """A temporary folder of factor files, one per block; removed by ``close()`` or when garbage-collected."""
 
     def __init__(self, parent: str | os.PathLike | None = None) -> None:
-        parent = Path(parent) if parent is not None else spill_parent()
-        try:
-            self.dir = Path(tempfile.mkdtemp(prefix="ranklm-factors-", dir=parent))
-        except OSError as e:
-            raise RanklmError(f"cannot create a folder for spilled factors in {parent}: {e.strerror or e} "
-                              f"(set {SPILL_DIR_ENV} to a writable folder)") from None
+        self.dir, self._finalizer = spill_folder(self, "ranklm-factors-", "spilled factors", parent)
         self.bytes = 0
         self._files = 0
-        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
 
     def put(self, facs: dict[str, Factorization]) -> dict[str, "SpilledFactorization"]:
         """Write ``facs`` (one block's) to one file; their spilled stand-ins, spectra and meta kept in memory."""
@@ -111,4 +117,4 @@ class SpilledFactorization:
         return Factorization(a, b, self.s, meta=self.meta)
 
 
-__all__ = ["FactorStore", "SPILL_DIR_ENV", "SpilledFactorization", "spill_parent"]
+__all__ = ["FactorStore", "SPILL_DIR_ENV", "SpilledFactorization", "spill_folder", "spill_parent"]
