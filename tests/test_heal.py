@@ -252,3 +252,55 @@ def test_cli_data_splits_keep_calibration_unless_a_run_validates(tmp_path):
     assert data_splits(str(one), None)[2] is None  # nothing to validate on: the held-out tail stays whole
     with pytest.raises(RanklmError, match="no validation part"):
         data_splits(str(one), None, validate=True)
+
+
+def test_seeded_extension_keeps_the_calibration_windows_first_and_skips_the_held_out_ones():
+    from ranklm.calibration.data import seeded_extension, seeded_split
+
+    windows = torch.arange(40 * 3).reshape(40, 3)
+    calib, held = seeded_split(windows, 8, seed=5, holdout=6)
+    out = seeded_extension(windows, 8, 20, seed=5, skip=6)
+    assert len(out) == 20 and torch.equal(out[:8], calib)  # the statistics' windows, unchanged, first
+    rows = {tuple(r.tolist()) for r in out}
+    assert len(rows) == 20 and not rows & {tuple(r.tolist()) for r in held}  # none of --auto's held-out windows
+    assert torch.equal(out[8:], out[8:][out[8:, 0].argsort()])  # the extra windows in stream order
+    assert torch.equal(seeded_extension(windows, 8, 20, seed=5, skip=6), out)  # seeded: the same every time
+    assert len(seeded_extension(windows, 8, 100, seed=5)) == 40  # a short text gives all it has
+    assert torch.equal(seeded_extension(windows, 8, 8, seed=5), calib)
+
+
+def test_heal_trains_on_more_calibration_windows_when_asked(capsys, tiny_llama_dir, text_file, tmp_path, caplog):
+    """``windows=N``: compress, bench and the Python API cut N windows of the calibration text (the calibration
+    windows first); token ids given by the caller have no more text, so heal says so and uses the windows it has."""
+    import logging
+
+    from ranklm.cli import main
+    from ranklm.models import load_model
+
+    fast = ["--calib-windows", "4", "--seq-len", "32", "--eval-seq-len", "32", "--eval-windows", "2", "--batch-size", "2"]
+    heal = ["--trainer", "heal", "--train-opt", "steps=2", "--train-opt", "eval_every=1", "--train-opt", "windows=10"]
+    out = tmp_path / "ckpt"
+    code = main(["compress", "--model", str(tiny_llama_dir), "--data", str(text_file), "--keep", "0.5", "--output",
+                 str(out), "--no-eval", *heal, *fast])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    assert "heal trains on 10 windows x 32 tokens: the 4 calibration windows and 6 more" in err
+    rec = json.loads((out / "ranklm.json").read_text())["training"][0]
+    assert rec["train_windows"] == {"windows": 10, "seq_len": 32, "calibration_windows": 4}
+    code = main(["bench", "--model", str(tiny_llama_dir), "--data", str(text_file), "--recipes", "svd", "--keep", "0.5",
+                 "--output", str(tmp_path / "bench"), "--save-dir", str(tmp_path / "cells"), "--gen-prompts", "0",
+                 *heal, *fast])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(next((tmp_path / "cells").rglob("ranklm.json")).read_text())["training"][0]["train_windows"][
+        "windows"] == 10
+    model, tok, _ = load_model(str(tiny_llama_dir))
+    cfg = CompressConfig(keep=0.5, recipe="svd", calib_windows=4, seq_len=32, batch_size=2, trainer="heal",
+                         trainer_options={"steps": 1, "windows": 10})
+    text = text_file.read_text().split("\n\n")
+    m = ranklm.compress(model, tok, cfg, data=text, progress=False)
+    assert m.ranklm.training[-1]["train_windows"]["windows"] == 10
+    ids = random_ids(4, 32)
+    with caplog.at_level(logging.WARNING, logger="ranklm.train.heal"):
+        m = ranklm.compress(make_model("llama"), None, cfg, data=ids, progress=False)
+    assert m.ranklm.training[-1]["train_windows"]["windows"] == 4 and "windows=10 asked for" in caplog.text

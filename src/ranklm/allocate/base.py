@@ -28,6 +28,9 @@ class AllocationContext:
     model: nn.Module | None = None  # the dense model (targets not yet replaced)
     windows: torch.Tensor | None = None  # calibration token ids [N, seq_len]
     validation: torch.Tensor | None = None  # validation token ids (no document of calibration or evaluation)
+    # A trainer's windows when it trains on more calibration text than the statistics read (heal's
+    # ``windows``): the calibration windows first, then more of the same text (None: ``windows``).
+    train_windows: torch.Tensor | None = None
     batch_size: int = 4
     seed: int = 0
     progress: bool = True

@@ -20,7 +20,7 @@ from ..errors import RanklmError
 from ..eval import perplexity
 from ..io import check_output_dir, save
 from ..models import is_checkpoint, load_model, require_tokenizer
-from ..pipeline import calibration_info, make_plan, open_run_state
+from ..pipeline import calibration_info, make_plan, open_run_state, trainer_windows
 from ..pipeline import run as run_pipeline
 from ..targets import find_targets
 from .parallel import join, leave
@@ -125,6 +125,14 @@ def compress_job(config: CompressConfig, job: CompressJob) -> CompressOutcome:
         used = min(len(validation), int(getattr(plan.trainer, "val_windows", len(validation))))
         log(f"validation: {used} of {len(validation)} windows x {validation.shape[1]} tokens ({job.val_source.description})")
 
+    train_windows = None  # a trainer that trains on more of the calibration text than the statistics read (heal)
+    if calib is not None and int(getattr(plan.trainer, "windows", 0) or 0) > len(calib):
+        train_windows = trainer_windows(tok, job.calib_source, config.seq_len, len(calib), int(plan.trainer.windows),
+                                        config.seed)
+        if train_windows is not None:
+            log(f"{plan.trainer.name} trains on {len(train_windows)} windows x {config.seq_len} tokens: the "
+                f"{len(calib)} calibration windows and {len(train_windows) - len(calib)} more of the calibration text")
+
     if job.state_dir is not None:
         if not open_run_state(job.state_dir, job.resume, plan, info, calib):
             log(f"--state-dir: this run trains nothing (no learning allocator, no --trainer); "
@@ -138,7 +146,8 @@ def compress_job(config: CompressConfig, job: CompressJob) -> CompressOutcome:
     run_pipeline(m, tok, plan, data=calib, base_model=info,
                  calibration=None if calib is None else calibration_info(job.calib_source.description, calib,
                                                                           plan.calibration),
-                 state_dir=job.state_dir, resume=job.resume, save_every=job.save_every, validation=validation)
+                 state_dir=job.state_dir, resume=job.resume, save_every=job.save_every, validation=validation,
+                 train_windows=train_windows)
     seconds = time.perf_counter() - t1
     if eval_windows is not None:
         evaluation["compressed"] = perplexity(m, eval_windows, config.batch_size, desc="perplexity (compressed)").to_dict()

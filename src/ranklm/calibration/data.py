@@ -320,3 +320,17 @@ def seeded_split(windows: torch.Tensor, n: int, seed: int, holdout: int = 0) -> 
         return windows.contiguous(), windows[:0]
     perm = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
     return windows[perm[:n].sort().values].contiguous(), windows[perm[n : n + holdout].sort().values].contiguous()
+
+
+def seeded_extension(windows: torch.Tensor, n: int, total: int, seed: int, skip: int = 0) -> torch.Tensor:
+    """``total`` windows: the ``n`` of ``seeded_split(windows, n, seed)`` first (the calibration windows,
+    unchanged), then the next ones of the same seeded permutation after ``skip`` more (bench's held-out
+    windows), each group in stream order; fewer when the text gives fewer.
+
+    For a trainer that trains on more text than the statistics read (``heal``'s ``windows``): its windows
+    hold the calibration windows and share none with what the permutation holds out before them."""
+    if n >= len(windows):
+        return windows.contiguous()
+    perm = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
+    first, more = perm[:n].sort().values, perm[n + skip : n + skip + max(0, total - n)].sort().values
+    return torch.cat([windows[first], windows[more]]).contiguous()

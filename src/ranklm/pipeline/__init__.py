@@ -5,7 +5,8 @@ resolved ``Plan`` (``make_plan(config, model)``: axes built, budget, calibration
 the raw config; the drivers above it (``ranklm.apps``: compress, bench, finetune; ``ranklm.compress``;
 the scripts in ``benchmarks/``) build the plan from a ``CompressConfig``:
 
-1. **prepare** — targets, input checks, calibration windows and their description;
+1. **prepare** — targets, input checks, calibration windows and their description (and a trainer's
+   longer list of windows when it trains on more of the calibration text: ``heal``'s ``windows``);
 2. **statistics + factorize** (pass 1) — every target's ordered components from its
    base. Whole-model statistics, or block by block with dense propagation (the same
    factorizations, memory ~ one block's statistics). Skipped when the allocator reads
@@ -37,7 +38,7 @@ is the only place that orders them.
 from __future__ import annotations
 
 from .plan import ACTIVATION_NEEDS, BudgetPlan, CalibrationPlan, Data, Plan, make_plan
-from .windows import calibration_info, calibration_windows, windows_sha256
+from .windows import calibration_info, calibration_windows, trainer_windows, windows_sha256
 from .factorize import FactorCache, decompose_targets, numerics_records, refine_factors, refit_sequential
 from .install import adjusted_rank_map, allocate_ranks, check_finite_weights, install_factors, install_rank_map
 from .record import (
@@ -80,5 +81,6 @@ __all__ = [
     "run",
     "run_warnings",
     "sensitivity_warning",
+    "trainer_windows",
     "windows_sha256",
 ]

@@ -32,7 +32,7 @@ from .install import (
 from .plan import Data, Plan, make_plan
 from .quantization import dense_target_bytes, quantize_model, resolve_byte_budget, uniform_bits
 from .record import compression_state
-from .windows import calibration_windows
+from .windows import calibration_source, calibration_windows, trainer_windows
 
 
 def run(
@@ -49,6 +49,7 @@ def run(
     resume: bool = False,
     save_every: int = 50,
     validation: torch.Tensor | None = None,
+    train_windows: torch.Tensor | None = None,
 ) -> nn.Module:
     """Compress ``model`` in place to ``plan.budget.keep`` of its targets' parameters; returns it.
 
@@ -61,6 +62,8 @@ def run(
     dense model (bench). ``objective`` (a ``train.Objective``) replaces the default training
     loss of learning allocators and trainers. ``state_dir`` keeps resumable training state.
     ``validation``: token windows a trainer validates on (``heal``'s early stopping).
+    ``train_windows``: the windows a trainer trains on when it asks for more than the calibration windows
+    (``pipeline.windows.trainer_windows``; None: the calibration windows).
     """
     # 1. prepare
     if any(isinstance(m, LowRankLinear) for m in model.modules()):
@@ -90,10 +93,14 @@ def run(
         windows, calib_info = calibration_windows(tokenizer, data, calib)
         if calibration is not None:
             calib_info = calibration
+        asked = int(getattr(plan.trainer, "windows", 0) or 0)  # a trainer that trains on more text (heal)
+        if train_windows is None and asked > len(windows) and not isinstance(data, torch.Tensor):
+            train_windows = trainer_windows(tokenizer, calibration_source(tokenizer, data), calib.seq_len,
+                                            calib.calib_windows, asked, calib.seed)
     context = AllocationContext(
         model=model, windows=windows, batch_size=calib.batch_size, seed=calib.seed, progress=progress,
         objective=objective, state_dir=None if state_dir is None else Path(state_dir), resume=resume, save_every=save_every,
-        validation=validation,
+        validation=validation, train_windows=train_windows,
     )
     if plan.trainer is not None and hasattr(plan.trainer, "prepare"):
         plan.trainer.prepare(model, context)  # on the dense model, before any target is replaced (a teacher)

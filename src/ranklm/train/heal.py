@@ -52,6 +52,8 @@ class HealOptions(MethodOptions):
     max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0: off)", bounds=(0.0, 1e9))
     batch_size: int = opt(2, "windows per step")
     grad_accum: int = opt(1, "micro-batches per step")
+    windows: int = opt(0, "train on this many windows of the calibration text: the calibration windows, then more of "
+                          "the same seeded choice (0: the calibration windows only)")
     seq_len: int | None = opt(None, "train on the first SEQ_LEN tokens of each calibration window [all]")
     top_k: int = opt(64, "cache the dense model's top-k next-token log-probabilities once (0: live full-vocabulary teacher)")
     norms: bool = opt(False, "also train the norms' weights and biases")
@@ -65,7 +67,7 @@ class HealOptions(MethodOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("steps", "warmup", "top_k"):
+        for name in ("steps", "warmup", "top_k", "windows"):
             if getattr(self, name) < 0:
                 raise RanklmError(f"heal: {name} must be >= 0")
         for name in ("batch_size", "grad_accum", "eval_every", "patience", "val_windows"):
@@ -188,7 +190,7 @@ class HealHooks(Hooks):
         o = self.o
         return {"top_k": o.top_k, "norms": o.norms, "eval_every": o.eval_every, "patience": o.patience,
                 "min_delta": o.min_delta, "monitor": o.monitor, "restore_best": o.restore_best, "steps": o.steps,
-                "balance": o.balance,
+                "balance": o.balance, "windows": o.windows,
                 "validation": None if self.validation is None else list(self.validation["input_ids"].shape)}
 
 
@@ -221,7 +223,7 @@ class HealTrainer(Configurable):
         rss0 = resident_mib()
         val = getattr(context, "validation", None)
         self.val_ids = None if val is None else val[: self.val_windows]
-        windows = self._train_windows(context.windows)
+        windows = self._train_windows(self._windows_of(context))
         bs = self.batch_size
         if self.top_k:
             self.teacher = Teacher()
@@ -243,10 +245,21 @@ class HealTrainer(Configurable):
     def _train_windows(self, windows: torch.Tensor) -> torch.Tensor:
         return windows[:, : self.seq_len] if self.seq_len else windows
 
+    def _windows_of(self, context: Any) -> torch.Tensor:
+        """The windows it trains on: the driver's longer list when ``windows`` asks for more than the
+        calibration windows (``pipeline.trainer_windows``), else the calibration windows."""
+        more = getattr(context, "train_windows", None)
+        if more is not None:
+            return more
+        if self.windows > len(context.windows):
+            logger.warning("heal: windows=%d asked for, training on the %d calibration windows (the driver cut no more: "
+                           "calibration given as token ids, or a text with no more windows)", self.windows, len(context.windows))
+        return context.windows
+
     def train(self, model: nn.Module, context: Any) -> TrainResult:
         if self.teacher is None:
             raise RanklmError("heal: no teacher (the pipeline calls prepare() on the dense model before installing)")
-        windows = self._train_windows(context.windows)
+        windows = self._train_windows(self._windows_of(context))
         objective = kl_objective(windows, self.teacher, self.cache, self.top_k)
         validation = None if self.val_ids is None else self.teacher.examples(self.val_ids, self.val_cache)
         bs = self.batch_size
@@ -277,6 +290,8 @@ class HealTrainer(Configurable):
             "options": self.options(), "objective": objective.description, "teacher":
                 {"kind": "top-k cache" if self.top_k else "live copy", "top_k": self.top_k,
                  "prepare_seconds": round(self.prepare_seconds, 2), "memory": self.teacher_memory},
+            "train_windows": {"windows": int(len(windows)), "seq_len": int(windows.shape[1]),
+                              "calibration_windows": int(len(context.windows))},
             "balanced_layers": balanced, "trained_tensors": len(hooks.named), "trained_params": int(sum(p.numel() for _, p in hooks.named)),
             "first_loss": losses[0] if losses else None, "final_loss": res.final_loss,
             "stopped_early": res.stopped_at is not None and res.stopped_at < self.steps,

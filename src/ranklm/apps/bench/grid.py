@@ -177,14 +177,18 @@ class BenchOptions:
             run["budget_bytes"] = f"{keep:.12g}"  # the exact fraction: the cell's command must reproduce it
         return run
 
+    def trainer_config(self) -> dict[str, Any]:
+        """The trainer's options every cell shares (``--train-opt``); {} without a trainer."""
+        trainer = self.run.get("trainer", "none") or "none"
+        return _scoped(self.trainer_options, trainer, "trainer") if trainer != "none" else {}
+
     def cell_config(self, method: Method, keep: float) -> CompressConfig:
         """The CompressConfig of one cell: the shared run fields, the method, its options by name."""
         return CompressConfig(
             keep=keep, recipe=method.recipe, base=method.base, allocator=method.allocator, **self.cell_run(method, keep),
             base_options=_scoped(self.base_options, method.base, "base"),
             allocator_options=_scoped(self.allocator_options, method.allocator, "allocator"),
-            trainer_options=(_scoped(self.trainer_options, self.run["trainer"], "trainer")
-                             if self.run.get("trainer", "none") != "none" else {}),
+            trainer_options=self.trainer_config(),
         )
 
 

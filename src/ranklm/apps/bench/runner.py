@@ -22,7 +22,7 @@ from ...errors import RanklmError
 from ...eval.generate import generation_quality, prompts_from_stream
 from ...eval.latency import flop_ratio_limit, measure_decode, measure_latency
 from ...eval.perplexity import perplexity, require_causal_lm
-from ...pipeline import FactorCache, calibration_info, make_plan
+from ...pipeline import FactorCache, calibration_info, make_plan, trainer_windows
 from ...pipeline.memory import out_of_memory_as_error, preflight
 from ...pipeline import run as run_pipeline
 from ...registry import registered
@@ -95,8 +95,14 @@ def run_bench(
         tokenizer, calib_src, shared.seq_len, shared.calib_windows, opts.auto_windows if opts.auto else 0, shared.seed
     )
     validation = None  # a trainer that validates (heal) gets the validation part's windows, as compress gives them
-    if val_src is not None and getattr(registered("trainer").get(shared.trainer or "none"), "validates", False):
+    trainer_cls = registered("trainer").get(shared.trainer or "none")
+    if val_src is not None and getattr(trainer_cls, "validates", False):
         validation = token_windows(tokenizer, val_src, shared.seq_len, None, purpose="validation")
+    train_windows = None  # a trainer that trains on more calibration text (heal's windows): after --auto's held-out ones
+    asked = int(getattr(trainer_cls(**opts.trainer_config()), "windows", 0) or 0) if trainer_cls is not None else 0
+    if asked > len(calib):
+        train_windows = trainer_windows(tokenizer, calib_src, shared.seq_len, len(calib), asked, shared.seed,
+                                        skip=len(held))
     evals = []
     for label, src in eval_srcs:
         w, stream = eval_windows_of(tokenizer, src, opts.eval_seq_len, opts.eval_windows)
@@ -194,7 +200,8 @@ def run_bench(
                 cell_model = _deepcopy_model(model)
                 calib_info = {**calibration_info(calib_src.description, calib, config), "used": True}
                 run_pipeline(cell_model, tokenizer, plan, data=calib, calibration=calib_info, cache=cache,
-                             progress=False, base_model=model_info, validation=validation)
+                             progress=False, base_model=model_info, validation=validation,
+                             train_windows=train_windows)
             cell_s = time.perf_counter() - t0
             if not plan.needs_windows:
                 cell_model.ranklm.calibration = None
