@@ -17,6 +17,10 @@ on validation than it started), stops after ``patience`` evaluations without an 
 least ``min_delta``, and puts the best tensors back at the end. Without validation windows
 (Python callers who pass none) it trains all its steps and records that nothing was validated.
 
+It trains on the calibration windows, or with ``windows=N`` on N windows of the calibration text: the
+calibration windows, then more of the same seeded choice (``pipeline.trainer_windows``; the statistics
+still read the calibration windows only). The record says how many (``train_windows``).
+
 What it learned is in its record (ranklm.json ``training``): steps run, first/final training
 loss, the validation curve, the best step and value, whether it stopped early.
 """
