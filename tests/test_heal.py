@@ -301,6 +301,6 @@ def test_heal_trains_on_more_calibration_windows_when_asked(capsys, tiny_llama_d
     m = ranklm.compress(model, tok, cfg, data=text, progress=False)
     assert m.ranklm.training[-1]["train_windows"]["windows"] == 10
     ids = random_ids(4, 32)
-    with caplog.at_level(logging.WARNING, logger="ranklm.train.heal"):
+    with caplog.at_level(logging.INFO, logger="ranklm.train.heal"):
         m = ranklm.compress(make_model("llama"), None, cfg, data=ids, progress=False)
     assert m.ranklm.training[-1]["train_windows"]["windows"] == 4 and "windows=10 asked for" in caplog.text
