@@ -126,9 +126,9 @@ def compress_job(config: CompressConfig, job: CompressJob) -> CompressOutcome:
         log(f"validation: {used} of {len(validation)} windows x {validation.shape[1]} tokens ({job.val_source.description})")
 
     train_windows = None  # a trainer that trains on more of the calibration text than the statistics read (heal)
-    if calib is not None and int(getattr(plan.trainer, "windows", 0) or 0) > len(calib):
-        train_windows = trainer_windows(tok, job.calib_source, config.seq_len, len(calib), int(plan.trainer.windows),
-                                        config.seed)
+    if calib is not None:
+        train_windows = trainer_windows(tok, job.calib_source, config.seq_len, len(calib),
+                                        int(getattr(plan.trainer, "windows", 0) or 0), config.seed)
         if train_windows is not None:
             log(f"{plan.trainer.name} trains on {len(train_windows)} windows x {config.seq_len} tokens: the "
                 f"{len(calib)} calibration windows and {len(train_windows) - len(calib)} more of the calibration text")

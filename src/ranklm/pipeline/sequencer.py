@@ -90,13 +90,13 @@ def run(
     t0 = time.perf_counter()
     windows, calib_info = None, None
     if plan.needs_windows:
-        windows, calib_info = calibration_windows(tokenizer, data, calib)
+        source = data if isinstance(data, torch.Tensor) else calibration_source(tokenizer, data)  # read once
+        windows, calib_info = calibration_windows(tokenizer, source, calib)
         if calibration is not None:
             calib_info = calibration
-        asked = int(getattr(plan.trainer, "windows", 0) or 0)  # a trainer that trains on more text (heal)
-        if train_windows is None and asked > len(windows) and not isinstance(data, torch.Tensor):
-            train_windows = trainer_windows(tokenizer, calibration_source(tokenizer, data), calib.seq_len,
-                                            calib.calib_windows, asked, calib.seed)
+        if train_windows is None and not isinstance(source, torch.Tensor):  # a trainer that trains on more text (heal)
+            train_windows = trainer_windows(tokenizer, source, calib.seq_len, calib.calib_windows,
+                                            int(getattr(plan.trainer, "windows", 0) or 0), calib.seed)
     context = AllocationContext(
         model=model, windows=windows, batch_size=calib.batch_size, seed=calib.seed, progress=progress,
         objective=objective, state_dir=None if state_dir is None else Path(state_dir), resume=resume, save_every=save_every,

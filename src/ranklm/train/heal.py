@@ -259,7 +259,7 @@ class HealTrainer(Configurable):
             return more
         if self.windows > len(context.windows):  # recorded in train_windows; info, as the default asks for 192
             logger.info("heal: windows=%d asked for, training on the %d calibration windows (the driver cut no more: "
-                           "calibration given as token ids, or a text with no more windows)", self.windows, len(context.windows))
+                        "calibration given as token ids, or a text with no more windows)", self.windows, len(context.windows))
         return context.windows
 
     def train(self, model: nn.Module, context: Any) -> TrainResult:

@@ -98,11 +98,9 @@ def run_bench(
     trainer_cls = registered("trainer").get(shared.trainer or "none")
     if val_src is not None and getattr(trainer_cls, "validates", False):
         validation = token_windows(tokenizer, val_src, shared.seq_len, None, purpose="validation")
-    train_windows = None  # a trainer that trains on more calibration text (heal's windows): after --auto's held-out ones
+    # a trainer that trains on more calibration text (heal's windows) gets it after --auto's held-out windows
     asked = int(getattr(trainer_cls(**opts.trainer_config()), "windows", 0) or 0) if trainer_cls is not None else 0
-    if asked > len(calib):
-        train_windows = trainer_windows(tokenizer, calib_src, shared.seq_len, len(calib), asked, shared.seed,
-                                        skip=len(held))
+    train_windows = trainer_windows(tokenizer, calib_src, shared.seq_len, len(calib), asked, shared.seed, skip=len(held))
     evals = []
     for label, src in eval_srcs:
         w, stream = eval_windows_of(tokenizer, src, opts.eval_seq_len, opts.eval_windows)
