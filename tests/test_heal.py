@@ -209,14 +209,27 @@ def test_bench_heals_every_cell_on_the_validation_part(capsys, tiny_llama_dir, t
     fast = ["--calib-windows", "4", "--seq-len", "32", "--eval-seq-len", "32", "--eval-windows", "2", "--batch-size", "2",
             "--gen-prompts", "0"]
     out = tmp_path / "bench"
-    code = main(["bench", "--model", str(tiny_llama_dir), "--data", str(text_file), "--recipes", "svd", "--keep", "0.5",
-                 "--trainer", "heal", "--train-opt", "steps=2", "--train-opt", "eval_every=1", "--output", str(out),
-                 "--save-dir", str(tmp_path / "cells"), *fast])
+    code = main(["bench", "--model", str(tiny_llama_dir), "--data", str(text_file), "--recipes", "svd,svd-llm", "--keep",
+                 "0.5", "--eval-data", "default", "--eval-data", str(text_file), "--trainer", "heal", "--train-opt",
+                 "steps=2", "--train-opt", "eval_every=1", "--output", str(out), "--save-dir", str(tmp_path / "cells"),
+                 *fast])
     _, err = capsys.readouterr()
     assert code == 0, err
-    meta = json.loads(next((tmp_path / "cells").rglob("ranklm.json")).read_text())
-    rec = meta["training"][0]
-    assert rec["trainer"] == "heal" and rec["validation"]["windows"] >= 1 and len(rec["validation"]["curve"]["step"]) == 3
+    records = {p.parent.name: json.loads(p.read_text())["training"][0] for p in (tmp_path / "cells").rglob("ranklm.json")}
+    assert len(records) == 2
+    for rec in records.values():
+        assert rec["trainer"] == "heal" and rec["validation"]["windows"] >= 1 and len(rec["validation"]["curve"]["step"]) == 3
+    # the cells share one teacher cache: the dense model and the windows are the same for every cell
+    assert sorted(rec["teacher"]["shared"] for rec in records.values()) == [False, True]
+    # each cell is measured before its trainer too, on every evaluation text, from the same allocation
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    cells = [r for r in rows if r["method"] != "dense"]
+    label = json.loads((out / "results.json").read_text())["meta"]["eval_labels"][1]
+    for r in cells:
+        assert r["status"] == "ok" and r["ppl_untrained"] > 0 and r[f"ppl_{label}_untrained"] > 0
+        assert r["ppl_untrained"] != r["ppl"]  # two steps of training moved it
+    assert "before training" in (out / "results.md").read_text()
+    assert "ppl_untrained" in (out / "results.csv").read_text().splitlines()[0]
 
 
 def test_loop_schedules_warm_up_then_decay_and_task_runs_warm_up_after_truncation():

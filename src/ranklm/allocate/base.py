@@ -44,6 +44,9 @@ class AllocationContext:
     # Factors trained by a learning allocator, {target: (A, B)} at the allocated ranks: the
     # pipeline installs these instead of re-solving or re-installing the base's originals.
     trained_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    # What runs on copies of the same dense model share besides statistics (bench's cells: heal's cached
+    # teacher, keyed by what it depends on); a private dict for a single run.
+    shared: dict[Any, Any] = field(default_factory=dict)
 
     def state_file(self, name: str) -> Path | None:
         """Where training run ``name`` keeps its state (None: not saved)."""

@@ -52,6 +52,7 @@ class FactorCache:
         self._stores: dict[str, Any] = {}  # base -> spill.FactorStore of its bounded factorizations
         self.memory: dict[str, Any] = {}  # base -> the memory preflight's choice (pipeline.memory.preflight)
         self.blocks: dict[str, dict[str, Any]] = {}  # base -> the bounded pass's timing split and per-block costs
+        self.shared: dict[Any, Any] = {}  # what the runs share besides statistics (AllocationContext.shared)
 
     def sums(self) -> Any:
         """The running-sum context of this cache's statistics (``--stats-dtype``; auto: float32 on a GPU)."""

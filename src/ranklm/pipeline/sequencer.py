@@ -6,7 +6,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -50,6 +50,7 @@ def run(
     save_every: int = 50,
     validation: torch.Tensor | None = None,
     train_windows: torch.Tensor | None = None,
+    before_training: Callable[[nn.Module], None] | None = None,
 ) -> nn.Module:
     """Compress ``model`` in place to ``plan.budget.keep`` of its targets' parameters; returns it.
 
@@ -64,6 +65,8 @@ def run(
     ``validation``: token windows a trainer validates on (``heal``'s early stopping).
     ``train_windows``: the windows a trainer trains on when it asks for more than the calibration windows
     (``pipeline.windows.trainer_windows``; None: the calibration windows).
+    ``before_training``: called with the compressed model just before its trainer runs (bench measures the
+    untrained model in the same run, so a trainer's gain is read from one allocation).
     """
     # 1. prepare
     if any(isinstance(m, LowRankLinear) for m in model.modules()):
@@ -100,7 +103,7 @@ def run(
     context = AllocationContext(
         model=model, windows=windows, batch_size=calib.batch_size, seed=calib.seed, progress=progress,
         objective=objective, state_dir=None if state_dir is None else Path(state_dir), resume=resume, save_every=save_every,
-        validation=validation, train_windows=train_windows,
+        validation=validation, train_windows=train_windows, shared=cache.shared if cache is not None else {},
     )
     if plan.trainer is not None and hasattr(plan.trainer, "prepare"):
         plan.trainer.prepare(model, context)  # on the dense model, before any target is replaced (a teacher)
@@ -185,6 +188,8 @@ def run(
 
     # 6. train
     if plan.trainer is not None:
+        if before_training is not None:
+            before_training(model)
         t3 = time.perf_counter()
         result = plan.trainer.train(model, context)
         if result.factors:

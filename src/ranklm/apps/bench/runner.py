@@ -136,6 +136,15 @@ def run_bench(
             row["latency"] = lat.to_dict()
         row["flop_limit"] = flop_ratio_limit(targets, m.ranklm.rank_map) if not dense else 1.0
 
+    def evaluate_untrained(row: dict[str, Any]) -> Any:
+        """The cell's perplexities just before its trainer runs: the trainer's gain, from one allocation."""
+        def measure(m: nn.Module) -> None:
+            for i, (label, _, w, _) in enumerate(evals):
+                bar.set_postfix_str(f"{row['method']}@{row['keep']:g}: perplexity {label} before training")
+                ppl = perplexity(m, w, shared.batch_size, progress=False).ppl
+                row["ppl_untrained" if i == 0 else f"ppl_{label}_untrained"] = ppl
+        return measure
+
     rows: list[dict[str, Any]] = []
     dense_row: dict[str, Any] = {"method": "dense", "base": "-", "allocator": "-", "keep": 1.0, "keep_achieved": 1.0,
                                  "keep_model": 1.0, "status": "ok", "error": "", "compress_s": 0.0, "cell_s": 0.0}
@@ -199,7 +208,8 @@ def run_bench(
                 calib_info = {**calibration_info(calib_src.description, calib, config), "used": True}
                 run_pipeline(cell_model, tokenizer, plan, data=calib, calibration=calib_info, cache=cache,
                              progress=False, base_model=model_info, validation=validation,
-                             train_windows=train_windows)
+                             train_windows=train_windows,
+                             before_training=None if (shared.trainer or "none") == "none" else evaluate_untrained(row))
             cell_s = time.perf_counter() - t0
             if not plan.needs_windows:
                 cell_model.ranklm.calibration = None

@@ -22,6 +22,8 @@ CSV_COLUMNS = [
 
 def _columns(result: BenchResult) -> list[str]:
     extra = [f"ppl_{label}" for label in result.meta["eval_labels"][1:]]
+    if any("ppl_untrained" in r for r in result.rows):  # a bench with a trainer: each cell before it too
+        extra += ["ppl_untrained"] + [f"ppl_{label}_untrained" for label in result.meta["eval_labels"][1:]]
     cols = CSV_COLUMNS[:7] + extra + CSV_COLUMNS[7:]
     if not any("calib_ppl" in r for r in result.rows):
         cols.remove("calib_ppl")
@@ -81,6 +83,9 @@ def results_markdown(result: BenchResult, command: str | None = None) -> str:
     head = ["method", "base", "allocator", "byte budget" if in_bytes else "keep", "keep achieved (targets)",
             "keep (whole model)"]
     head += [f"ppl {labels[0]}"] + [f"ppl {lab}" for lab in labels[1:]]
+    untrained = "ppl_untrained" in cols
+    if untrained:
+        head += [f"ppl {lab} before training" for lab in labels]
     if "bits_per_target_weight" in cols:
         head += ["bits / target weight", "target bytes", "model bytes"]
     if "keep_learned" in cols:
@@ -103,6 +108,8 @@ def results_markdown(result: BenchResult, command: str | None = None) -> str:
         cells = [r["method"], r.get("base", "-"), r.get("allocator", "-"), f"{r['keep']:g}",
                  _fmt(r.get("keep_achieved"), 4), _fmt(r.get("keep_model"), 4), _fmt(r.get("ppl"))]
         cells += [_fmt(r.get(f"ppl_{lab}")) for lab in labels[1:]]
+        if untrained:
+            cells += [_fmt(r.get("ppl_untrained"))] + [_fmt(r.get(f"ppl_{lab}_untrained")) for lab in labels[1:]]
         if "bits_per_target_weight" in cols:
             cells += [_fmt(r.get("bits_per_target_weight"), 3),
                       f"{r['target_bytes']:,}" if r.get("target_bytes") is not None else "-",
