@@ -229,3 +229,34 @@ def test_two_process_gloo_same_rank_map_and_weights(tmp_path, tiny_bert_dir, tas
     assert a["comebacks"] == b["comebacks"]
     assert (tmp_path / "ckpt" / "ranklm.json").is_file()
     assert not list(tmp_path.glob("ckpt.tmp-*"))
+
+
+def test_learning_rate_schedule_reaches_the_loop(tiny_bert_dir, task_file, monkeypatch):  # noqa: F811
+    """``lr_schedule`` / ``lr_warmup`` (issue 28's learning-rate experiments) are passed to the training loop
+    as transformers' schedule with warm-up steps; a bad schedule is refused with one line."""
+    import ranklm.allocate.learned as learned_tail
+    from ranklm.apps.finetune import TaskRunConfig, finetune_task
+    from ranklm.tasks import load_task
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(model, obj, hooks, cfg):
+        seen["cfg"] = cfg
+        raise Stop
+
+    monkeypatch.setattr(learned_tail, "run_loop", capture)
+    model, tok, _ = _fresh(tiny_bert_dir)
+    cfg = TaskRunConfig(keep=0.6, allocator="rankdyna", steps=40, batch_size=8, max_length=16, head_steps=0,
+                        allocator_options={"lr_schedule": "linear", "lr_warmup": 0.1})
+    with pytest.raises(Stop):
+        finetune_task(model, tok, load_task(task_file), cfg, progress=False, evaluate=False)
+    assert seen["cfg"].lr_schedule == "linear" and seen["cfg"].warmup_steps == 4
+    from ranklm.allocate.rankdyna import RankDynaOptions
+    from ranklm.errors import RanklmError
+
+    assert RankDynaOptions().lr_schedule == "constant" and RankDynaOptions().lr_warmup == 0.0
+    with pytest.raises(RanklmError, match="lr_schedule"):
+        RankDynaOptions(lr_schedule="step")

@@ -91,7 +91,7 @@ from ..options import Configurable, MethodOptions, opt
 from ..targets import Target, weight_matrix
 from ..train.budget_control import cubic_schedule
 from ..train.gated import GatedFactorized
-from ..train.loop import Hooks
+from ..train.loop import LR_SCHEDULES, Hooks
 from ..train.objective import Batch, Objective
 from . import learned as learned_tail
 from .base import AllocationContext, require_context
@@ -351,12 +351,17 @@ class RankDynaOptions(MethodOptions):
                            "dense targets on BERT shapes)")
     per_param: bool = opt(True, "rank triplets by score per parameter (false: by score, AdaLoRA)")
     max_grad_norm: float = opt(1.0, "gradient clipping (None: off)")
+    lr_schedule: str = opt("constant", "learning-rate schedule over the round: constant, linear or cosine decay to 0 "
+                           "(transformers' schedulers)")
+    lr_warmup: float = opt(0.0, "fraction of steps of linear learning-rate warm-up")
     loss_fn: Any = opt(None, "an Objective or loss_fn(model, ids) [the run's objective]", python_only=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.steps < 1 or not self.lr > 0 or self.delta_t < 1:
             raise RanklmError("rankdyna needs steps >= 1, lr > 0, delta_t >= 1")
+        if self.lr_schedule not in LR_SCHEDULES or not 0 <= self.lr_warmup < 1:
+            raise RanklmError(f"rankdyna needs lr_schedule in {', '.join(LR_SCHEDULES)} and 0 <= lr_warmup < 1")
         if not (0 <= self.warmup < 1 and 0 <= self.hold < 1 and self.warmup + self.hold <= 1):
             raise RanklmError("rankdyna needs 0 <= warmup, hold < 1 and warmup + hold <= 1")
         if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1 and 0 < self.init_rank <= 1):
@@ -385,7 +390,8 @@ class RankDynaAllocator(Configurable):
         hooks = RankDynaHooks(self, targets, factorizations, keep, self.steps, model)
         result = learned_tail.train(context, self.name, hooks, objective, steps=self.steps, lr=self.lr,
                                     batch_size=self.batch_size, desc="rankdyna", max_grad_norm=self.max_grad_norm,
-                                    others_trainable=True)
+                                    others_trainable=True, lr_schedule=self.lr_schedule,
+                                    warmup_steps=round(self.lr_warmup * self.steps))
 
         scores = hooks.scores()
         learned = {t.name: k for t, k in zip(targets, hooks.active_ranks())}
