@@ -317,3 +317,23 @@ def test_heal_trains_on_more_calibration_windows_when_asked(capsys, tiny_llama_d
     with caplog.at_level(logging.INFO, logger="ranklm.train.heal"):
         m = ranklm.compress(make_model("llama"), None, cfg, data=ids, progress=False)
     assert m.ranklm.training[-1]["train_windows"]["windows"] == 4 and "windows=10 asked for" in caplog.text
+
+
+def test_dense_targets_train_the_matrices_the_budget_kept_dense():
+    """``dense_targets=true``: the targets kept dense train beside the factors (at high keep the factors are a small
+    part of the model); off by default, where those weights stay exactly as they were."""
+    ids, val = random_ids(8, 32), random_ids(4, 32, seed=1)
+
+    def run(**opts):
+        model = make_model("llama")
+        dense0 = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        healed = _heal(ids, val, keep=0.8, recipe="kfac-global", steps=3, restore_best=False, **opts)
+        dense = [n for n, r in healed.ranklm.rank_map.items() if r == "dense"]
+        assert dense, "keep 0.8 should leave some targets dense on the tiny model"
+        moved = [n for n in dense if not torch.equal(healed.get_submodule(n).weight, dense0[n])]
+        return healed.ranklm.training[-1], dense, moved
+
+    rec, dense, moved = run()
+    assert rec["dense_targets_trained"] == 0 and moved == []
+    rec, dense, moved = run(dense_targets=True)
+    assert rec["dense_targets_trained"] == len(dense) and sorted(moved) == sorted(dense)

@@ -47,6 +47,7 @@ class AllocationContext:
     # What runs on copies of the same dense model share besides statistics (bench's cells: heal's cached
     # teacher, keyed by what it depends on); a private dict for a single run.
     shared: dict[Any, Any] = field(default_factory=dict)
+    rank_map: dict[str, Any] | None = None  # the installed ranks, set before a trainer runs (heal's dense_targets)
 
     def state_file(self, name: str) -> Path | None:
         """Where training run ``name`` keeps its state (None: not saved)."""

@@ -191,6 +191,7 @@ def run(
         if before_training is not None:
             before_training(model)
         t3 = time.perf_counter()
+        context.rank_map = dict(rank_map)
         result = plan.trainer.train(model, context)
         if result.factors:
             install_factors(model, targets, result.factors, rank_map)

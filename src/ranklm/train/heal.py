@@ -31,11 +31,12 @@ import copy
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from ..budget import DENSE
 from ..errors import RanklmError
 from ..layers import LowRankLinear
 from ..options import Configurable, MethodOptions, opt
@@ -64,6 +65,8 @@ class HealOptions(MethodOptions):
     seq_len: int | None = opt(None, "train on the first SEQ_LEN tokens of each calibration window [all]")
     top_k: int = opt(64, "cache the dense model's top-k next-token log-probabilities once (0: live full-vocabulary teacher)")
     norms: bool = opt(False, "also train the norms' weights and biases")
+    dense_targets: bool = opt(False, "also train the target matrices the budget kept dense (weights and biases): "
+                                     "at high keep many are, and the factors alone are a small part of the model")
     balance: bool = opt(True, "rescale each rank component so A's column and B's row have equal norms (same product)")
     eval_every: int = opt(8, "steps between validation measurements")
     patience: int = opt(2, "stop after this many validation measurements without improvement")
@@ -129,14 +132,16 @@ def balance_factors(model: nn.Module) -> int:
     return n
 
 
-def healed_parameters(model: nn.Module, norms: bool) -> list[tuple[str, torch.Tensor]]:
-    """Every LowRankLinear's factors and bias, and with ``norms`` every norm's weight and bias."""
+def healed_parameters(model: nn.Module, norms: bool, dense: Sequence[str] = ()) -> list[tuple[str, torch.Tensor]]:
+    """Every LowRankLinear's factors and bias, with ``norms`` every norm's weight and bias, and the weight and
+    bias of the modules named in ``dense`` (targets the budget kept dense)."""
     named = [(f"{n}.{pn}", p) for n, m in model.named_modules() if isinstance(m, LowRankLinear)
              for pn, p in m.named_parameters()]
     if not named:
         raise RanklmError("heal: the model has no LowRankLinear layers to train")
     if norms:
         named += [(f"{n}.{pn}", p) for n, m in model.named_modules() if _is_norm(m) for pn, p in m.named_parameters()]
+    named += [(f"{n}.{pn}", p) for n in dense for pn, p in model.get_submodule(n).named_parameters()]
     return named
 
 
@@ -148,13 +153,14 @@ class HealHooks(Hooks):
     def __init__(self, opts: HealOptions, teacher: Teacher, validation: Batch | None, batch_size: int) -> None:
         self.o, self.teacher, self.validation, self.batch_size = opts, teacher, validation, batch_size
         self.named: list[tuple[str, torch.Tensor]] = []
+        self.dense: list[str] = []  # targets kept dense that train too (dense_targets)
         self.curve: dict[str, list[float]] = {"step": [], "nll": [], "kl": []}
         self.best_value, self.best_step, self.bad, self.stopped = float("inf"), 0, 0, False
         self.best: dict[str, torch.Tensor] = {}
         self.model: nn.Module | None = None
 
     def parameters(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-        self.named = healed_parameters(model, self.o.norms)
+        self.named = healed_parameters(model, self.o.norms, self.dense)
         return self.named
 
     def loss(self, model: nn.Module, objective: Objective, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -288,7 +294,10 @@ class HealTrainer(Configurable):
         bs = self.batch_size
         balanced = balance_factors(model) if self.balance else 0
         hooks = HealHooks(self.config, self.teacher, validation, bs)
-        hooks.named = healed_parameters(model, self.norms)
+        if self.dense_targets and context.rank_map is None:
+            raise RanklmError("heal: dense_targets needs the installed rank map (the pipeline sets it before training)")
+        hooks.dense = sorted(n for n, k in (context.rank_map or {}).items() if k == DENSE) if self.dense_targets else []
+        hooks.named = healed_parameters(model, self.norms, hooks.dense)
         if validation is None:
             logger.warning("heal: no validation windows: training all %d steps, no early stopping", self.steps)
         else:
@@ -316,7 +325,7 @@ class HealTrainer(Configurable):
                  "shared": self.teacher_shared},
             "train_windows": {"windows": int(len(windows)), "seq_len": int(windows.shape[1]),
                               "calibration_windows": int(len(context.windows))},
-            "balanced_layers": balanced, "trained_tensors": len(hooks.named), "trained_params": int(sum(p.numel() for _, p in hooks.named)),
+            "balanced_layers": balanced, "dense_targets_trained": len(hooks.dense), "trained_tensors": len(hooks.named), "trained_params": int(sum(p.numel() for _, p in hooks.named)),
             "first_loss": losses[0] if losses else None, "final_loss": res.final_loss,
             "stopped_early": res.stopped_at is not None and res.stopped_at < self.steps,
             "validation": None if validation is None else {
