@@ -257,6 +257,6 @@ def test_learning_rate_schedule_reaches_the_loop(tiny_bert_dir, task_file, monke
     from ranklm.allocate.rankdyna import RankDynaOptions
     from ranklm.errors import RanklmError
 
-    assert RankDynaOptions().lr_schedule == "constant" and RankDynaOptions().lr_warmup == 0.0
+    assert RankDynaOptions().lr_schedule == "linear" and RankDynaOptions().lr_warmup == 0.1  # chosen on validation
     with pytest.raises(RanklmError, match="lr_schedule"):
         RankDynaOptions(lr_schedule="step")
