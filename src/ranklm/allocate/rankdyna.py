@@ -354,7 +354,7 @@ class RankDynaOptions(MethodOptions):
     per_param: bool = opt(True, "rank triplets by score per parameter (false: by score, AdaLoRA)")
     max_grad_norm: float = opt(1.0, "gradient clipping (None: off)")
     # linear decay after a 10 % warm-up, chosen on Rotten Tomatoes' validation split at keep 0.4 (3 seeds: 0.808 +- 0.005
-    # against 0.776 +- 0.026 for a constant lr; lr 5e-5: 0.798, 2e-4: 0.704; benchmarks/tasks.md)
+    # against 0.776 +- 0.026 for a constant lr; lr 5e-5: 0.786, 2e-4: 0.704; benchmarks/tasks.md)
     lr_schedule: str = opt("linear", "learning-rate schedule over the round: constant, linear or cosine decay to 0 "
                            "(transformers' schedulers)")
     lr_warmup: float = opt(0.1, "fraction of steps of linear learning-rate warm-up")
