@@ -215,3 +215,41 @@ def test_head_warmup_trains_only_the_head(tiny_bert_dir, task_file):
     assert s["head_steps"] == 5 and model.ranklm.training[0]["trainer"] == "head"
     moved = {n for n, p in model.named_parameters() if not torch.allclose(p, before[n], atol=1e-6, rtol=0)}
     assert moved and moved <= head, moved - head
+
+
+@pytest.mark.parametrize("allocator", ["static", "rankdyna"])
+def test_run_lr_schedule_reaches_every_stage(tiny_bert_dir, task_file, allocator, monkeypatch):
+    """``--lr-schedule linear`` puts the same schedule on the dense stage, the fine-tuning after truncation and
+    RankDyna's round (methods on equal terms); without it the static stages stay constant, RankDyna's round linear."""
+    import ranklm.allocate.learned as learned_tail
+    import ranklm.apps.finetune as app
+    import ranklm.train.finetune as ft
+    from ranklm.models import load_classifier
+    from ranklm.tasks import load_task
+    from ranklm.train.loop import run_loop
+
+    def stages(lr_schedule):
+        seen = []
+
+        def spy(model, obj, hooks, cfg):
+            seen.append((cfg.desc, cfg.lr_schedule, cfg.warmup_steps))
+            return run_loop(model, obj, hooks, cfg)
+
+        for mod in (app, ft, learned_tail):
+            monkeypatch.setattr(mod, "run_loop", spy)
+        task = load_task(str(task_file))
+        model, tok, _ = load_classifier(str(tiny_bert_dir), task.label_names)
+        app.finetune_task(model, tok, task, app.TaskRunConfig(keep=0.6, allocator=allocator, steps=20, head_steps=2,
+                                                              batch_size=8, max_length=16, lr_schedule=lr_schedule),
+                          progress=False, evaluate=False)
+        return {desc: (sched, warm) for desc, sched, warm in seen}
+
+    linear = stages("linear")
+    assert linear.pop("head warm-up") == ("constant", 0)  # the head's own stage is left alone
+    assert linear and all(sched == "linear" and warm >= 1 for sched, warm in linear.values()), linear
+    own = stages(None)
+    own.pop("head warm-up")
+    expected = {"rankdyna": "linear"} if allocator == "rankdyna" else {"dense fine-tune": "constant", "fine-tune": "constant"}
+    assert {d: s for d, (s, _) in own.items()} == expected
+    with pytest.raises(RanklmError, match="--lr-schedule"):
+        app.TaskRunConfig(keep=0.6, lr_schedule="step")

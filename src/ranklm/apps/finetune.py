@@ -51,7 +51,7 @@ from ..registry import declared_options, table
 from ..targets import find_targets
 from ..tasks import TaskData
 from ..train.state import open_state_dir
-from ..train.loop import Hooks, LoopConfig, process_state, run_loop
+from ..train.loop import LR_SCHEDULES, Hooks, LoopConfig, process_state, run_loop
 from ..train.task import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_LR,
@@ -80,6 +80,10 @@ class TaskRunConfig:
     calib_windows: int = 64
     fisher_examples: int = 64
     save_every: int = 25
+    # None: each stage's own schedule (dense and post-truncation stages constant after their warm-up, RankDyna's
+    # round linear); a name: that schedule for the dense stage, RankDyna's round and the fine-tuning after truncation,
+    # so methods compare on equal terms (ARS' and SoftLMs' mask / threshold stages keep their own)
+    lr_schedule: str | None = None
     base_options: dict[str, Any] = field(default_factory=dict)
     allocator_options: dict[str, Any] = field(default_factory=dict)
 
@@ -94,6 +98,8 @@ class TaskRunConfig:
                 raise RanklmError(f"--{name.replace('_', '-')} must be a positive number")
         if not 0 < self.keep <= 1:
             raise RanklmError(f"bad ratio --keep {self.keep}: it must lie in (0, 1]")
+        if self.lr_schedule is not None and self.lr_schedule not in LR_SCHEDULES:
+            raise RanklmError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)} (got {self.lr_schedule!r})")
 
 
 def _declares(cls: type, option: str) -> bool:
@@ -114,6 +120,8 @@ def plan_steps(cfg: TaskRunConfig) -> dict[str, Any]:
         opts.setdefault("steps", cfg.steps)
         if _declares(cls, "lr"):
             opts.setdefault("lr", cfg.lr)
+        if cfg.lr_schedule is not None and _declares(cls, "lr_schedule"):
+            opts.setdefault("lr_schedule", cfg.lr_schedule)
         return {"dense": 0, "allocator_options": opts, "finetune": 0}
     frac = float(opts.get("dense_fraction", 0.5)) if _declares(cls, "dense_fraction") else 0.5
     dense = int(round(frac * cfg.steps))
@@ -126,6 +134,7 @@ def plan_steps(cfg: TaskRunConfig) -> dict[str, Any]:
 
 
 POST_TRUNCATION_WARMUP = 0.2  # of the fine-tuning steps after truncation
+STAGE_WARMUP = 0.1  # of the dense stage's steps, with a --lr-schedule that decays (as RankDyna's round)
 
 
 def post_truncation_warmup(steps: int) -> int:
@@ -159,7 +168,8 @@ def finetune_task(model: nn.Module, tokenizer, task: TaskData, cfg: TaskRunConfi
         allocator_options=steps_plan["allocator_options"] if cfg.keep < 1 else {},
         trainer="finetune" if steps_plan["finetune"] > 0 else "none",
         trainer_options={"steps": steps_plan["finetune"], "lr": cfg.lr, "batch_size": cfg.batch_size, "train_all": True,
-                         "warmup": post_truncation_warmup(steps_plan["finetune"]), "max_grad_norm": 1.0}
+                         "warmup": post_truncation_warmup(steps_plan["finetune"]), "max_grad_norm": 1.0,
+                         **({"lr_schedule": cfg.lr_schedule} if cfg.lr_schedule is not None else {})}
         if steps_plan["finetune"] > 0 else {},
     )
     config.validate_options(from_cli=True)
@@ -176,14 +186,18 @@ def finetune_task(model: nn.Module, tokenizer, task: TaskData, cfg: TaskRunConfi
     t0 = time.perf_counter()
     records: list[dict[str, Any]] = []
 
-    def train_stage(hooks: Hooks, steps: int, lr: float, seed: int, stage: str, desc: str) -> None:
-        """One loop stage before compression (head warm-up, dense fine-tuning), recorded in ranklm.json."""
+    def train_stage(hooks: Hooks, steps: int, lr: float, seed: int, stage: str, desc: str, schedule: str | None = None) -> None:
+        """One loop stage before compression (head warm-up, dense fine-tuning), recorded in ranklm.json.
+        ``schedule``: the run's --lr-schedule, with the same 10 % warm-up as RankDyna's round (None: constant)."""
+        scheduled = schedule is not None and schedule != "constant"
         lc = LoopConfig(steps=steps, lr=lr, batch_size=cfg.batch_size, seed=seed, save_every=cfg.save_every,
                         state_file=None if state_dir is None else Path(state_dir) / f"{hooks.name}.safetensors",
-                        resume=resume, progress=progress, desc=desc, max_grad_norm=1.0)
+                        resume=resume, progress=progress, desc=desc, max_grad_norm=1.0, lr_schedule=schedule or "constant",
+                        warmup_steps=max(1, round(STAGE_WARMUP * steps)) if scheduled else 0)
         res = run_loop(model, objective, hooks, lc)
         records.append({"trainer": hooks.name, "stage": stage, "steps": steps,
-                        "options": {"lr": lr, "batch_size": cfg.batch_size}, "objective": objective.description,
+                        "options": {"lr": lr, "batch_size": cfg.batch_size, "lr_schedule": lc.lr_schedule,
+                                    "warmup_steps": lc.warmup_steps}, "objective": objective.description,
                         "final_loss": res.final_loss, "first_loss": (res.history.get("loss") or [None])[0],
                         "seconds": round(res.seconds, 2), "resumed_from_step": res.start_step, "world_size": res.world_size,
                         "history": res.history})
@@ -191,7 +205,8 @@ def finetune_task(model: nn.Module, tokenizer, task: TaskData, cfg: TaskRunConfi
     if cfg.head_steps > 0:  # LP-FT: a trained head first, so every method's steps (and RankDyna's scores) see a task signal
         train_stage(HeadHooks(), cfg.head_steps, cfg.head_lr, cfg.seed + 1, "before compression (encoder frozen)", "head warm-up")
     if steps_plan["dense"] > 0:
-        train_stage(DenseHooks(), steps_plan["dense"], cfg.lr, cfg.seed, "before compression", "dense fine-tune")
+        train_stage(DenseHooks(), steps_plan["dense"], cfg.lr, cfg.seed, "before compression", "dense fine-tune",
+                    cfg.lr_schedule)
     if cfg.keep >= 1.0:
         targets = find_targets(model)
         rank_map = {t.name: DENSE for t in targets}
@@ -214,7 +229,7 @@ def finetune_task(model: nn.Module, tokenizer, task: TaskData, cfg: TaskRunConfi
         "allocator": cfg.allocator if cfg.keep < 1 else "none", "base": cfg.base if cfg.keep < 1 else None,
         "keep_requested": st.keep_requested, "keep_achieved": st.keep_achieved, "keep_achieved_model": st.keep_achieved_model,
         "steps": cfg.steps, "head_steps": cfg.head_steps, "steps_plan": {k: v for k, v in steps_plan.items() if k != "allocator_options"},
-        "batch_size": cfg.batch_size, "max_length": cfg.max_length, "lr": cfg.lr, "seed": cfg.seed,
+        "batch_size": cfg.batch_size, "max_length": cfg.max_length, "lr": cfg.lr, "lr_schedule": cfg.lr_schedule, "seed": cfg.seed,
         "world_size": world, "train_seconds": round(train_seconds, 2), "split_sizes": task.sizes,
         "params": st.params,
     }

@@ -36,6 +36,7 @@ def finetune(
     lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate."),
     head_steps: int = typer.Option(50, "--head-steps", help="Steps training the new classification head alone (encoder frozen) before any method's --steps (LP-FT); 0 = off."),
     head_lr: float = typer.Option(1e-3, "--head-lr", help="Adam learning rate of the head warm-up."),
+    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant, linear or cosine for the dense stage, RankDyna's round and the fine-tuning after truncation (equal terms for all methods); default: each stage's own (RankDyna's round linear, the others constant)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Examples per step (the global batch, split over processes)."),
     max_length: int = typer.Option(64, "--max-length", help="Tokens per example (longer ones are truncated; snippets are <= 53 words)."),
     calib_windows: int = typer.Option(64, "--calib-windows", help="Windows of train-split text for activation statistics (whiten, asvd)."),
@@ -68,7 +69,7 @@ def finetune(
     cfg = TaskRunConfig(keep=ratio, allocator=allocator, base=base, steps=steps, lr=lr, head_steps=head_steps, head_lr=head_lr,
                         batch_size=batch_size,
                         max_length=max_length, seed=seed, calib_windows=calib_windows, fisher_examples=fisher_examples,
-                        save_every=save_every, base_options=parse_options(base_opt, "--base-opt"),
+                        save_every=save_every, lr_schedule=lr_schedule, base_options=parse_options(base_opt, "--base-opt"),
                         allocator_options=parse_options(alloc_opt, "--alloc-opt"))
     from ..config import CompressConfig
     from ..apps.finetune import plan_steps

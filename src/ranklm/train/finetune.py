@@ -21,7 +21,7 @@ from ..modules import lm_loss  # noqa: F401  (re-exported: the one LM loss lives
 from ..errors import RanklmError
 from ..layers import LowRankLinear
 from ..options import Configurable, MethodOptions, opt
-from .loop import Hooks, LoopConfig, run_loop
+from .loop import LR_SCHEDULES, Hooks, LoopConfig, run_loop
 from .objective import Objective, as_objective, batch_for_step, is_causal_lm
 from ..registry import register_trainer
 
@@ -63,7 +63,8 @@ class FinetuneOptions(MethodOptions):
     grad_accum: int = opt(1, "micro-batches per step")
     train_all: bool = opt(False, "also train every other parameter (embeddings, norms, dense targets)")
     seq_len: int | None = opt(None, "train on the first SEQ_LEN tokens of each calibration window [all]")
-    warmup: int = opt(0, "linear learning-rate warm-up steps, then constant (fresh Adam moments on truncated factors)")
+    warmup: int = opt(0, "linear learning-rate warm-up steps (fresh Adam moments on truncated factors)")
+    lr_schedule: str = opt("constant", "after the warm-up: constant, or linear / cosine decay to 0", choices=LR_SCHEDULES)
     max_grad_norm: float = opt(0.0, "clip the gradient norm to this (0: off)", bounds=(0.0, 1e9))
     objective: Any = opt(None, "an Objective or loss_fn(model, ids) [LM loss]", python_only=True)
 
@@ -95,6 +96,7 @@ class FinetuneTrainer(Configurable):
             grad_accum=self.grad_accum, save_every=context.save_every, state_file=context.state_file(self.name),
             resume=context.resume, progress=context.progress, desc="fine-tune", others_trainable=self.train_all,
             warmup_steps=min(self.warmup, self.steps), max_grad_norm=self.max_grad_norm or None,
+            lr_schedule=self.lr_schedule,
         )
         res = run_loop(model, objective, FactorHooks(), cfg)
         record = {
