@@ -260,3 +260,8 @@ def test_learning_rate_schedule_reaches_the_loop(tiny_bert_dir, task_file, monke
     assert RankDynaOptions().lr_schedule == "linear" and RankDynaOptions().lr_warmup == 0.1  # chosen on validation
     with pytest.raises(RanklmError, match="lr_schedule"):
         RankDynaOptions(lr_schedule="step")
+    from ranklm.options import describe_options, parse_options
+
+    with pytest.raises(RanklmError, match="lr_schedule of allocator rankdyna must be one of constant, cosine, linear"):
+        parse_options("allocator", "rankdyna", RankDynaOptions, {"lr_schedule": "step"}, from_cli=True)
+    assert "(one of: constant, cosine, linear)" in describe_options("allocator", "rankdyna", RankDynaOptions)

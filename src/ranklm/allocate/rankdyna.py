@@ -356,7 +356,7 @@ class RankDynaOptions(MethodOptions):
     # linear decay after a 10 % warm-up, chosen on Rotten Tomatoes' validation split at keep 0.4 (3 seeds: 0.808 +- 0.005
     # against 0.776 +- 0.026 for a constant lr; lr 5e-5: 0.786, 2e-4: 0.704; benchmarks/tasks.md)
     lr_schedule: str = opt("linear", "learning-rate schedule over the round: constant, linear or cosine decay to 0 "
-                           "(transformers' schedulers)")
+                           "(transformers' schedulers)", choices=LR_SCHEDULES)
     lr_warmup: float = opt(0.1, "fraction of steps of linear learning-rate warm-up")
     loss_fn: Any = opt(None, "an Objective or loss_fn(model, ids) [the run's objective]", python_only=True)
 

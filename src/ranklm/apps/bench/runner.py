@@ -112,13 +112,17 @@ def run_bench(
     cells = [(m, k) for m in sorted(methods, key=lambda m: (m.base, methods.index(m))) for k in keeps]
     bar = tqdm(total=len(cells) + 1, desc="bench", disable=not opts.progress, unit="cell")
 
-    def evaluate(m: nn.Module, row: dict[str, Any], dense: bool = False) -> None:
-        for i, (label, src, w, _) in enumerate(evals):
-            bar.set_postfix_str(f"{row['method']}@{row['keep']:g}: perplexity {label}")
+    def perplexities(m: nn.Module, row: dict[str, Any], suffix: str = "") -> None:
+        """Perplexity on every evaluation text: column ppl<suffix> for the first, ppl_<label><suffix> for the rest."""
+        for i, (label, _, w, _) in enumerate(evals):
+            bar.set_postfix_str(f"{row['method']}@{row['keep']:g}: perplexity {label}{suffix.replace('_', ' ')}")
             r = perplexity(m, w, shared.batch_size, progress=False)
-            row["ppl" if i == 0 else f"ppl_{label}"] = r.ppl
-            if i == 0:
+            row[f"ppl{suffix}" if i == 0 else f"ppl_{label}{suffix}"] = r.ppl
+            if i == 0 and not suffix:
                 row.update(eval_windows=r.windows, eval_tokens=r.tokens, seq_len=r.seq_len)
+
+    def evaluate(m: nn.Module, row: dict[str, Any], dense: bool = False) -> None:
+        perplexities(m, row)
         if prompts is not None:
             bar.set_postfix_str(f"{row['method']}@{row['keep']:g}: generation")
             q = generation_quality(m, prompts, opts.gen_new_tokens, tokenizer=tokenizer)
@@ -138,12 +142,7 @@ def run_bench(
 
     def evaluate_untrained(row: dict[str, Any]) -> Any:
         """The cell's perplexities just before its trainer runs: the trainer's gain, from one allocation."""
-        def measure(m: nn.Module) -> None:
-            for i, (label, _, w, _) in enumerate(evals):
-                bar.set_postfix_str(f"{row['method']}@{row['keep']:g}: perplexity {label} before training")
-                ppl = perplexity(m, w, shared.batch_size, progress=False).ppl
-                row["ppl_untrained" if i == 0 else f"ppl_{label}_untrained"] = ppl
-        return measure
+        return lambda m: perplexities(m, row, suffix="_untrained")
 
     rows: list[dict[str, Any]] = []
     dense_row: dict[str, Any] = {"method": "dense", "base": "-", "allocator": "-", "keep": 1.0, "keep_achieved": 1.0,
