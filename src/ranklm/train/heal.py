@@ -229,6 +229,7 @@ class HealTrainer(Configurable):
         self.prepare_seconds = 0.0
         self.teacher_memory: dict[str, Any] = {}
         self.teacher_shared = False  # the cache came from an earlier run on the same dense model and windows
+        self.train_ids: torch.Tensor | None = None  # the windows the teacher was prepared on (prepare())
 
     def prepare(self, model: nn.Module, context: Any) -> None:
         """Called by the pipeline on the dense model, before any target is replaced: the teacher."""
@@ -242,7 +243,7 @@ class HealTrainer(Configurable):
         rss0 = resident_mib()
         val = getattr(context, "validation", None)
         self.val_ids = None if val is None else val[: self.val_windows]
-        windows = self._train_windows(self._windows_of(context))
+        windows = self.train_ids = self._train_windows(self._windows_of(context))  # train() reads the same, logged once
         bs = self.batch_size
         self.teacher_shared = False
         if self.top_k:
@@ -288,7 +289,7 @@ class HealTrainer(Configurable):
     def train(self, model: nn.Module, context: Any) -> TrainResult:
         if self.teacher is None:
             raise RanklmError("heal: no teacher (the pipeline calls prepare() on the dense model before installing)")
-        windows = self._train_windows(self._windows_of(context))
+        windows = self.train_ids
         objective = kl_objective(windows, self.teacher, self.cache, self.top_k)
         validation = None if self.val_ids is None else self.teacher.examples(self.val_ids, self.val_cache)
         bs = self.batch_size
