@@ -14,7 +14,7 @@ from ranklm.calibration.data import TextSource, corpus_splits, split_source3, to
 from ranklm.config import CompressConfig
 from ranklm.errors import RanklmError
 from ranklm.train import heal as heal_mod
-from ranklm.train.logit_distill import Teacher, full_kl, measure, teacher_top_k, top_k_kl
+from ranklm.train.logit_distill import Teacher, full_kl, kl_objective, measure, next_token_nll, teacher_top_k, top_k_kl
 
 
 def _logits(model, ids):
@@ -41,6 +41,26 @@ def test_distillation_loss_is_zero_for_the_dense_model_against_itself():
     other_logits = _logits(other, ids)
     assert float(top_k_kl(other_logits, cache["t_logp"], cache["t_idx"])) > 1e-4
     assert float(full_kl(other_logits, logits)) >= float(top_k_kl(other_logits, cache["t_logp"], cache["t_idx"])) - 1e-6
+
+
+def test_lm_weight_adds_the_lm_loss_to_the_distillation_loss():
+    """``lm_weight=w``: loss = KL + w x next-token NLL of the text; against itself only the NLL term is left."""
+    model, ids = make_model("llama"), random_ids(2, 32)
+    cache = teacher_top_k(model, ids, k=16, batch_size=2)
+    batch = {"input_ids": ids, **cache}
+    nll = float(next_token_nll(_logits(model, ids), ids))
+    with torch.no_grad():
+        assert abs(float(kl_objective(ids, Teacher(), cache, 16).loss(model, batch))) < 1e-6
+        got = kl_objective(ids, Teacher(), cache, 16, lm_weight=0.5)
+        assert abs(float(got.loss(model, batch)) - 0.5 * nll) < 1e-5 and "0.5 x next-token NLL" in got.description
+        other = make_model("llama")
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        kl = float(top_k_kl(_logits(other, ids), cache["t_logp"], cache["t_idx"]))
+        both = float(kl_objective(ids, Teacher(), cache, 16, lm_weight=2.0).loss(other, batch))
+        assert abs(both - (kl + 2.0 * float(next_token_nll(_logits(other, ids), ids)))) < 1e-4
+    with pytest.raises(RanklmError, match="lm_weight"):
+        heal_mod.HealTrainer(lm_weight=-1.0)
 
 
 def _heal(ids, val, keep=0.5, recipe="svd", **opts):

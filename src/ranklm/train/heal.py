@@ -64,6 +64,8 @@ class HealOptions(MethodOptions):
                           "the same seeded choice (0: the calibration windows only)")
     seq_len: int | None = opt(None, "train on the first SEQ_LEN tokens of each calibration window [all]")
     top_k: int = opt(64, "cache the dense model's top-k next-token log-probabilities once (0: live full-vocabulary teacher)")
+    lm_weight: float = opt(0.0, "add this times the LM loss (next-token NLL of the training text) to the KL: "
+                                "hard labels beside the teacher's distributions (0: distillation only)", bounds=(0.0, 1e6))
     norms: bool = opt(False, "also train the norms' weights and biases")
     dense_targets: bool = opt(False, "also train the target matrices the budget kept dense (weights and biases): "
                                      "at high keep many are, and the factors alone are a small part of the model")
@@ -206,7 +208,7 @@ class HealHooks(Hooks):
 
     def fingerprint(self) -> dict[str, Any]:
         o = self.o
-        return {"top_k": o.top_k, "norms": o.norms, "eval_every": o.eval_every, "patience": o.patience,
+        return {"top_k": o.top_k, "lm_weight": o.lm_weight, "norms": o.norms, "eval_every": o.eval_every, "patience": o.patience,
                 "min_delta": o.min_delta, "monitor": o.monitor, "restore_best": o.restore_best, "steps": o.steps,
                 "balance": o.balance, "windows": o.windows,
                 "validation": None if self.validation is None else list(self.validation["input_ids"].shape)}
@@ -290,7 +292,7 @@ class HealTrainer(Configurable):
         if self.teacher is None:
             raise RanklmError("heal: no teacher (the pipeline calls prepare() on the dense model before installing)")
         windows = self.train_ids
-        objective = kl_objective(windows, self.teacher, self.cache, self.top_k)
+        objective = kl_objective(windows, self.teacher, self.cache, self.top_k, self.lm_weight)
         validation = None if self.val_ids is None else self.teacher.examples(self.val_ids, self.val_cache)
         bs = self.batch_size
         balanced = balance_factors(model) if self.balance else 0
@@ -336,7 +338,7 @@ class HealTrainer(Configurable):
             "seconds": round(res.seconds, 2), "resumed_from_step": res.start_step, "world_size": res.world_size,
             "history": res.history,
         }
-        self.teacher = self.cache = self.val_cache = None  # free the teacher (a live copy is a whole model)
+        self.teacher = self.cache = self.val_cache = self.train_ids = None  # free the teacher (a live copy is a whole model)
         return TrainResult(record=record)
 
 

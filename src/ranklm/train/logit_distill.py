@@ -86,15 +86,20 @@ class Teacher:
         return {"input_ids": windows, **(cache or {})}
 
 
-def kl_objective(windows: torch.Tensor, teacher: Teacher, cache: dict[str, torch.Tensor] | None, k: int) -> Objective:
-    """KL(dense || compressed) of next-token distributions on ``windows`` (the ``heal`` objective)."""
+def kl_objective(windows: torch.Tensor, teacher: Teacher, cache: dict[str, torch.Tensor] | None, k: int,
+                 lm_weight: float = 0.0) -> Objective:
+    """KL(dense || compressed) of next-token distributions on ``windows`` (the ``heal`` objective), plus
+    ``lm_weight`` times the LM loss on the same text (Hinton et al.'s hard-label term; 0: KL only)."""
 
     def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-        return teacher.kl(_logits(model, batch["input_ids"], batch.get("attention_mask")), batch)
+        logits = _logits(model, batch["input_ids"], batch.get("attention_mask"))
+        kl = teacher.kl(logits, batch)
+        return kl + lm_weight * next_token_nll(logits, batch["input_ids"]) if lm_weight else kl
 
     what = f"top-{k} cached" if teacher.live is None else "full-vocabulary, live teacher"
+    plus = f" + {lm_weight:g} x next-token NLL" if lm_weight else ""
     return Objective("kl-distill", teacher.examples(windows, cache), loss,
-                     description=f"KL(dense || compressed) of next-token distributions ({what}) on "
+                     description=f"KL(dense || compressed) of next-token distributions ({what}){plus} on "
                                  f"{len(windows)} x {windows.shape[1]} tokens",
                      extra={"teacher": teacher})
 
