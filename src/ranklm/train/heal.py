@@ -4,7 +4,10 @@ Every allocator and base optimises each matrix alone; healing trains the install
 with ``norms=true``, the norms' weights and biases) of the whole compressed model so that its
 next-token distributions match the dense model's: loss = KL(dense || compressed) per position
 (``train.logit_distill``; by default against the dense model's top-64 log-probabilities cached
-once before the targets are replaced, ``top_k=0`` for a live full-vocabulary teacher).
+once before the targets are replaced, ``top_k=0`` for a live full-vocabulary teacher). With
+``lm_weight=w`` the loss adds w x the LM loss of the training text: that adapts the model to the
+text's domain as well (benchmarks §7 measures it against an equally trained near-dense model), so
+the default stays distillation only.
 
 It runs on the one resumable loop (``train.loop``: seeded batches, accumulation, clipping, state
 every ``--save-every`` steps, ``--resume``, data-parallel under torchrun) with a learning-rate
